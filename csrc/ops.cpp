@@ -1,0 +1,38 @@
+// The schemas of every fastseg op, declared once. Each backend registers its kernels in its own
+// file (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA); fake (meta) kernels and autograd are
+// registered from Python, beside each op's public function in fastseg/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+namespace fastseg {
+
+// CUDA_VERSION the extension was compiled against, or 0 for a CPU-only build.
+int64_t cuda_version() {
+#ifdef FASTSEG_WITH_CUDA
+  extern int64_t compiled_cuda_version();
+  return compiled_cuda_version();
+#else
+  return 0;
+#endif
+}
+
+TORCH_LIBRARY(fastseg, m) {
+  m.def("_cuda_version() -> int", &cuda_version);
+
+  // Max-unpooling (SegNet). input/indices (B, C, H, W); indices are flat positions in the
+  // (Ho, Wo) output plane, as max_pool2d(return_indices=True) gives them. kernel_size, stride and
+  // padding only describe where the indices are expected to lie (the fast single-pass path).
+  m.def(
+      "max_unpool2d(Tensor input, Tensor indices, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, SymInt[2] output_size) -> Tensor");
+  // Gradient with respect to input: grad_output gathered at indices.
+  m.def("max_unpool2d_backward(Tensor grad_output, Tensor indices) -> Tensor");
+}
+
+}  // namespace fastseg
+
+// `import fastseg._C` loads this library, whose static initialisers register the ops above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,12 @@
+"""fastseg: fast fused kernels for the classic semantic-segmentation building blocks.
+
+``import fastseg`` always works: when the compiled extension is missing every op falls back to
+its plain-PyTorch reference (with one warning). ``python -m fastseg info`` says what runs here.
+"""
+__version__ = "0.1.0"
+
+from . import _backends  # loads fastseg._C first: its TORCH_LIBRARY must precede Python registrations
+from . import nn, ops
+from .ops import max_unpool2d
+
+__all__ = ["max_unpool2d", "nn", "ops", "__version__"]

@@ -1,0 +1,85 @@
+"""Which backends exist on this install, and which one an op call runs on.
+
+Backends: ``reference`` (plain PyTorch, every device, the test oracle and the fallback), ``cpp``
+(the compiled C++ kernels, CPU tensors), ``cuda`` (the compiled CUDA kernels, CUDA tensors) and
+``triton`` (Triton kernels, CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``, for tests).
+"""
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+
+# Which compiled backend 'auto' tries first on each device type; 'reference' always follows.
+AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+
+
+def _load_extension():
+    if os.environ.get("FASTSEG_NO_EXTENSION") == "1":
+        return "disabled by FASTSEG_NO_EXTENSION=1"
+    try:
+        importlib.import_module("fastseg._C")
+    except ImportError as error:  # not built, or built against another torch (undefined symbols)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+#: Why fastseg._C is unusable, or None when it loaded.
+EXTENSION_ERROR = _load_extension()
+EXTENSION_LOADED = EXTENSION_ERROR is None
+#: CUDA version the extension was compiled against (e.g. 13000), 0 without CUDA kernels.
+CUDA_COMPILED = torch.ops.fastseg._cuda_version() if EXTENSION_LOADED else 0
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+if not EXTENSION_LOADED:
+    warnings.warn(
+        f"fastseg: the compiled extension fastseg._C is not available ({EXTENSION_ERROR}). "
+        "Every op falls back to its plain-PyTorch reference, which is correct but slow. "
+        f"Rebuild it against torch {torch.__version__} with `pip install --no-build-isolation .`",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def unavailable_reason(backend, device_type):
+    """Why ``backend`` cannot run on ``device_type`` tensors here, or None if it can."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device_type != "cpu":
+            return "the cpp backend runs on CPU tensors only"
+        return None if EXTENSION_LOADED else f"fastseg._C did not load ({EXTENSION_ERROR})"
+    if backend == "cuda":
+        if device_type != "cuda":
+            return "the cuda backend runs on CUDA tensors only"
+        if not EXTENSION_LOADED:
+            return f"fastseg._C did not load ({EXTENSION_ERROR})"
+        return None if CUDA_COMPILED else "fastseg._C was built without CUDA (see FASTSEG_CUDA)"
+    if backend == "triton":
+        if not TRITON_INSTALLED:
+            return "triton is not installed"
+        if device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETED):
+            return None
+        return "Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1"
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def select(op, backend, device, implemented=BACKENDS):
+    """The backend an ``op`` call on ``device`` runs on; a clear error if ``backend`` can't."""
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ()):
+            if candidate in implemented and unavailable_reason(candidate, device.type) is None:
+                return candidate
+        return "reference"
+    if backend not in implemented:
+        raise ValueError(f"{op}: has no {backend!r} backend (it has {implemented})")
+    reason = unavailable_reason(backend, device.type)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend {backend!r} is unavailable for {device.type} tensors: {reason}")
+    return backend

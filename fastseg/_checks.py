@@ -1,0 +1,36 @@
+"""Argument checks shared by the ops: messages name the op, the argument, and what came."""
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(op, name, value, *, ndims=None, dtypes=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndims is not None and value.dim() not in ndims:
+        expected = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"{op}: {name} must be {expected}, got {value.dim()}-D with shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype {names}; got {str(value.dtype).replace('torch.', '')}")
+
+
+def check_same_device(op, **tensors):
+    (first, a), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != a.device:
+            raise ValueError(f"{op}: {first} is on {a.device} but {name} is on {t.device}")
+
+
+def to_pair(op, name, value, *, minimum):
+    """An int or a pair of ints, each >= minimum, as a tuple of two ints."""
+    items = (value, value) if isinstance(value, int) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}") from None
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(items) < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
+    return items

@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: the test oracle of every op, and its fallback when no kernel runs."""

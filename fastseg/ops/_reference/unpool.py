@@ -1,0 +1,44 @@
+"""Max-unpooling in plain PyTorch: slow, obviously right, deterministic on every device."""
+import torch
+
+from ..._layout import output_memory_format
+
+
+def max_unpool2d(input, indices, output_size):
+    """Output (B, C, Ho, Wo): each position takes the input value whose index points at it (the
+    latest in flat order when several do), zero where none does."""
+    B, C, H, W = input.shape
+    Ho, Wo = output_size
+    plane = Ho * Wo
+    flat_indices = indices.reshape(B, C, H * W)
+    if flat_indices.numel() and (flat_indices.min() < 0 or flat_indices.max() >= plane):
+        bad = flat_indices[(flat_indices < 0) | (flat_indices >= plane)][0].item()
+        raise IndexError(
+            f"max_unpool2d: indices contains {bad}, outside the output plane of {Ho}x{Wo} "
+            f"(valid: 0 to {plane - 1})"
+        )
+    # For each output position, the flat order of the last input entry pointing at it, or -1.
+    order = torch.arange(H * W, device=input.device).expand(B, C, H * W)
+    winner = torch.full((B, C, plane), -1, dtype=torch.long, device=input.device)
+    winner.scatter_reduce_(2, flat_indices, order, reduce="amax")
+    values = input.reshape(B, C, H * W).gather(2, winner.clamp(min=0))
+    out = torch.where(winner >= 0, values, torch.zeros((), dtype=input.dtype, device=input.device))
+    return out.reshape(B, C, Ho, Wo).contiguous(memory_format=output_memory_format(input))
+
+
+def max_unpool2d_backward(grad_output, indices):
+    """Gradient with respect to input: grad_output gathered at indices. Like ATen, every entry
+    receives the gradient of the position it points at, also when several point at one."""
+    B, C, Ho, Wo = grad_output.shape
+    flat_indices = indices.reshape(B, C, -1)
+    grad = grad_output.reshape(B, C, Ho * Wo).gather(2, flat_indices)
+    return grad.reshape(indices.shape).contiguous(memory_format=output_memory_format(indices))
+
+
+def max_unpool2d_backward_adjoint(grad_grad_input, indices, output_size):
+    """Adjoint of max_unpool2d_backward with respect to grad_output (for double backward)."""
+    B, C = indices.shape[:2]
+    Ho, Wo = output_size
+    out = grad_grad_input.new_zeros((B, C, Ho * Wo))
+    out.scatter_add_(2, indices.reshape(B, C, -1), grad_grad_input.reshape(B, C, -1))
+    return out.reshape(B, C, Ho, Wo)

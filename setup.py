@@ -1,0 +1,92 @@
+"""Build fastseg and its one compiled extension, ``fastseg._C``.
+
+The C++ CPU sources are always built. The CUDA sources are built when torch is a CUDA build and
+nvcc is found, or when ``FASTSEG_CUDA=1`` forces it (then a missing toolkit is an error);
+``FASTSEG_CUDA=0`` skips them. ``FASTSEG_NATIVE=1`` adds ``-march=native`` for a local build.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    flag = os.environ.get("FASTSEG_CUDA", "auto").lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+    import torch
+
+    found = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag in ("1", "true", "yes", "on"):
+        if not found:
+            raise RuntimeError(
+                "FASTSEG_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME) "
+                f"or torch {torch.__version__} is not a CUDA build"
+            )
+        return True
+    return found
+
+
+def _extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+    import torch
+
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    if os.environ.get("FASTSEG_NATIVE") == "1":
+        cxx.append("-march=native")
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define_macros = []
+    if _want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # No GPU to ask: build for Ampere and Hopper, plus PTX for newer cards.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros.append(("FASTSEG_WITH_CUDA", None))
+        ext = CUDAExtension(
+            "fastseg._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "fastseg._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    return [ext]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="fastseg",
+    version="0.1.0",
+    description="Fast fused kernels for the classic semantic-segmentation building blocks",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fastseg", "fastseg.*"]) + ["fastseg.kernels"],
+    package_dir={"fastseg.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "torchvision", "pydensecrf2", "pillow"],
+        "bench": ["pytest", "pytest-benchmark", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["fastseg = fastseg.cli:main"]},
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+    zip_safe=False,
+)
