@@ -6,10 +6,13 @@
 
 namespace fastseg {
 
+#ifdef FASTSEG_WITH_CUDA
+int64_t compiled_cuda_version();  // csrc/cuda/unpool.cu: CUDA_VERSION is only known to nvcc
+#endif
+
 // CUDA_VERSION the extension was compiled against, or 0 for a CPU-only build.
 int64_t cuda_version() {
 #ifdef FASTSEG_WITH_CUDA
-  extern int64_t compiled_cuda_version();
   return compiled_cuda_version();
 #else
   return 0;
