@@ -1,0 +1,43 @@
+"""Shared test tables: which backends run on which device here, and the tolerance rules."""
+import pytest
+import torch
+
+from fastseg import _backends
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_params(implemented=_backends.BACKENDS, devices=("cpu", "cuda")):
+    """(backend, device) pytest params for every backend an op implements, skipped with the
+    reason where it cannot run here."""
+    params = []
+    for device in devices:
+        for backend in implemented:
+            if (backend, device) in (("cpp", "cuda"), ("cuda", "cpu")):
+                continue  # never meaningful
+            reason = _backends.unavailable_reason(backend, device)
+            if reason is None and device == "cuda" and not torch.cuda.is_available():
+                reason = "no CUDA device"
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            if reason is None and device == "cpu" and backend == "triton":
+                marks.append(pytest.mark.triton_interpreter)
+            params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+    return params
+
+
+# ||out - ref|| / ||ref|| against a float64 reference (DEVELOPERS.md); NaN never passes.
+RELATIVE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def relative_error(out, ref):
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denominator = ref.norm()
+    return float((out - ref).norm() / denominator) if denominator > 0 else float((out - ref).norm())
+
+
+def assert_relative_close(out, ref, dtype, tolerance=None):
+    tolerance = RELATIVE_TOLERANCE[dtype] if tolerance is None else tolerance
+    error = relative_error(out, ref)
+    assert error <= tolerance, f"relative error {error:.3g} > {tolerance:.3g} ({dtype})"

@@ -1,0 +1,23 @@
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors under the interpreter; it must be on before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def poison():
+    """Fill every fresh allocation with NaN (ints with their max) so an output element that a
+    kernel forgets to write shows up: torch's deterministic mode poisons at::empty/torch.empty."""
+    import torch.utils.deterministic
+
+    previous = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
