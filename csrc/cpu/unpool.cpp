@@ -1,11 +1,11 @@
 // Max-unpooling on the CPU (SegNet's decoder, Badrinarayanan et al. 2017).
 //
 // ATen zero-fills the whole output and then scatters into it: two passes over an output four
-// times the size of the input. Here each output row is zeroed and filled while it sits in L1 and
-// is streamed out once: for output row oh only the pooled rows whose windows cover oh can point
-// into it, so the row is built from those few pooled rows. That needs every index to lie in the
-// rows of its own pooling window, which max_pool2d guarantees; a slab where that does not hold is
-// detected and takes the plain scatter (later entries win, as in ATen's CPU kernel).
+// times the size of the input. Here each output row is zeroed and filled while it sits in cache
+// and reaches memory once. That needs every index to lie in the rows of its own pooling window,
+// which max_pool2d guarantees: a scan of each slab's indices checks it (and finds out-of-range
+// indices), and a slab where it does not hold takes the plain zero-fill and scatter. Repeated
+// indices resolve in flat order, the later entry winning, as ATen's CPU kernel does on one thread.
 #include <ATen/Parallel.h>
 #include <sys/mman.h>
 #include <torch/library.h>
@@ -61,8 +61,43 @@ UnpoolStatus scan_rows(const int64_t* idx, const UnpoolGeometry& g, int64_t ph_b
   return out_of_window ? kOutOfWindow : kInWindow;
 }
 
-// Builds output rows [oh_begin, oh_end) of one slab from the pooled rows covering them. Pooled
-// entries are visited in increasing flat order, so when two point at one position the later wins.
+// Output rows owned by pooled row ph when windows do not overlap vertically (kH <= sH): from the
+// top of its window to the top of the next one, so every output row has exactly one owner.
+void owned_rows(const UnpoolGeometry& g, int64_t ph, int64_t& begin, int64_t& end) {
+  auto top = [&](int64_t p) { return std::min(std::max<int64_t>(p * g.sH - g.pH, 0), g.Ho); };
+  begin = ph == 0 ? 0 : top(ph);
+  end = ph == g.H - 1 ? g.Ho : top(ph + 1);
+}
+
+// kH <= sH: zero the rows pooled rows [ph_begin, ph_end) own, then store their entries. The scan
+// proved every index lies in its own window, hence in rows its pooled row owns, which are still in
+// L1/L2 when the stores land: no branch per element, one write of each output line to memory.
+// Within a pooled row, entries go in flat order, so of two naming one position the later wins.
+template <typename T>
+void fill_owned_rows(const T* x, const int64_t* idx, T* out, const UnpoolGeometry& g,
+                     int64_t ph_begin, int64_t ph_end) {
+  const int64_t C = g.channels;
+  const int64_t in_row = g.W * C;
+  for (int64_t ph = ph_begin; ph < ph_end; ++ph) {
+    int64_t begin, end;
+    owned_rows(g, ph, begin, end);
+    std::memset(out + begin * g.Wo * C, 0, sizeof(T) * (end - begin) * g.Wo * C);
+    const int64_t* irow = idx + ph * in_row;
+    const T* xrow = x + ph * in_row;
+    if (C == 1) {
+      for (int64_t pw = 0; pw < g.W; ++pw) out[irow[pw]] = xrow[pw];
+    } else {
+      for (int64_t pw = 0; pw < g.W; ++pw) {
+        for (int64_t c = 0; c < C; ++c) out[irow[pw * C + c] * C + c] = xrow[pw * C + c];
+      }
+    }
+  }
+}
+
+// kH > sH (overlapping windows): build output rows [oh_begin, oh_end) from the pooled rows whose
+// windows cover each one, in increasing flat order so that the later of two entries wins. Entries
+// of a covering row that point at another output row are sent to a scratch slot rather than
+// branched around: the branch would be mispredicted about half the time.
 template <typename T>
 void gather_rows(const T* x, const int64_t* idx, T* out, const UnpoolGeometry& g,
                  int64_t oh_begin, int64_t oh_end) {
@@ -70,6 +105,7 @@ void gather_rows(const T* x, const int64_t* idx, T* out, const UnpoolGeometry& g
   const int64_t in_row = g.W * C;
   const int64_t out_row = g.Wo * C;
   const uint64_t Wo = uint64_t(g.Wo);
+  T scratch;
   for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
     T* orow = out + oh * out_row;
     std::memset(orow, 0, sizeof(T) * out_row);
@@ -79,17 +115,11 @@ void gather_rows(const T* x, const int64_t* idx, T* out, const UnpoolGeometry& g
     for (int64_t ph = first; ph <= last; ++ph) {
       const int64_t* irow = idx + ph * in_row;
       const T* xrow = x + ph * in_row;
-      if (C == 1) {
-        for (int64_t pw = 0; pw < g.W; ++pw) {
-          const uint64_t col = uint64_t(irow[pw] - row_start);
-          if (col < Wo) orow[col] = xrow[pw];
-        }
-      } else {
-        for (int64_t pw = 0; pw < g.W; ++pw) {
-          for (int64_t c = 0; c < C; ++c) {
-            const uint64_t col = uint64_t(irow[pw * C + c] - row_start);
-            if (col < Wo) orow[col * C + c] = xrow[pw * C + c];
-          }
+      for (int64_t pw = 0; pw < g.W; ++pw) {
+        for (int64_t c = 0; c < C; ++c) {
+          const uint64_t col = uint64_t(irow[pw * C + c] - row_start);
+          T* dst = col < Wo ? orow + col * C + c : &scratch;
+          *dst = xrow[pw * C + c];
         }
       }
     }
@@ -114,6 +144,16 @@ template <typename T>
 void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry& g) {
   const int64_t in_slab = g.H * g.W * g.channels;
   const int64_t out_slab = g.Ho * g.Wo * g.channels;
+  // Work units of the fast path: pooled rows when windows do not overlap vertically, else rows.
+  const bool by_pooled_row = g.kH <= g.sH;
+  const int64_t units = by_pooled_row ? g.H : g.Ho;
+  auto fast_path = [&](int64_t s, int64_t begin, int64_t end) {
+    if (by_pooled_row) {
+      fill_owned_rows(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g, begin, end);
+    } else {
+      gather_rows(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g, begin, end);
+    }
+  };
   std::vector<uint8_t> status(g.slabs, kInWindow);
   std::atomic<int64_t> bad_value{0};
   const int threads = at::get_num_threads();
@@ -125,7 +165,7 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
         int64_t bad = 0;
         status[s] = scan_rows(idx + s * in_slab, g, 0, g.H, bad);
         if (status[s] == kInWindow) {
-          gather_rows(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g, 0, g.Ho);
+          fast_path(s, 0, units);
         } else if (status[s] == kOutOfWindow) {
           scatter_slab(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g);
         } else {
@@ -152,15 +192,13 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
       }
     });
     for (int64_t s = 0; s < g.slabs; ++s) status[s] = worst[s].load();
-    const int64_t row_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.Wo * g.channels, 1));
-    at::parallel_for(0, g.slabs * g.Ho, row_grain, [&](int64_t begin, int64_t end) {
+    const int64_t unit_size = (by_pooled_row ? g.W : g.Wo) * g.channels;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(unit_size, 1));
+    at::parallel_for(0, g.slabs * units, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end;) {
-        const int64_t s = r / g.Ho, oh = r % g.Ho;
-        const int64_t stop = std::min(end, (s + 1) * g.Ho);
-        if (status[s] == kInWindow) {
-          gather_rows(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g, oh,
-                      oh + (stop - r));
-        }
+        const int64_t s = r / units, u = r % units;
+        const int64_t stop = std::min(end, (s + 1) * units);
+        if (status[s] == kInWindow) fast_path(s, u, u + (stop - r));
         r = stop;
       }
     });
