@@ -14,6 +14,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "unpool.h"
 
 namespace fastseg {
@@ -69,28 +73,47 @@ void owned_rows(const UnpoolGeometry& g, int64_t ph, int64_t& begin, int64_t& en
   end = ph == g.H - 1 ? g.Ho : top(ph + 1);
 }
 
-// kH <= sH: zero the rows pooled rows [ph_begin, ph_end) own, then store their entries. The scan
-// proved every index lies in its own window, hence in rows its pooled row owns, which are still in
-// L1/L2 when the stores land: no branch per element, one write of each output line to memory.
-// Within a pooled row, entries go in flat order, so of two naming one position the later wins.
+// Copies a finished block to the output with non-temporal stores where the target is aligned:
+// the output is written once and not read back soon, so it need not be read into cache first
+// (the read-for-ownership that ordinary stores cost).
+void stream_copy(void* dst, const void* src, size_t bytes) {
+#if defined(__SSE2__)
+  if (reinterpret_cast<uintptr_t>(dst) % 16 == 0 && bytes % 16 == 0) {
+    auto* d = static_cast<__m128i*>(dst);
+    const auto* s = static_cast<const __m128i*>(src);
+    for (size_t i = 0; i < bytes / 16; ++i) _mm_stream_si128(d + i, _mm_loadu_si128(s + i));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+// kH <= sH: build the rows each pooled row in [ph_begin, ph_end) owns in a cache-resident block
+// (zero it, store the row's entries), then stream the block out. The scan proved every index lies
+// in its own window, hence in rows its pooled row owns: no branch per element. Within a pooled
+// row entries go in flat order, so of two naming one position the later wins.
 template <typename T>
 void fill_owned_rows(const T* x, const int64_t* idx, T* out, const UnpoolGeometry& g,
-                     int64_t ph_begin, int64_t ph_end) {
+                     int64_t ph_begin, int64_t ph_end, std::vector<T>& block) {
   const int64_t C = g.channels;
   const int64_t in_row = g.W * C;
   for (int64_t ph = ph_begin; ph < ph_end; ++ph) {
     int64_t begin, end;
     owned_rows(g, ph, begin, end);
-    std::memset(out + begin * g.Wo * C, 0, sizeof(T) * (end - begin) * g.Wo * C);
+    const int64_t n = (end - begin) * g.Wo * C;
+    if (int64_t(block.size()) < n) block.resize(n);
+    T* b = block.data() - begin * g.Wo * C;  // b[v * C + c] addresses output position v
+    std::memset(block.data(), 0, sizeof(T) * n);
     const int64_t* irow = idx + ph * in_row;
     const T* xrow = x + ph * in_row;
     if (C == 1) {
-      for (int64_t pw = 0; pw < g.W; ++pw) out[irow[pw]] = xrow[pw];
+      for (int64_t pw = 0; pw < g.W; ++pw) b[irow[pw]] = xrow[pw];
     } else {
       for (int64_t pw = 0; pw < g.W; ++pw) {
-        for (int64_t c = 0; c < C; ++c) out[irow[pw * C + c] * C + c] = xrow[pw * C + c];
+        for (int64_t c = 0; c < C; ++c) b[irow[pw * C + c] * C + c] = xrow[pw * C + c];
       }
     }
+    stream_copy(out + begin * g.Wo * C, block.data(), sizeof(T) * n);
   }
 }
 
@@ -149,7 +172,8 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
   const int64_t units = by_pooled_row ? g.H : g.Ho;
   auto fast_path = [&](int64_t s, int64_t begin, int64_t end) {
     if (by_pooled_row) {
-      fill_owned_rows(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g, begin, end);
+      thread_local std::vector<T> block;
+      fill_owned_rows(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g, begin, end, block);
     } else {
       gather_rows(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g, begin, end);
     }
@@ -208,6 +232,9 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
       }
     }
   }
+#if defined(__SSE2__)
+  _mm_sfence();  // order the streamed stores before the output is handed back
+#endif
   for (int64_t s = 0; s < g.slabs; ++s) {
     if (status[s] == kOutOfRange) fail_index_out_of_range(bad_value.load(), g.Ho, g.Wo);
   }
