@@ -30,6 +30,18 @@ TORCH_LIBRARY(fastseg, m) {
       "int[2] padding, SymInt[2] output_size) -> Tensor");
   // Gradient with respect to input: grad_output gathered at indices.
   m.def("max_unpool2d_backward(Tensor grad_output, Tensor indices) -> Tensor");
+
+  // Dense-CRF mean-field inference (Kraehenbuehl & Koltun 2011) on the permutohedral lattice.
+  // unary (B, L, H, W) float32 energies -log p; one pairwise kernel per entry of features
+  // ((B or 1, D, H, W) float32, already divided by their standard deviations), compat ((L, L),
+  // used symmetrised; energy E = U + sum C F(Q)) and normalization (0 none, 1 before, 2 after,
+  // 3 symmetric); init (B, L, H, W) replaces softmax(-unary) as the starting Q. Returns Q.
+  m.def(
+      "dense_crf(Tensor unary, Tensor[] features, Tensor[] compat, int[] normalization, "
+      "int iterations, Tensor? init=None) -> Tensor");
+  // The normalised permutohedral-lattice Gaussian filter of values (B, C, *) with features
+  // (B or 1, D, *): what one dense-CRF kernel applies to Q.
+  m.def("permutohedral_filter(Tensor values, Tensor features, int normalization) -> Tensor");
 }
 
 }  // namespace fastseg

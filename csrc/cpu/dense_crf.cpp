@@ -1,0 +1,1040 @@
+// Dense-CRF mean-field inference on the CPU (Kraehenbuehl & Koltun, "Efficient Inference in Fully
+// Connected CRFs with Gaussian Edge Potentials", NIPS 2011), with the Gaussian filtering done on
+// the permutohedral lattice (Adams, Baek & Davis, "Fast High-Dimensional Filtering Using the
+// Permutohedral Lattice", Eurographics 2010). fastseg/ops/_reference/dense_crf.py is the same
+// algorithm in plain PyTorch, step for step; keep the two in step.
+//
+// Layout and schedule, per image:
+//  * Each pairwise kernel's lattice is built once (in parallel: pixels locate their simplices, then
+//    each thread owns the lattice points whose hash falls in its share and numbers them) and reused
+//    by every iteration. Indices are int32 inside a lattice (checked) and int64 everywhere else.
+//  * Label vectors are rows of `lanes` floats (L rounded up to 4 or a multiple of 8, zero padded),
+//    so splat, blur and slice are short fixed-length vector loops.
+//  * One pass over the pixels per iteration does everything per pixel: slice every kernel, apply
+//    the compatibilities, add the unary, exp-and-normalise, and splat the new Q into this thread's
+//    own splat buffer (no atomics; Q itself is never stored until the last iteration). Between
+//    passes the buffers are summed and blurred, in parallel over lattice points.
+//  * All buffers are allocated before the first iteration.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "common.h"
+
+// Vector-extension values passed between always-inline helpers never cross an ABI boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#if defined(__GNUC__)
+#define FASTSEG_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FASTSEG_ALWAYS_INLINE inline
+#endif
+
+// The hot loops are compiled twice, for the baseline ISA and for AVX2+FMA, and picked at run time:
+// the extension is built without -march=native, and AVX2 doubles the width of every label row.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTSEG_HAVE_AVX2_CLONE 1
+#define FASTSEG_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define FASTSEG_HAVE_AVX2_CLONE 0
+#endif
+
+namespace fastseg {
+namespace {
+
+constexpr int kMaxFeatures = 64;
+
+enum Normalization : int64_t {
+  kNoNormalization = 0,
+  kNormalizeBefore = 1,
+  kNormalizeAfter = 2,
+  kNormalizeSymmetric = 3,
+};
+
+bool cpu_has_avx2() {
+#if FASTSEG_HAVE_AVX2_CLONE
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Label rows: L rounded up to 4, or to a multiple of 8 (one AVX register per 8 labels).
+int64_t lanes_for(int64_t L) { return L <= 1 ? 1 : L <= 4 ? 4 : (L + 7) / 8 * 8; }
+int64_t lanes_for_labels(int64_t L) { return std::max<int64_t>(4, lanes_for(L)); }
+
+// A raw array whose memory comes from ATen's allocator: 64-byte aligned, and running out of memory
+// is a clear c10::Error rather than a crash.
+template <typename T>
+struct Buffer {
+  at::Tensor storage;
+  T* data = nullptr;
+  void resize(int64_t n) {
+    const int64_t bytes = std::max<int64_t>(n, 1) * int64_t(sizeof(T));
+    if (!storage.defined() || storage.numel() < bytes) {
+      storage = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+    }
+    data = reinterpret_cast<T*>(storage.mutable_data_ptr());
+  }
+  void release() {
+    storage = at::Tensor();
+    data = nullptr;
+  }
+};
+
+// --- the lattice ---------------------------------------------------------------------------------
+
+FASTSEG_ALWAYS_INLINE uint32_t hash_key(const int32_t* key, int d) {
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (int i = 0; i < d; ++i) {
+    h ^= uint32_t(key[i]);
+    h *= 0xFF51AFD7ED558CCDull;
+    h ^= h >> 32;
+  }
+  return uint32_t(h);
+}
+
+// Which of `owners` threads numbers the lattice point of hash h (uses the high bits; the table
+// slot uses the low ones).
+FASTSEG_ALWAYS_INLINE int owner_of(uint32_t h, int owners) {
+  return int((uint64_t(h) * uint64_t(owners)) >> 32);
+}
+
+// Open-addressing table of the lattice points one thread owns: keys (d int32 each) numbered in
+// order of first appearance.
+class KeyTable {
+ public:
+  void reset(int d, int64_t expected) {
+    d_ = d;
+    keys_.clear();
+    hashes_.clear();
+    keys_.reserve(size_t(expected) * d);
+    hashes_.reserve(size_t(expected));
+    uint64_t capacity = 64;
+    while (capacity < uint64_t(expected) * 2) capacity *= 2;
+    slots_.assign(capacity, -1);
+    mask_ = capacity - 1;
+  }
+
+  int64_t size() const { return int64_t(hashes_.size()); }
+  const int32_t* key(int64_t i) const { return keys_.data() + i * d_; }
+
+  int32_t find(const int32_t* key, uint32_t h) const {
+    for (uint64_t s = h & mask_;; s = (s + 1) & mask_) {
+      const int32_t e = slots_[s];
+      if (e < 0) return -1;
+      if (hashes_[e] == h && std::memcmp(keys_.data() + int64_t(e) * d_, key, sizeof(int32_t) * d_) == 0) {
+        return e;
+      }
+    }
+  }
+
+  int32_t insert(const int32_t* key, uint32_t h) {
+    for (uint64_t s = h & mask_;; s = (s + 1) & mask_) {
+      const int32_t e = slots_[s];
+      if (e < 0) {
+        TORCH_CHECK(hashes_.size() < size_t(INT32_MAX) / 2,
+                    "dense_crf: the lattice has more than 2^30 points");
+        const int32_t index = int32_t(hashes_.size());
+        slots_[s] = index;
+        hashes_.push_back(h);
+        keys_.insert(keys_.end(), key, key + d_);
+        if (uint64_t(hashes_.size()) * 2 > mask_ + 1) grow();
+        return index;
+      }
+      if (hashes_[e] == h && std::memcmp(keys_.data() + int64_t(e) * d_, key, sizeof(int32_t) * d_) == 0) {
+        return e;
+      }
+    }
+  }
+
+  void release() {
+    std::vector<int32_t>().swap(keys_);
+    std::vector<uint32_t>().swap(hashes_);
+    std::vector<int32_t>().swap(slots_);
+  }
+
+ private:
+  void grow() {
+    const uint64_t capacity = (mask_ + 1) * 2;
+    slots_.assign(capacity, -1);
+    mask_ = capacity - 1;
+    for (size_t e = 0; e < hashes_.size(); ++e) {
+      uint64_t s = hashes_[e] & mask_;
+      while (slots_[s] >= 0) s = (s + 1) & mask_;
+      slots_[s] = int32_t(e);
+    }
+  }
+
+  int d_ = 0;
+  std::vector<int32_t> keys_;
+  std::vector<uint32_t> hashes_;
+  std::vector<int32_t> slots_;
+  uint64_t mask_ = 0;
+};
+
+// The lattice of one image's features: for every pixel the d+1 lattice points of its simplex and
+// their barycentric weights, and for every lattice point its two blur neighbours along each of the
+// d+1 lattice directions (M, a zero row, where the neighbour does not exist).
+struct Lattice {
+  int d = 0;
+  int64_t N = 0, M = 0;
+  float alpha = 1.0f;
+  Buffer<int32_t> offset;      // N x (d+1)
+  Buffer<float> weight;        // N x (d+1)
+  Buffer<int32_t> neighbours;  // (d+1) x M x 2
+};
+
+// Locates feature vector f (d values, stride `stride`) in the lattice (Adams et al. 2010, section
+// 3.1): rem0 is the remainder-0 point the simplex is built from, rank the order of the residuals,
+// bary the barycentric weights of the d+1 vertices. Plain IEEE float arithmetic, in the order of
+// the PyTorch reference, so both find the same simplices (no FMA: this is baseline-ISA code).
+void locate(const float* f, int64_t stride, int d, const float* scale, int32_t* rem0, int32_t* rank,
+            float* bary, bool& out_of_range) {
+  float elevated[kMaxFeatures + 1], cf[kMaxFeatures];
+  for (int i = 0; i < d; ++i) cf[i] = f[i * stride] * scale[i];
+  float sum = 0.0f;
+  for (int j = d; j > 0; --j) {
+    elevated[j] = sum - float(j) * cf[j - 1];
+    sum += cf[j - 1];
+  }
+  elevated[0] = sum;
+  const float down_factor = 1.0f / float(d + 1);
+  const float up_factor = float(d + 1);
+  float rem0f[kMaxFeatures + 1];
+  float total = 0.0f;
+  for (int i = 0; i <= d; ++i) {
+    // Lattice coordinates must stay well inside int32 (and NaN fails this test too).
+    if (!(std::fabs(elevated[i]) < 1.0e9f)) out_of_range = true;
+    const float v = elevated[i] * down_factor;
+    const float up = std::ceil(v) * up_factor;
+    const float down = std::floor(v) * up_factor;
+    rem0f[i] = (up - elevated[i] < elevated[i] - down) ? up : down;
+    total += rem0f[i];
+  }
+  if (out_of_range) return;
+  const int s = int(std::lround(total / float(d + 1)));
+  float diff[kMaxFeatures + 1];
+  for (int i = 0; i <= d; ++i) {
+    diff[i] = elevated[i] - rem0f[i];
+    rank[i] = 0;
+  }
+  // Rank of each residual, largest first; of two equal residuals the later one ranks higher.
+  for (int i = 0; i < d; ++i) {
+    for (int j = i + 1; j <= d; ++j) {
+      if (diff[i] < diff[j]) {
+        ++rank[i];
+      } else {
+        ++rank[j];
+      }
+    }
+  }
+  for (int i = 0; i <= d; ++i) {
+    int32_t r = int32_t(rem0f[i]);
+    if (s > 0) {
+      if (rank[i] >= d + 1 - s) {
+        rank[i] -= d + 1 - s;
+        r -= d + 1;
+      } else {
+        rank[i] += s;
+      }
+    } else if (s < 0) {
+      if (rank[i] < -s) {
+        rank[i] += d + 1 + s;
+        r += d + 1;
+      } else {
+        rank[i] += s;
+      }
+    }
+    rem0[i] = r;
+  }
+  for (int i = 0; i <= d + 1; ++i) bary[i] = 0.0f;
+  for (int i = 0; i <= d; ++i) {
+    const float v = (elevated[i] - float(rem0[i])) * down_factor;
+    bary[d - rank[i]] += v;
+    bary[d + 1 - rank[i]] -= v;
+  }
+  bary[0] += 1.0f + bary[d + 1];
+}
+
+// Key (first d coordinates) of vertex k of the simplex (rem0, rank): rem0 plus the canonical
+// vertex k, which has k in the coordinates of rank <= d-k and k-(d+1) in the others.
+FASTSEG_ALWAYS_INLINE void vertex_key(const int32_t* rem0, const uint8_t* rank, int d, int k,
+                                      int32_t* key) {
+  for (int i = 0; i < d; ++i) key[i] = rem0[i] + (rank[i] <= d - k ? k : k - (d + 1));
+}
+
+// Builds the lattice of features (d planes of N floats, plane stride `stride`), numbering its
+// points with `owners` threads.
+void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, int64_t N, int owners) {
+  TORCH_CHECK_VALUE(d >= 1 && d <= kMaxFeatures, "dense_crf: a kernel needs 1 to ", kMaxFeatures,
+                    " features, got ", d);
+  lat.d = d;
+  lat.N = N;
+  lat.alpha = float(1.0 / (1.0 + std::pow(2.0, -d)));
+  const int d1 = d + 1;
+  lat.offset.resize(N * d1);
+  lat.weight.resize(N * d1);
+
+  // The scale that makes the blur a unit Gaussian in feature space, spread over d directions.
+  float scale[kMaxFeatures];
+  const double inv_std = std::sqrt(2.0 / 3.0) * d1;
+  for (int i = 0; i < d; ++i) scale[i] = float(inv_std / std::sqrt(double(i + 1) * (i + 2)));
+
+  // 1. Every pixel finds its simplex: weights, the simplex itself, and its vertices' hashes.
+  Buffer<int32_t> rem0s;
+  Buffer<uint8_t> ranks;
+  Buffer<uint32_t> hashes;
+  rem0s.resize(N * d);
+  ranks.resize(N * d);
+  hashes.resize(N * d1);
+  std::atomic<bool> out_of_range{false};
+  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+    int32_t rem0[kMaxFeatures + 1], rank[kMaxFeatures + 1], key[kMaxFeatures];
+    float bary[kMaxFeatures + 2];
+    uint8_t rank8[kMaxFeatures];
+    bool bad = false;
+    for (int64_t p = begin; p < end; ++p) {
+      locate(features + p, stride, d, scale, rem0, rank, bary, bad);
+      if (bad) break;
+      for (int i = 0; i < d; ++i) {
+        rank8[i] = uint8_t(rank[i]);
+        rem0s.data[p * d + i] = rem0[i];
+        ranks.data[p * d + i] = rank8[i];
+      }
+      for (int k = 0; k < d1; ++k) {
+        lat.weight.data[p * d1 + k] = bary[k];
+        vertex_key(rem0, rank8, d, k, key);
+        hashes.data[p * d1 + k] = hash_key(key, d);
+      }
+    }
+    if (bad) out_of_range = true;
+  });
+  TORCH_CHECK_VALUE(!out_of_range,
+                    "dense_crf: features must be finite and of magnitude below about 1e8 after "
+                    "scaling (is sxy or srgb tiny, or the image not finite?)");
+
+  // 2. Each owner numbers its lattice points in order of first appearance (deterministic).
+  std::vector<KeyTable> tables(owners);
+  at::parallel_for(0, owners, 1, [&](int64_t begin, int64_t end) {
+    int32_t key[kMaxFeatures];
+    for (int64_t t = begin; t < end; ++t) {
+      KeyTable& table = tables[t];
+      table.reset(d, std::max<int64_t>(1024, N / 4 / owners));
+      for (int64_t p = 0; p < N; ++p) {
+        const uint32_t* h = hashes.data + p * d1;
+        for (int k = 0; k < d1; ++k) {
+          if (owner_of(h[k], owners) != t) continue;
+          vertex_key(rem0s.data + p * d, ranks.data + p * d, d, k, key);
+          lat.offset.data[p * d1 + k] = table.insert(key, h[k]);
+        }
+      }
+    }
+  });
+  std::vector<int64_t> base(owners + 1, 0);
+  for (int t = 0; t < owners; ++t) base[t + 1] = base[t] + tables[t].size();
+  const int64_t M = base[owners];
+  TORCH_CHECK(M < INT32_MAX, "dense_crf: the lattice has ", M, " points, more than int32 holds");
+  lat.M = M;
+  rem0s.release();
+  ranks.release();
+
+  // 3. Global numbers: owner t's points follow those of owners 0..t-1.
+  if (owners > 1) {
+    at::parallel_for(0, N * d1, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        lat.offset.data[e] += int32_t(base[owner_of(hashes.data[e], owners)]);
+      }
+    });
+  }
+  hashes.release();
+
+  // 4. Blur neighbours: key -/+ (-1, .., d, .., -1), d at the direction's coordinate (all -1 for
+  //    direction d, whose coordinate is the implied one).
+  lat.neighbours.resize(int64_t(d1) * M * 2);
+  at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
+    int32_t n1[kMaxFeatures], n2[kMaxFeatures];
+    int t = int(std::upper_bound(base.begin(), base.end(), begin) - base.begin()) - 1;
+    for (int64_t m = begin; m < end; ++m) {
+      while (m >= base[t + 1]) ++t;
+      const int32_t* key = tables[t].key(m - base[t]);
+      for (int j = 0; j < d1; ++j) {
+        for (int i = 0; i < d; ++i) {
+          const int32_t step = i == j ? d : -1;
+          n1[i] = key[i] - step;
+          n2[i] = key[i] + step;
+        }
+        int32_t* out = lat.neighbours.data + (int64_t(j) * M + m) * 2;
+        const uint32_t h1 = hash_key(n1, d), h2 = hash_key(n2, d);
+        const int o1 = owner_of(h1, owners), o2 = owner_of(h2, owners);
+        const int32_t f1 = tables[o1].find(n1, h1), f2 = tables[o2].find(n2, h2);
+        out[0] = f1 < 0 ? int32_t(M) : int32_t(base[o1] + f1);
+        out[1] = f2 < 0 ? int32_t(M) : int32_t(base[o2] + f2);
+      }
+    }
+  });
+}
+
+// --- the vector loops (compiled per ISA) --------------------------------------------------------
+
+// Label rows are processed as GCC/Clang vector-extension values of W floats (W = 8, or 4 for rows
+// of 4): plain C++ that lowers to AVX2 in the AVX2 clone and to SSE pairs in the baseline one.
+template <int W>
+struct Vec;
+template <>
+struct Vec<8> {
+  typedef float F __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<4> {
+  typedef float F __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+};
+
+template <typename V>
+FASTSEG_ALWAYS_INLINE V vload(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V>
+FASTSEG_ALWAYS_INLINE void vstore(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <typename V>
+FASTSEG_ALWAYS_INLINE V vbroadcast(float x) {
+  V v = {};
+  return v + x;
+}
+
+// exp(x) for x <= 0, to about 2 ulp: Cody-Waite range reduction and the minimax polynomial of the
+// Cephes library; arguments below -87 give exp(-87) (~1.6e-38) instead of a denormal or zero.
+template <int W>
+FASTSEG_ALWAYS_INLINE typename Vec<W>::F vexp_nonpositive(typename Vec<W>::F x) {
+  using V = typename Vec<W>::F;
+  using I = typename Vec<W>::I;
+  const V lo = vbroadcast<V>(-87.0f), zero = vbroadcast<V>(0.0f);
+  x = x < lo ? lo : x;
+  x = x > zero ? zero : x;
+  const V magic = vbroadcast<V>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const V n = (x * 1.44269504088896341f + magic) - magic;
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = vbroadcast<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V two_n;
+  std::memcpy(&two_n, &bits, sizeof(V));
+  return p * two_n;
+}
+
+// One pairwise kernel as a pixel pass sees it.
+struct PassKernel {
+  int d1;
+  const int32_t* offset;
+  const float* weight;
+  const float* pre;      // splat scale per pixel (normalisation)
+  const float* post;     // slice scale per pixel (normalisation, and the lattice's alpha)
+  const float* sliced;   // blurred lattice values to slice, (M+1) x lanes; null on the first pass
+  float* const* splat;   // per chunk: the buffer this chunk splats into; null on the last pass
+  bool diagonal;
+  const float* compat;   // diagonal: lanes values; otherwise L rows of lanes (symmetrised)
+};
+
+struct PassArgs {
+  int64_t N;
+  int L, lanes, kernels;
+  const PassKernel* k;
+  const float* unary;  // N x lanes energies
+  const float* init;   // L planes of N: Q to start from (first pass only), or null
+  float* out;          // L planes of N: where the last pass writes Q, or null
+};
+
+// Pixels [p0, p1) of one pass: E = U + sum_k C_k (post_k * slice_k), Q = softmax(-E), then Q is
+// splatted (scaled by pre_k) into chunk `chunk`'s buffers, or written out on the last pass. LP is
+// the row width when it is one of the compiled ones, 0 for a wider row (then `a.lanes`).
+template <int LP_>
+FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t p0, int64_t p1) {
+  constexpr int LP = LP_ == 1 ? 0 : LP_;  // label rows are never 1 wide (lanes_for_labels)
+  constexpr int W = LP == 4 ? 4 : 8;      // rows are 4 wide or a multiple of 8
+  using V = typename Vec<W>::F;
+  const int lanes = LP > 0 ? LP : a.lanes;
+  if (LP == 0 && lanes % W != 0) {
+    // Only a 4-wide row can get here with W = 8, and it has its own instantiation.
+    TORCH_CHECK(false, "dense_crf: internal error, row of ", lanes, " lanes");
+  }
+  const int nv = lanes / W;
+  const int L = a.L;
+  constexpr int kStack = LP > 0 ? LP / W : 1;
+  V e_stack[kStack], s_stack[kStack], pad_stack[kStack], keep_stack[kStack];
+  std::vector<V> heap(LP > 0 ? 0 : 4 * size_t(nv));
+  V* e = LP > 0 ? e_stack : heap.data();
+  V* s = LP > 0 ? s_stack : heap.data() + nv;
+  V* pad = LP > 0 ? pad_stack : heap.data() + 2 * nv;    // +inf on padding lanes, else 0
+  V* keep = LP > 0 ? keep_stack : heap.data() + 3 * nv;  // 0 on padding lanes, else 1
+  for (int v = 0; v < nv; ++v) {
+    for (int i = 0; i < W; ++i) {
+      pad[v][i] = v * W + i < L ? 0.0f : INFINITY;
+      keep[v][i] = v * W + i < L ? 1.0f : 0.0f;
+    }
+  }
+  const bool slice = a.kernels > 0 && a.k[0].sliced != nullptr;
+  for (int64_t p = p0; p < p1; ++p) {
+    if (a.init != nullptr && !slice) {
+      for (int v = 0; v < nv; ++v) {
+        for (int i = 0; i < W; ++i) {
+          e[v][i] = v * W + i < L ? a.init[int64_t(v * W + i) * a.N + p] : 0.0f;
+        }
+      }
+    } else {
+      const float* u = a.unary + p * lanes;
+      for (int v = 0; v < nv; ++v) e[v] = vload<V>(u + v * W);
+      if (slice) {
+        for (int k = 0; k < a.kernels; ++k) {
+          const PassKernel& K = a.k[k];
+          const int32_t* off = K.offset + p * K.d1;
+          const float* w = K.weight + p * K.d1;
+          {
+            const float* row = K.sliced + int64_t(off[0]) * lanes;
+            for (int v = 0; v < nv; ++v) s[v] = w[0] * vload<V>(row + v * W);
+          }
+          for (int j = 1; j < K.d1; ++j) {
+            const float* row = K.sliced + int64_t(off[j]) * lanes;
+            const float wj = w[j];
+            for (int v = 0; v < nv; ++v) s[v] += wj * vload<V>(row + v * W);
+          }
+          const float scale = K.post[p];
+          if (K.diagonal) {
+            for (int v = 0; v < nv; ++v) e[v] += scale * vload<V>(K.compat + v * W) * s[v];
+          } else {
+            // C is symmetric: E += sum_m (scale s_m) C[m, :], row by row.
+            for (int m = 0; m < L; ++m) {
+              const float sm = scale * s[m / W][m % W];
+              const float* c = K.compat + int64_t(m) * lanes;
+              for (int v = 0; v < nv; ++v) e[v] += sm * vload<V>(c + v * W);
+            }
+          }
+        }
+      }
+      // Q = softmax(-E) over the L real labels; padding lanes get exactly 0.
+      V low = e[0] + pad[0];
+      for (int v = 1; v < nv; ++v) {
+        const V x = e[v] + pad[v];
+        low = x < low ? x : low;
+      }
+      float lowest = low[0];
+      for (int i = 1; i < W; ++i) lowest = low[i] < lowest ? low[i] : lowest;
+      V sum = vbroadcast<V>(0.0f);
+      for (int v = 0; v < nv; ++v) {
+        e[v] = vexp_nonpositive<W>(lowest - e[v]) * keep[v];
+        sum += e[v];
+      }
+      float total = 0.0f;
+      for (int i = 0; i < W; ++i) total += sum[i];
+      const float inv = 1.0f / total;
+      for (int v = 0; v < nv; ++v) e[v] *= inv;
+    }
+    if (a.out != nullptr) {
+      for (int l = 0; l < L; ++l) a.out[int64_t(l) * a.N + p] = e[l / W][l % W];
+      continue;
+    }
+    for (int k = 0; k < a.kernels; ++k) {
+      const PassKernel& K = a.k[k];
+      float* buffer = K.splat[chunk];
+      const int32_t* off = K.offset + p * K.d1;
+      const float* w = K.weight + p * K.d1;
+      const float scale = K.pre[p];
+      for (int j = 0; j < K.d1; ++j) {
+        float* row = buffer + int64_t(off[j]) * lanes;
+        const float wj = w[j] * scale;
+        for (int v = 0; v < nv; ++v) vstore(row + v * W, vload<V>(row + v * W) + wj * e[v]);
+      }
+    }
+  }
+}
+
+// Lattice rows [m0, m1): dst = sum of the chunks' splat buffers, which are zeroed for the next pass.
+template <int LP>
+FASTSEG_ALWAYS_INLINE void gather_rows(float* const* parts, int64_t nparts, float* dst, int runtime_lanes,
+                                       int64_t m0, int64_t m1) {
+  const int lanes = LP > 0 ? LP : runtime_lanes;
+  for (int64_t m = m0; m < m1; ++m) {
+    float* out = dst + m * lanes;
+    float* first = parts[0] + m * lanes;
+    for (int l = 0; l < lanes; ++l) {
+      out[l] = first[l];
+      first[l] = 0.0f;
+    }
+    for (int64_t c = 1; c < nparts; ++c) {
+      float* in = parts[c] + m * lanes;
+      for (int l = 0; l < lanes; ++l) {
+        out[l] += in[l];
+        in[l] = 0.0f;
+      }
+    }
+  }
+}
+
+// Lattice rows [m0, m1) of one blur direction: dst = src + (src[n1] + src[n2]) / 2.
+template <int LP>
+FASTSEG_ALWAYS_INLINE void blur_rows(const float* src, float* dst, const int32_t* neighbours,
+                                     int runtime_lanes, int64_t m0, int64_t m1) {
+  const int lanes = LP > 0 ? LP : runtime_lanes;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* a = src + int64_t(neighbours[2 * m]) * lanes;
+    const float* b = src + int64_t(neighbours[2 * m + 1]) * lanes;
+    const float* c = src + m * lanes;
+    float* out = dst + m * lanes;
+    for (int l = 0; l < lanes; ++l) out[l] = c[l] + 0.5f * (a[l] + b[l]);
+  }
+}
+
+// Pixels [p0, p1): slice the blurred values (times post) into C planes of N.
+template <int LP>
+FASTSEG_ALWAYS_INLINE void slice_pixels(const Lattice& lat, const float* sliced, const float* post,
+                                        int runtime_lanes, int C, float* out, int64_t p0, int64_t p1) {
+  const int lanes = LP > 0 ? LP : runtime_lanes;
+  const int d1 = lat.d + 1;
+  constexpr int kStack = LP > 0 ? LP : 1;
+  float s_stack[kStack];
+  std::vector<float> heap(LP > 0 ? 0 : size_t(lanes));
+  float* s = LP > 0 ? s_stack : heap.data();
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int l = 0; l < lanes; ++l) s[l] = 0.0f;
+    for (int j = 0; j < d1; ++j) {
+      const float* row = sliced + int64_t(lat.offset.data[p * d1 + j]) * lanes;
+      const float w = lat.weight.data[p * d1 + j];
+      for (int l = 0; l < lanes; ++l) s[l] += w * row[l];
+    }
+    const float scale = post[p];
+    for (int c = 0; c < C; ++c) out[int64_t(c) * lat.N + p] = scale * s[c];
+  }
+}
+
+// Pixels [p0, p1): splat C planes of N values (times pre) into one chunk's buffer.
+template <int LP>
+FASTSEG_ALWAYS_INLINE void splat_pixels(const Lattice& lat, const float* values, const float* pre,
+                                        int runtime_lanes, int C, float* buffer, int64_t p0, int64_t p1) {
+  const int lanes = LP > 0 ? LP : runtime_lanes;
+  const int d1 = lat.d + 1;
+  constexpr int kStack = LP > 0 ? LP : 1;
+  float v_stack[kStack];
+  std::vector<float> heap(LP > 0 ? 0 : size_t(lanes));
+  float* v = LP > 0 ? v_stack : heap.data();
+  for (int64_t p = p0; p < p1; ++p) {
+    const float scale = pre[p];
+    for (int l = 0; l < lanes; ++l) v[l] = l < C ? scale * (values ? values[int64_t(l) * lat.N + p] : 1.0f) : 0.0f;
+    for (int j = 0; j < d1; ++j) {
+      float* row = buffer + int64_t(lat.offset.data[p * d1 + j]) * lanes;
+      const float w = lat.weight.data[p * d1 + j];
+      for (int l = 0; l < lanes; ++l) row[l] += w * v[l];
+    }
+  }
+}
+
+#define FASTSEG_LANES_SWITCH(lanes, fn, ...) \
+  switch (lanes) {                           \
+    case 1: fn<1>(__VA_ARGS__); break;       \
+    case 4: fn<4>(__VA_ARGS__); break;       \
+    case 8: fn<8>(__VA_ARGS__); break;       \
+    case 16: fn<16>(__VA_ARGS__); break;     \
+    case 24: fn<24>(__VA_ARGS__); break;     \
+    case 32: fn<32>(__VA_ARGS__); break;     \
+    case 40: fn<40>(__VA_ARGS__); break;     \
+    case 48: fn<48>(__VA_ARGS__); break;     \
+    case 64: fn<64>(__VA_ARGS__); break;     \
+    default: fn<0>(__VA_ARGS__); break;      \
+  }
+
+#if FASTSEG_HAVE_AVX2_CLONE
+#define FASTSEG_DISPATCHED(name, params, lanes, ...)                                        \
+  void name##_base params { FASTSEG_LANES_SWITCH(lanes, name##_impl, __VA_ARGS__) }          \
+  FASTSEG_TARGET_AVX2 void name##_avx2 params { FASTSEG_LANES_SWITCH(lanes, name##_impl, __VA_ARGS__) } \
+  void name params {                                                                         \
+    if (cpu_has_avx2()) {                                                                    \
+      name##_avx2(__VA_ARGS__);                                                              \
+    } else {                                                                                 \
+      name##_base(__VA_ARGS__);                                                              \
+    }                                                                                        \
+  }
+#else
+#define FASTSEG_DISPATCHED(name, params, lanes, ...) \
+  void name params { FASTSEG_LANES_SWITCH(lanes, name##_impl, __VA_ARGS__) }
+#endif
+
+#define run_pixel_pass_impl pixel_pass
+#define run_gather_rows_impl gather_rows
+#define run_blur_rows_impl blur_rows
+#define run_slice_pixels_impl slice_pixels
+#define run_splat_pixels_impl splat_pixels
+FASTSEG_DISPATCHED(run_pixel_pass, (const PassArgs& a, int64_t chunk, int64_t p0, int64_t p1),
+                   a.lanes, a, chunk, p0, p1)
+FASTSEG_DISPATCHED(run_gather_rows,
+                   (float* const* parts, int64_t nparts, float* dst, int lanes, int64_t m0, int64_t m1),
+                   lanes, parts, nparts, dst, lanes, m0, m1)
+FASTSEG_DISPATCHED(run_blur_rows,
+                   (const float* src, float* dst, const int32_t* nb, int lanes, int64_t m0, int64_t m1),
+                   lanes, src, dst, nb, lanes, m0, m1)
+FASTSEG_DISPATCHED(run_slice_pixels,
+                   (const Lattice& lat, const float* sliced, const float* post, int lanes, int C,
+                    float* out, int64_t p0, int64_t p1),
+                   lanes, lat, sliced, post, lanes, C, out, p0, p1)
+FASTSEG_DISPATCHED(run_splat_pixels,
+                   (const Lattice& lat, const float* values, const float* pre, int lanes, int C,
+                    float* buffer, int64_t p0, int64_t p1),
+                   lanes, lat, values, pre, lanes, C, buffer, p0, p1)
+
+// --- filtering with one lattice -----------------------------------------------------------------
+
+// The splat buffers and blur buffers of one lattice at one row width.
+struct FilterBuffers {
+  int64_t lanes = 0, chunks = 0;
+  std::vector<Buffer<float>> splat;  // per chunk, (M+1) x lanes, kept zero between uses
+  std::vector<float*> splat_ptrs;
+  Buffer<float> x, y;                // blur ping-pong, (M+1) x lanes, row M zero
+
+  void allocate(const Lattice& lat, int64_t lanes_, int64_t chunks_) {
+    lanes = lanes_;
+    chunks = chunks_;
+    const int64_t n = (lat.M + 1) * lanes;
+    splat.resize(chunks);
+    splat_ptrs.resize(chunks);
+    for (int64_t c = 0; c < chunks; ++c) {
+      splat[c].resize(n);
+      splat_ptrs[c] = splat[c].data;
+    }
+    x.resize(n);
+    y.resize(n);
+    at::parallel_for(0, lat.M + 1, 8192, [&](int64_t begin, int64_t end) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        std::fill(splat[c].data + begin * lanes, splat[c].data + end * lanes, 0.0f);
+      }
+      std::fill(x.data + begin * lanes, x.data + end * lanes, 0.0f);
+      std::fill(y.data + begin * lanes, y.data + end * lanes, 0.0f);
+    });
+  }
+
+  // Sums the chunks' splats and blurs them; returns the blurred (M+1) x lanes values.
+  const float* gather_and_blur(const Lattice& lat) {
+    const int64_t M = lat.M;
+    const int l = int(lanes);
+    const int64_t grain = std::max<int64_t>(256, 65536 / lanes);
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      run_gather_rows(splat_ptrs.data(), chunks, x.data, l, begin, end);
+    });
+    float* src = x.data;
+    float* dst = y.data;
+    for (int j = 0; j <= lat.d; ++j) {
+      const int32_t* nb = lat.neighbours.data + int64_t(j) * M * 2;
+      at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+        run_blur_rows(src, dst, nb, l, begin, end);
+      });
+      std::swap(src, dst);
+    }
+    return src;
+  }
+};
+
+int64_t pixel_chunks(int64_t N) {
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 4096));
+}
+
+FASTSEG_ALWAYS_INLINE int64_t chunk_begin(int64_t N, int64_t chunks, int64_t c) { return N * c / chunks; }
+
+// Per-pixel (pre, post) scales of a normalised filter F_n(v) = post * F(pre * v), from n = F(1).
+void normalisers(const Lattice& lat, int64_t normalization, int64_t chunks, Buffer<float>& pre,
+                 Buffer<float>& post) {
+  const int64_t N = lat.N;
+  pre.resize(N);
+  post.resize(N);
+  FilterBuffers buffers;
+  buffers.allocate(lat, 1, chunks);
+  at::parallel_for(0, N, 8192, [&](int64_t begin, int64_t end) {
+    std::fill(pre.data + begin, pre.data + end, 1.0f);
+  });
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      run_splat_pixels(lat, nullptr, pre.data, 1, 1, buffers.splat_ptrs[c], chunk_begin(N, chunks, c),
+                       chunk_begin(N, chunks, c + 1));
+    }
+  });
+  const float* blurred = buffers.gather_and_blur(lat);
+  const float alpha = lat.alpha;
+  at::parallel_for(0, N, 8192, [&](int64_t begin, int64_t end) {
+    const int d1 = lat.d + 1;
+    for (int64_t p = begin; p < end; ++p) {
+      float n = 0.0f;
+      for (int j = 0; j < d1; ++j) n += lat.weight.data[p * d1 + j] * blurred[lat.offset.data[p * d1 + j]];
+      n *= alpha;
+      float a = 1.0f, b = 1.0f;
+      if (normalization == kNormalizeSymmetric) {
+        a = b = 1.0f / std::sqrt(n + 1e-20f);
+      } else if (normalization == kNormalizeBefore) {
+        a = 1.0f / (n + 1e-20f);
+      } else if (normalization == kNormalizeAfter) {
+        b = 1.0f / (n + 1e-20f);
+      }
+      pre.data[p] = a;
+      post.data[p] = b * alpha;  // the lattice's alpha rides on the slice
+    }
+  });
+}
+
+// --- the ops -------------------------------------------------------------------------------------
+
+struct KernelSpec {
+  const float* features;  // d planes of N for this image
+  int d;
+  int64_t normalization;
+  bool diagonal;
+  std::vector<float> compat;  // lanes (diagonal) or L rows of lanes (symmetrised, zero padded)
+};
+
+struct KernelState {
+  Lattice lattice;
+  Buffer<float> pre, post;
+  FilterBuffers buffers;
+};
+
+void mean_field_image(const float* unary, const float* init, float* out, int64_t N, int L,
+                      std::vector<KernelSpec>& specs, int64_t iterations,
+                      std::vector<KernelState>& states, Buffer<float>& unary_rows) {
+  const int64_t chunks = pixel_chunks(N);
+  const int lanes = int(lanes_for_labels(L));
+  const int K = int(specs.size());
+  states.resize(K);
+  for (int k = 0; k < K; ++k) {
+    build_lattice(states[k].lattice, specs[k].features, N, specs[k].d, N, int(chunks));
+    normalisers(states[k].lattice, specs[k].normalization, chunks, states[k].pre, states[k].post);
+    states[k].buffers.allocate(states[k].lattice, lanes, chunks);
+  }
+  // Unary energies as rows of `lanes` (padding 0; the softmax ignores it).
+  unary_rows.resize(N * lanes);
+  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float* row = unary_rows.data + p * lanes;
+      for (int l = 0; l < lanes; ++l) row[l] = l < L ? unary[int64_t(l) * N + p] : 0.0f;
+    }
+  });
+
+  std::vector<PassKernel> pass(K);
+  for (int k = 0; k < K; ++k) {
+    KernelState& s = states[k];
+    pass[k] = PassKernel{s.lattice.d + 1, s.lattice.offset.data, s.lattice.weight.data, s.pre.data,
+                         s.post.data, nullptr, s.buffers.splat_ptrs.data(), specs[k].diagonal,
+                         specs[k].compat.data()};
+  }
+  PassArgs args{N, L, lanes, K, pass.data(), unary_rows.data, init, nullptr};
+  auto run_pass = [&]() {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        run_pixel_pass(args, c, chunk_begin(N, chunks, c), chunk_begin(N, chunks, c + 1));
+      }
+    });
+  };
+  // Pass 0: Q0 = softmax(-U) (or init), splatted. Then one pass per iteration.
+  if (iterations == 0) args.out = out;
+  run_pass();
+  args.init = nullptr;
+  for (int64_t it = 0; it < iterations; ++it) {
+    for (int k = 0; k < K; ++k) pass[k].sliced = states[k].buffers.gather_and_blur(states[k].lattice);
+    if (it == iterations - 1) args.out = out;
+    run_pass();
+  }
+}
+
+std::vector<KernelSpec> kernel_specs(const at::TensorList features, const at::TensorList compat,
+                                     at::IntArrayRef normalization, int64_t L) {
+  const int64_t K = int64_t(features.size());
+  const int64_t lanes = lanes_for_labels(L);
+  std::vector<KernelSpec> specs(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const at::Tensor c = compat[k].to(at::kFloat).contiguous();
+    const float* m = c.const_data_ptr<float>();
+    KernelSpec& s = specs[k];
+    s.d = int(features[k].size(1));
+    s.normalization = normalization[k];
+    s.diagonal = true;
+    for (int64_t i = 0; i < L; ++i) {
+      for (int64_t j = 0; j < L; ++j) {
+        if (i != j && (m[i * L + j] != 0.0f || m[j * L + i] != 0.0f)) s.diagonal = false;
+      }
+    }
+    if (s.diagonal) {
+      s.compat.assign(lanes, 0.0f);
+      for (int64_t i = 0; i < L; ++i) s.compat[i] = m[i * L + i];
+    } else {
+      s.compat.assign(L * lanes, 0.0f);
+      for (int64_t i = 0; i < L; ++i) {
+        for (int64_t j = 0; j < L; ++j) s.compat[i * lanes + j] = 0.5f * (m[i * L + j] + m[j * L + i]);
+      }
+    }
+  }
+  return specs;
+}
+
+void check_dense_crf_args(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
+                          at::IntArrayRef normalization, int64_t iterations,
+                          const std::optional<at::Tensor>& init) {
+  TORCH_CHECK_VALUE(unary.dim() == 4, "dense_crf: unary must be 4-D (B, L, H, W), got ", unary.dim(), "-D");
+  TORCH_CHECK_TYPE(unary.scalar_type() == at::kFloat, "dense_crf: unary must be float32, got ",
+                   unary.scalar_type());
+  TORCH_CHECK_VALUE(unary.size(1) >= 1, "dense_crf: unary needs at least one label");
+  TORCH_CHECK_VALUE(features.size() == compat.size() && features.size() == normalization.size(),
+                    "dense_crf: features, compat and normalization must have one entry per kernel, got ",
+                    features.size(), ", ", compat.size(), " and ", normalization.size());
+  TORCH_CHECK_VALUE(iterations >= 0, "dense_crf: iterations must be >= 0, got ", iterations);
+  const int64_t B = unary.size(0), L = unary.size(1);
+  for (size_t k = 0; k < features.size(); ++k) {
+    const at::Tensor& f = features[k];
+    TORCH_CHECK_VALUE(f.dim() == 4 && (f.size(0) == B || f.size(0) == 1) &&
+                          f.size(2) == unary.size(2) && f.size(3) == unary.size(3),
+                      "dense_crf: features[", k, "] must be (B or 1, D, H, W) with (B, H, W) of unary ",
+                      unary.sizes(), ", got ", f.sizes());
+    TORCH_CHECK_TYPE(f.scalar_type() == at::kFloat, "dense_crf: features[", k, "] must be float32, got ",
+                     f.scalar_type());
+    TORCH_CHECK_VALUE(f.size(1) >= 1 && f.size(1) <= kMaxFeatures, "dense_crf: features[", k,
+                      "] must have 1 to ", kMaxFeatures, " channels, got ", f.size(1));
+    TORCH_CHECK_VALUE(compat[k].dim() == 2 && compat[k].size(0) == L && compat[k].size(1) == L,
+                      "dense_crf: compat[", k, "] must be (L, L) = (", L, ", ", L, "), got ",
+                      compat[k].sizes());
+    TORCH_CHECK_VALUE(normalization[k] >= 0 && normalization[k] <= 3, "dense_crf: normalization[", k,
+                      "] must be 0 (none), 1 (before), 2 (after) or 3 (symmetric), got ", normalization[k]);
+    TORCH_CHECK_VALUE(f.device() == unary.device(), "dense_crf: features[", k, "] is on ", f.device(),
+                      " but unary is on ", unary.device());
+  }
+  if (init.has_value()) {
+    TORCH_CHECK_VALUE(init->sizes() == unary.sizes(), "dense_crf: init has shape ", init->sizes(),
+                      " but unary has shape ", unary.sizes());
+    TORCH_CHECK_TYPE(init->scalar_type() == at::kFloat, "dense_crf: init must be float32, got ",
+                     init->scalar_type());
+  }
+}
+
+template <typename F>
+auto rethrow_bad_alloc(const char* what, int64_t N, F&& f) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    TORCH_CHECK(false, "dense_crf: out of memory ", what, " for an image of ", N, " pixels");
+  }
+}
+
+at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
+                         at::IntArrayRef normalization, int64_t iterations,
+                         const std::optional<at::Tensor>& init) {
+  check_dense_crf_args(unary, features, compat, normalization, iterations, init);
+  const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2) * unary.size(3);
+  at::Tensor out = at::empty(unary.sizes(), unary.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor U = unary.contiguous();
+  const at::Tensor Q0 = init.has_value() ? init->contiguous() : at::Tensor();
+  std::vector<at::Tensor> feats;
+  for (const auto& f : features) feats.push_back(f.contiguous());
+  const std::vector<KernelSpec> prototype = kernel_specs(features, compat, normalization, L);
+
+  auto image = [&](int64_t b, std::vector<KernelState>& states, Buffer<float>& rows) {
+    std::vector<KernelSpec> specs = prototype;
+    for (size_t k = 0; k < specs.size(); ++k) {
+      const int64_t fb = feats[k].size(0) == 1 ? 0 : b;
+      specs[k].features = feats[k].const_data_ptr<float>() + fb * feats[k].size(1) * N;
+    }
+    mean_field_image(U.const_data_ptr<float>() + b * L * N,
+                     Q0.defined() ? Q0.const_data_ptr<float>() + b * L * N : nullptr,
+                     out.mutable_data_ptr<float>() + b * L * N, N, int(L), specs, iterations, states, rows);
+  };
+  rethrow_bad_alloc("running dense_crf", N, [&] {
+    const int threads = at::get_num_threads();
+    if (B >= threads && threads > 1) {
+      // Enough images for every thread: one image per task, each single-threaded inside.
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        std::vector<KernelState> states;
+        Buffer<float> rows;
+        for (int64_t b = begin; b < end; ++b) image(b, states, rows);
+      });
+    } else {
+      std::vector<KernelState> states;
+      Buffer<float> rows;
+      for (int64_t b = 0; b < B; ++b) image(b, states, rows);
+    }
+    return 0;
+  });
+  return out;
+}
+
+// The normalised lattice filter of values (B, C, *) with features (B or 1, D, *).
+at::Tensor permutohedral_filter_cpu(const at::Tensor& values, const at::Tensor& features,
+                                    int64_t normalization) {
+  TORCH_CHECK_VALUE(values.dim() >= 2 && features.dim() == values.dim(),
+                    "permutohedral_filter: values (B, C, *) and features (B, D, *) must have the same "
+                    "rank >= 2, got ", values.sizes(), " and ", features.sizes());
+  TORCH_CHECK_VALUE((features.size(0) == values.size(0) || features.size(0) == 1) &&
+                        values.sizes().slice(2) == features.sizes().slice(2),
+                    "permutohedral_filter: values ", values.sizes(), " and features ", features.sizes(),
+                    " must agree in batch (or features batch 1) and in every dimension after the second");
+  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat && features.scalar_type() == at::kFloat,
+                   "permutohedral_filter: values and features must be float32, got ",
+                   values.scalar_type(), " and ", features.scalar_type());
+  TORCH_CHECK_VALUE(features.size(1) >= 1 && features.size(1) <= kMaxFeatures,
+                    "permutohedral_filter: features must have 1 to ", kMaxFeatures, " channels, got ",
+                    features.size(1));
+  TORCH_CHECK_VALUE(normalization >= 0 && normalization <= 3,
+                    "permutohedral_filter: normalization must be 0 to 3, got ", normalization);
+  const int64_t B = values.size(0), C = values.size(1);
+  const int64_t N = values.numel() / std::max<int64_t>(B * C, 1);
+  at::Tensor out = at::empty(values.sizes(), values.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor v = values.contiguous();
+  const at::Tensor f = features.contiguous();
+  const int d = int(f.size(1));
+  const int lanes = int(C == 1 ? 1 : lanes_for(C));
+  rethrow_bad_alloc("filtering", N, [&] {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t chunks = pixel_chunks(N);
+      Lattice lat;
+      const int64_t fb = f.size(0) == 1 ? 0 : b;
+      build_lattice(lat, f.const_data_ptr<float>() + fb * d * N, N, d, N, int(chunks));
+      Buffer<float> pre, post;
+      normalisers(lat, normalization, chunks, pre, post);
+      FilterBuffers buffers;
+      buffers.allocate(lat, lanes, chunks);
+      const float* vb = v.const_data_ptr<float>() + b * C * N;
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          run_splat_pixels(lat, vb, pre.data, lanes, int(C), buffers.splat_ptrs[c],
+                           chunk_begin(N, chunks, c), chunk_begin(N, chunks, c + 1));
+        }
+      });
+      const float* blurred = buffers.gather_and_blur(lat);
+      float* ob = out.mutable_data_ptr<float>() + b * C * N;
+      at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+        run_slice_pixels(lat, blurred, post.data, lanes, int(C), ob, begin, end);
+      });
+    }
+    return 0;
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
+  m.impl("dense_crf", &dense_crf_cpu);
+  m.impl("permutohedral_filter", &permutohedral_filter_cpu);
+}
+
+}  // namespace fastseg
