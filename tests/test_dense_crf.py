@@ -1,0 +1,424 @@
+"""fastseg.dense_crf: parity with pydensecrf2 (the reference densecrf), the C++ kernel against the
+plain-PyTorch lattice reference, the lattice against the exact O(N^2) CRF, the custom ops, the
+layer, the pydensecrf shim, and every bad input."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastseg
+import fastseg.crf
+import fastseg.ops.dense_crf  # noqa: F401  (the module; fastseg.ops.dense_crf is the function)
+from common import backend_params
+from fastseg.ops._reference import dense_crf as R
+
+crf_ops = sys.modules["fastseg.ops.dense_crf"]
+BACKENDS = backend_params(implemented=("reference", "cpp"))
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "crf"
+GAUSSIAN = dict(sxy=3, compat=3)
+BILATERAL = dict(sxy=80, srgb=13, compat=10)
+
+
+def _pydensecrf():
+    return pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is not installed (pip install pydensecrf2)")
+
+
+def _smooth_logits(L, H, W, seed, scale=3.0, batch=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (L, max(H // 8, 2), max(W // 8, 2)) if batch is None else (batch, L, max(H // 8, 2), max(W // 8, 2))
+    coarse = torch.randn(shape, generator=g) * scale
+    x = coarse if batch is not None else coarse.unsqueeze(0)
+    x = torch.nn.functional.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+    x = x + 0.5 * torch.randn(x.shape, generator=g)
+    return x if batch is not None else x[0]
+
+
+def _random_image(H, W, seed, C=3):
+    """Piecewise-constant colour blobs with noise: an image with edges for the bilateral kernel."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, 256, (1, C, max(H // 10, 2), max(W // 10, 2)), generator=g).float()
+    img = torch.nn.functional.interpolate(coarse, size=(H, W), mode="nearest")[0]
+    img = img + 12 * torch.randn(img.shape, generator=g)
+    return img.clamp(0, 255).to(torch.uint8)
+
+
+def _pydensecrf_q(unary, image, iterations, gaussian=GAUSSIAN, bilateral=BILATERAL):
+    """pydensecrf2's Q (L, H, W) for unary energies (L, H, W) and an image (C, H, W) uint8."""
+    dcrf = _pydensecrf()
+    L, H, W = unary.shape
+    d = dcrf.DenseCRF2D(W, H, L)
+    d.setUnaryEnergy(np.ascontiguousarray(unary.reshape(L, -1).numpy(), dtype=np.float32))
+    if gaussian is not None:
+        d.addPairwiseGaussian(sxy=gaussian["sxy"], compat=gaussian["compat"])
+    if bilateral is not None:
+        rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        d.addPairwiseBilateral(sxy=bilateral["sxy"], srgb=bilateral["srgb"], rgbim=rgb, compat=bilateral["compat"])
+    return torch.from_numpy(np.array(d.inference(iterations), dtype=np.float32)).reshape(L, H, W)
+
+
+def _assert_parity(q, ref, *, agree=0.995, mean_abs=1e-3):
+    assert q.shape == ref.shape
+    agreement = (q.argmax(0) == ref.argmax(0)).double().mean().item()
+    diff = (q - ref).abs().mean().item()
+    assert agreement >= agree, f"argmax agrees on {agreement:.4%} of pixels (< {agree:.1%})"
+    assert diff <= mean_abs, f"mean |dQ| = {diff:.3g} > {mean_abs:.3g}"
+
+
+def _load_example(n):
+    from PIL import Image
+
+    if not DATA.is_dir():
+        pytest.skip(f"dense-CRF example data not found at {DATA}")
+    image = np.array(Image.open(DATA / f"im{n}.png").convert("RGB"))
+    anno = np.array(Image.open(DATA / f"anno{n}.png").convert("RGB")).astype(np.int64)
+    flat = anno[..., 0] << 16 | anno[..., 1] << 8 | anno[..., 2]
+    colours, labels = np.unique(flat, return_inverse=True)
+    unknown = colours[0] == 0  # black: unknown, label 0 after sorting
+    n_labels = len(colours) - int(unknown)
+    if not unknown:
+        labels = labels + 1
+    unary = fastseg.crf.unary_from_labels(labels, n_labels, gt_prob=0.7, zero_unsure=True)
+    H, W = image.shape[:2]
+    return (torch.from_numpy(unary).reshape(n_labels, H, W), torch.from_numpy(image).permute(2, 0, 1).contiguous(),
+            colours[int(unknown):], anno)
+
+
+# --- parity with pydensecrf2 ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("iterations", [5, 10])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_parity_pydensecrf_real_images(n, iterations):
+    unary, image, _, _ = _load_example(n)
+    ref = _pydensecrf_q(unary, image, iterations)
+    q = fastseg.dense_crf(unary, image, iterations=iterations, unary="energy")
+    _assert_parity(q, ref)
+
+
+def test_real_image_matches_stored_output():
+    # outN.png came from an older densecrf build: a sanity check only (the fresh run is the oracle).
+    from PIL import Image
+
+    unary, image, colours, _ = _load_example(1)
+    q = fastseg.dense_crf(unary, image, iterations=5, unary="energy")
+    out = np.array(Image.open(DATA / "out1.png").convert("RGB")).astype(np.int64)
+    expected = out[..., 0] << 16 | out[..., 1] << 8 | out[..., 2]
+    ours = colours[q.argmax(0).numpy()]
+    assert (ours == expected).mean() >= 0.95
+
+
+@pytest.mark.parametrize("iterations", [5, 10])
+@pytest.mark.parametrize("kernels", ["both", "gaussian", "bilateral"])
+@pytest.mark.parametrize("size", [(48, 64, 5), (61, 47, 21)], ids=lambda s: "x".join(map(str, s)))
+def test_parity_pydensecrf_random(size, kernels, iterations):
+    H, W, L = size
+    logits = _smooth_logits(L, H, W, seed=H + L)
+    image = _random_image(H, W, seed=W)
+    gaussian = GAUSSIAN if kernels in ("both", "gaussian") else None
+    bilateral = BILATERAL if kernels in ("both", "bilateral") else None
+    unary = -torch.log_softmax(logits, 0)
+    ref = _pydensecrf_q(unary, image, iterations, gaussian, bilateral)
+    q = fastseg.dense_crf(logits, image, iterations=iterations, gaussian=gaussian, bilateral=bilateral)
+    _assert_parity(q, ref)
+
+
+def test_parity_pydensecrf_voc_kernels():
+    # DeepLab-v2's VOC settings: a finer bilateral lattice (srgb=3).
+    H, W, L = 60, 80, 21
+    logits = _smooth_logits(L, H, W, seed=3)
+    image = _random_image(H, W, seed=4)
+    g, b = dict(sxy=3, compat=3), dict(sxy=67, srgb=3, compat=4)
+    ref = _pydensecrf_q(-torch.log_softmax(logits, 0), image, 10, g, b)
+    _assert_parity(fastseg.dense_crf(logits, image, iterations=10, gaussian=g, bilateral=b), ref)
+
+
+def test_shim_matches_pydensecrf():
+    dcrf = _pydensecrf()
+    H, W, L = 40, 52, 4
+    probs = torch.softmax(_smooth_logits(L, H, W, seed=5), 0).numpy()
+    rgb = np.ascontiguousarray(_random_image(H, W, seed=6).permute(1, 2, 0).numpy())
+    from pydensecrf import utils as pyutils
+
+    U = fastseg.crf.unary_from_softmax(probs, scale=0.9)
+    np.testing.assert_allclose(U, pyutils.unary_from_softmax(probs, scale=0.9), rtol=1e-6)
+    labels = np.random.default_rng(0).integers(0, L + 1, H * W)
+    np.testing.assert_allclose(fastseg.crf.unary_from_labels(labels, L, 0.7),
+                               pyutils.unary_from_labels(labels, L, 0.7), rtol=1e-6)
+    np.testing.assert_allclose(fastseg.crf.unary_from_labels(labels % L, L, 0.6, zero_unsure=False),
+                               pyutils.unary_from_labels(labels % L, L, 0.6, zero_unsure=False), rtol=1e-6)
+    results = []
+    for module in (dcrf, fastseg.crf):
+        d = module.DenseCRF2D(W, H, L)
+        d.setUnaryEnergy(U)
+        d.addPairwiseGaussian(sxy=(3, 2), compat=3, normalization=module.NORMALIZE_AFTER)
+        d.addPairwiseBilateral(sxy=50, srgb=(13, 10, 20), rgbim=rgb, compat=np.arange(1, L + 1, dtype=np.float32))
+        Q, tmp1, tmp2 = d.startInference()
+        for _ in range(3):
+            d.stepInference(Q, tmp1, tmp2)
+        results.append((np.array(Q), np.array(d.inference(3)), d.klDivergence(Q)))
+    (q_ref, q5_ref, kl_ref), (q, q5, kl) = results
+    np.testing.assert_allclose(q, q_ref, atol=1e-4)
+    np.testing.assert_allclose(q5, q5_ref, atol=1e-4)
+    assert abs(kl - kl_ref) <= 1e-4 * abs(kl_ref)
+
+
+def test_shim_generic_features_match_pydensecrf():
+    dcrf = _pydensecrf()
+    N, L = 400, 3  # pydensecrf mishandles addPairwiseEnergy features when N % 4 != 0: keep N % 4 == 0
+    g = np.random.default_rng(1)
+    U = g.uniform(0.1, 3, (L, N)).astype(np.float32)
+    feats = g.uniform(0, 4, (4, N)).astype(np.float32)
+    compat = g.normal(size=(L, L)).astype(np.float32)
+    results = []
+    for module in (dcrf, fastseg.crf):
+        d = module.DenseCRF(N, L)
+        d.setUnaryEnergy(U)
+        d.addPairwiseEnergy(feats, compat=compat, normalization=module.NORMALIZE_BEFORE)
+        d.addPairwiseEnergy(feats[:2].copy(), compat=2.0, normalization=module.NO_NORMALIZATION)
+        results.append(np.array(d.inference(4)))
+    np.testing.assert_allclose(results[1], results[0], atol=1e-4)
+
+
+# --- the kernel against the references -----------------------------------------------------------
+
+
+def _features(image, gaussian=(3.0, 3.0), bilateral=(80.0, 80.0, 13.0)):
+    B, C, H, W = image.shape
+    g = crf_ops.position_features(H, W, *gaussian).unsqueeze(0)
+    b = crf_ops.bilateral_features(image, bilateral[0], bilateral[1], [bilateral[2]] * C)
+    return g, b
+
+
+COMPATS = {
+    "potts": lambda L: -3 * torch.eye(L),
+    "vector": lambda L: torch.linspace(-4, 1, L).diag(),
+    "matrix": lambda L: torch.randn(L, L, generator=torch.Generator().manual_seed(L)),
+}
+
+
+@pytest.mark.parametrize("normalization", [3, 0, 1, 2], ids=["symmetric", "none", "before", "after"])
+@pytest.mark.parametrize("compat", list(COMPATS))
+@pytest.mark.parametrize("C", [1, 3, 4])
+def test_cpp_matches_reference_lattice(C, compat, normalization):
+    H, W, L = 23, 31, 6
+    image = _random_image(H, W, seed=C, C=C).unsqueeze(0)
+    unary = -torch.log_softmax(_smooth_logits(L, H, W, seed=C), 0)
+    g, b = _features(image)
+    comps = [COMPATS[compat](L), -10 * torch.eye(L)]
+    ref = R.mean_field(unary.reshape(L, -1), [g[0].reshape(2, -1), b[0].reshape(2 + C, -1)], comps,
+                       [normalization, 3], 5).reshape(L, H, W)
+    out = torch.ops.fastseg.dense_crf(unary[None].contiguous(), [g, b], comps, [normalization, 3], 5, None)[0]
+    assert (out - ref).abs().max() <= 1e-3
+    assert (out - ref).abs().mean() <= 1e-5
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_backends_agree(backend, device):
+    H, W, L, B = 19, 26, 4, 2
+    logits = _smooth_logits(L, H, W, seed=9, batch=B).to(device)
+    image = torch.stack([_random_image(H, W, seed=s) for s in range(B)]).to(device)
+    q = fastseg.dense_crf(logits, image, iterations=4, backend=backend)
+    ref = fastseg.dense_crf(logits.cpu(), image.cpu(), iterations=4, backend="reference")
+    assert q.device == logits.device and q.dtype == torch.float32 and q.shape == logits.shape
+    assert (q.cpu() - ref).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("normalization", [0, 1, 2, 3])
+def test_permutohedral_filter_matches_reference(normalization):
+    H, W = 21, 17
+    image = _random_image(H, W, seed=2).unsqueeze(0)
+    _, b = _features(image, bilateral=(5.0, 5.0, 20.0))
+    values = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(0))
+    out = fastseg.ops.permutohedral_filter(values, b, normalization)
+    ref = fastseg.ops.permutohedral_filter(values, b, normalization, backend="reference")
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_lattice_approximates_exact_filter():
+    # The lattice approximates the Gaussian (Adams et al. 2010 report errors of a few percent).
+    H, W = 12, 14
+    image = _random_image(H, W, seed=1).unsqueeze(0)
+    g, b = _features(image)
+    values = torch.rand(H * W, 2, generator=torch.Generator().manual_seed(1))
+    for f, bound in ((g, 0.03), (b, 0.08)):
+        feats = f[0].reshape(f.shape[1], -1).t()
+        exact = R.filter_bruteforce(values, feats)
+        approx = R.filter_lattice(values, feats)
+        assert ((exact - approx).abs().mean() / exact.abs().mean()).item() <= bound
+
+
+def test_lattice_mean_field_approximates_exact_crf():
+    H, W, L = 12, 14, 3
+    image = _random_image(H, W, seed=2).unsqueeze(0)
+    unary = -torch.log_softmax(_smooth_logits(L, H, W, seed=2), 0).reshape(L, -1)
+    g, b = _features(image)
+    feats = [g[0].reshape(2, -1), b[0].reshape(5, -1)]
+    comps = [-1 * torch.eye(L), -2 * torch.eye(L)]  # weak enough that mean field has one fixed point
+    exact = R.mean_field_bruteforce(unary, feats, comps, [3, 3], 5)
+    lattice = R.mean_field(unary, feats, comps, [3, 3], 5)
+    assert (exact - lattice).abs().mean() <= 0.02
+    assert (exact.argmax(0) == lattice.argmax(0)).double().mean() >= 0.95
+
+
+def test_reference_lattice_is_exact_for_one_point_per_simplex_vertex():
+    # One feature vector: its lattice filter is alpha * w^T B w (of order 1); its exact filter is 1.
+    f = torch.tensor([[0.3, 1.7, 0.2]])
+    lat = R.PermutohedralLattice(f)
+    assert lat.size == 4 and torch.allclose(lat.weights.sum(1), torch.ones(1))
+    assert torch.allclose(R.filter_lattice(torch.ones(1, 1), f, 3), torch.ones(1, 1))
+
+
+# --- the public op -------------------------------------------------------------------------------
+
+
+def test_unbatched_and_batched_agree(poison):
+    H, W, L = 20, 24, 3
+    logits = _smooth_logits(L, H, W, seed=1, batch=3)
+    image = torch.stack([_random_image(H, W, seed=s) for s in range(3)])
+    q = fastseg.dense_crf(logits, image)
+    for b in range(3):
+        assert torch.allclose(fastseg.dense_crf(logits[b], image[b]), q[b], atol=1e-6)
+    assert torch.isfinite(q).all() and torch.allclose(q.sum(1), torch.ones(3, H, W), atol=1e-5)
+
+
+def test_threads_do_not_change_the_result():
+    H, W, L = 96, 90, 5
+    logits = _smooth_logits(L, H, W, seed=1, batch=3)
+    image = torch.stack([_random_image(H, W, seed=s) for s in range(3)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fastseg.dense_crf(logits, image)
+        torch.set_num_threads(max(2, threads))
+        many = fastseg.dense_crf(logits, image)
+        single = fastseg.dense_crf(logits[:1], image[:1])
+    finally:
+        torch.set_num_threads(threads)
+    assert (one - many).abs().max() <= 1e-5
+    assert (one[:1] - single).abs().max() <= 1e-5
+
+
+def test_unary_kinds_and_zero_iterations():
+    H, W, L = 10, 12, 4
+    logits = _smooth_logits(L, H, W, seed=3)
+    image = _random_image(H, W, seed=3)
+    probs = torch.softmax(logits, 0)
+    assert torch.allclose(fastseg.dense_crf(logits, image, iterations=0), probs, atol=1e-6)
+    q = fastseg.dense_crf(logits, image, iterations=3)
+    assert torch.allclose(fastseg.dense_crf(-torch.log_softmax(logits, 0), image, iterations=3, unary="energy"), q, atol=1e-5)
+    assert torch.allclose(fastseg.dense_crf(probs, image, iterations=3, unary="probs"), q, atol=1e-4)
+
+
+def test_multichannel_and_float_images():
+    H, W, L = 30, 28, 3
+    logits = _smooth_logits(L, H, W, seed=4)
+    image = _random_image(H, W, seed=4, C=7)
+    q_uint8 = fastseg.dense_crf(logits, image, bilateral=dict(sxy=20, srgb=13, compat=10))
+    q_float = fastseg.dense_crf(logits, image.double(), bilateral=dict(sxy=20, srgb=13, compat=10))
+    assert torch.allclose(q_uint8, q_float, atol=1e-5)
+    # A 7-channel scan with per-channel srgb and no gaussian kernel.
+    q = fastseg.dense_crf(logits, image.float() * 10, gaussian=None,
+                          bilateral=dict(sxy=10, srgb=[130.0] * 7, compat=5, normalization="after"))
+    assert q.shape == (L, H, W) and torch.isfinite(q).all()
+
+
+def test_layer():
+    crf = fastseg.nn.DenseCRF(iterations=3, bilateral=dict(sxy=40, srgb=10, compat=8))
+    H, W, L = 16, 18, 3
+    logits = _smooth_logits(L, H, W, seed=5, batch=2)
+    image = torch.stack([_random_image(H, W, seed=s) for s in range(2)])
+    expected = fastseg.dense_crf(logits, image, iterations=3, bilateral=dict(sxy=40, srgb=10, compat=8))
+    assert torch.equal(crf(logits, image), expected)
+    assert "iterations=3" in repr(crf)
+
+
+def test_opcheck():
+    H, W, L = 9, 11, 3
+    image = _random_image(H, W, seed=1).unsqueeze(0)
+    g, b = _features(image)
+    unary = -torch.log_softmax(_smooth_logits(L, H, W, seed=1), 0)[None].contiguous()
+    comps = [-3 * torch.eye(L), torch.randn(L, L)]
+    torch.library.opcheck(torch.ops.fastseg.dense_crf.default, (unary, [g, b], comps, [3, 1], 2, None))
+    torch.library.opcheck(torch.ops.fastseg.dense_crf.default, (unary, [b], comps[:1], [0], 1, torch.softmax(-unary, 1)))
+    torch.library.opcheck(torch.ops.fastseg.permutohedral_filter.default, (torch.rand(2, 3, H, W), b, 3))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    H, W, L = 12, 13, 3
+    logits = _smooth_logits(L, H, W, seed=2, batch=1)
+    image = _random_image(H, W, seed=2).unsqueeze(0)
+
+    def refine(x, img):
+        return fastseg.dense_crf(x * 2, img, iterations=2).argmax(1)
+
+    compiled = torch.compile(refine, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(logits, image), refine(logits, image))
+
+
+@pytest.mark.slow
+def test_huge_image_few_labels():
+    # 4096 x 4096 = 16.8M pixels, 2 labels: exercises int64 offsets (N * lanes > 2^31 bytes).
+    H = W = 4096
+    y = torch.arange(H, dtype=torch.float32).view(H, 1)
+    x = torch.arange(W, dtype=torch.float32).view(1, W)
+    inside = ((x - 2048) ** 2 + (y - 2048) ** 2 < 1000**2).float()
+    logits = torch.stack([1 - inside, inside]) * 2 - 1
+    image = (inside * 200 + 20).to(torch.uint8).expand(3, H, W)
+    q = fastseg.dense_crf(logits, image, iterations=1)
+    assert q.shape == (2, H, W)
+    assert torch.equal(q.argmax(0), inside.long())
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+S = torch.randn(2, 3, 8, 9)
+I = torch.randint(0, 256, (2, 3, 8, 9), dtype=torch.uint8)
+BAD = [
+    (lambda: fastseg.dense_crf([1.0], I), TypeError, "scores must be a torch.Tensor"),
+    (lambda: fastseg.dense_crf(S.long(), I), TypeError, "scores must have dtype"),
+    (lambda: fastseg.dense_crf(S[0, 0], I), ValueError, "scores must be 3-D or 4-D"),
+    (lambda: fastseg.dense_crf(S[:, :1], I), ValueError, "at least 2 labels"),
+    (lambda: fastseg.dense_crf(S.index_put((torch.tensor(0),), torch.tensor(float("nan"))), I), ValueError, "non-finite"),
+    (lambda: fastseg.dense_crf(S, I[:, :, :7]), ValueError, r"image has spatial size \(7, 9\) but scores has \(8, 9\)"),
+    (lambda: fastseg.dense_crf(S, I[:1]), ValueError, "image has batch 1 but scores has batch 2"),
+    (lambda: fastseg.dense_crf(S, I[0]), ValueError, "image must be 4-D"),
+    (lambda: fastseg.dense_crf(S, I.to(torch.int32)), TypeError, "image must be uint8 or floating point"),
+    (lambda: fastseg.dense_crf(S, I.float().fill_(float("inf"))), ValueError, "image contains non-finite"),
+    (lambda: fastseg.dense_crf(S), ValueError, "image is required by the bilateral kernel"),
+    (lambda: fastseg.dense_crf(S, I, gaussian=dict(sxy=0, compat=3)), ValueError, r"gaussian\['sxy'\] must be > 0"),
+    (lambda: fastseg.dense_crf(S, I, bilateral=dict(sxy=80, srgb=-1, compat=3)), ValueError, r"bilateral\['srgb'\] must be > 0"),
+    (lambda: fastseg.dense_crf(S, I, bilateral=dict(sxy=80, srgb=[1, 2], compat=3)), ValueError, "one per image channel"),
+    (lambda: fastseg.dense_crf(S, I, gaussian=dict(sxy=3, compat=torch.ones(4, 4))), ValueError, r"got shape \(4, 4\)"),
+    (lambda: fastseg.dense_crf(S, I, gaussian=dict(sxy=3, compat=torch.ones(2))), ValueError, r"vector of L=3"),
+    (lambda: fastseg.dense_crf(S, I, gaussian=dict(sxy=3, compat="x")), TypeError, "must be a number"),
+    (lambda: fastseg.dense_crf(S, I, gaussian=dict(sxy=3, compat=3, normalization="sym")), ValueError, "normalization"),
+    (lambda: fastseg.dense_crf(S, I, gaussian=dict(sxy=3, colour=3)), TypeError, "unknown keys"),
+    (lambda: fastseg.dense_crf(S, I, iterations=-1), ValueError, "iterations must be >= 0"),
+    (lambda: fastseg.dense_crf(S, I, iterations=2.5), TypeError, "iterations must be an int"),
+    (lambda: fastseg.dense_crf(S, I, unary="log"), ValueError, "unary must be one of"),
+    (lambda: fastseg.dense_crf(S, I, unary="probs"), ValueError, r"needs scores in \[0, 1\]"),
+    (lambda: fastseg.dense_crf(S, I, backend="cuda"), ValueError, "has no 'cuda' backend"),
+    (lambda: fastseg.dense_crf(S, I, bilateral=dict(sxy=1e-30, srgb=13, compat=3)), ValueError, "magnitude"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_bad_input_direct_op_calls():
+    U = torch.randn(1, 3, 4, 5)
+    f = torch.randn(1, 2, 4, 5)
+    with pytest.raises(ValueError, match="compat\\[0\\] must be \\(L, L\\)"):
+        torch.ops.fastseg.dense_crf(U, [f], [torch.eye(2)], [3], 1, None)
+    with pytest.raises(ValueError, match="features\\[0\\] must be"):
+        torch.ops.fastseg.dense_crf(U, [f[:, :, :3]], [torch.eye(3)], [3], 1, None)
+    with pytest.raises(ValueError, match="normalization\\[0\\]"):
+        torch.ops.fastseg.dense_crf(U, [f], [torch.eye(3)], [7], 1, None)
+    with pytest.raises(ValueError, match="one entry per kernel"):
+        torch.ops.fastseg.dense_crf(U, [f], [], [3], 1, None)
