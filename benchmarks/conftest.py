@@ -1,30 +1,28 @@
-"""Shared benchmark machinery.
+"""pytest-benchmark glue over fastseg.benchmarking (shared with the ``fastseg bench`` command).
 
 Each benchmark calls ``bench(group, impl, fn, ...)``. A group holds one shape's fastseg run and
 its peers' (PyTorch eager, torch.compile, pydensecrf2, ...), measured side by side in one session;
 at the end a table gives each one's median, fastseg's speed-up over each peer, and, where the bytes
-an op must move are known, the achieved bandwidth against this machine's measured copy bandwidth.
+moved or FLOPs are known, the achieved rate against this machine's measured copy bandwidth or GEMM
+rate. ``FASTSEG_BENCH_JSON`` / ``FASTSEG_BENCH_PLOT`` name files to write the table to as JSON or
+as a bar chart of speed-ups; ``FASTSEG_BENCH_THREADS`` sets torch's CPU threads.
 
 ``FASTSEG_BENCH_SMOKE=1`` swaps in tiny shapes (see ``shapes``): CI runs the suite that way, with
 ``--benchmark-disable``, so that every benchmark executes once and none rots.
 """
 import os
-import statistics
-import time
 
 import pytest
 import torch
 
-SMOKE = os.environ.get("FASTSEG_BENCH_SMOKE") == "1"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-FASTSEG = "fastseg"
+from fastseg import benchmarking
+from fastseg.benchmarking import FASTSEG, shapes  # noqa: F401  (the benchmark files import these)
 
-_results = []  # dicts: group, impl, median_s, bytes_moved, flops, device
+DEVICES = benchmarking.devices()
+if os.environ.get("FASTSEG_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FASTSEG_BENCH_THREADS"]))
 
-
-def shapes(full, smoke):
-    """The real shapes, or tiny ones in smoke mode."""
-    return smoke if SMOKE else full
+_results = []
 
 
 def _synchronizing(fn, device):
@@ -46,7 +44,7 @@ def bench(benchmark):
         benchmark.extra_info.update(impl=impl, device=device, bytes_moved=bytes_moved, flops=flops)
         result = benchmark(_synchronizing(fn, device))
         if benchmark.stats is not None:
-            _results.append(dict(
+            _results.append(benchmarking.Result(
                 group=group, impl=impl, device=device, median_s=benchmark.stats.stats.median,
                 bytes_moved=bytes_moved, flops=flops,
             ))
@@ -55,41 +53,17 @@ def bench(benchmark):
     return run
 
 
-def copy_bandwidth(device, nbytes=256 << 20, rounds=7):
-    """Achievable memory bandwidth (bytes read + written per second) of a large tensor copy."""
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        dst.copy_(src)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / statistics.median(times[1:])
-
-
 def pytest_terminal_summary(terminalreporter):
     if not _results:
         return
-    write = terminalreporter.write_line
-    bandwidth = {d: copy_bandwidth(d) for d in {r["device"] for r in _results if r["bytes_moved"]}}
-    terminalreporter.section("fastseg: medians and speed-ups (peer median / fastseg median)")
-    for device, bw in bandwidth.items():
-        write(f"measured copy bandwidth on {device}: {bw / 1e9:.1f} GB/s (read + write)")
-    write(f"{'group':<52} {'impl':<16} {'median ms':>10} {'speed-up':>9} {'GB/s':>7} {'% copy':>7} {'GFLOP/s':>8}")
-    groups = {}
-    for r in _results:
-        groups.setdefault(r["group"], []).append(r)
-    for group, rows in groups.items():
-        ours = next((r for r in rows if r["impl"] == FASTSEG), None)
-        for r in sorted(rows, key=lambda r: r["impl"] != FASTSEG):
-            speedup = f"{r['median_s'] / ours['median_s']:.2f}x" if ours and r is not ours else ""
-            gbs = pct = gflops = ""
-            if r["bytes_moved"]:
-                rate = r["bytes_moved"] / r["median_s"]
-                gbs = f"{rate / 1e9:.1f}"
-                pct = f"{100 * rate / bandwidth[r['device']]:.0f}%"
-            if r["flops"]:
-                gflops = f"{r['flops'] / r['median_s'] / 1e9:.1f}"
-            write(f"{group:<52} {r['impl']:<16} {1e3 * r['median_s']:>10.2f} {speedup:>9} {gbs:>7} {pct:>7} {gflops:>8}")
+    peaks = benchmarking.machine_peaks(sorted({r.device for r in _results}))
+    table = benchmarking.rows(_results, peaks)
+    terminalreporter.section("fastseg: medians, speed-ups (peer median / fastseg median), roofline")
+    for line in benchmarking.format_table(table, peaks).splitlines():
+        terminalreporter.write_line(line)
+    if os.environ.get("FASTSEG_BENCH_JSON"):
+        benchmarking.write_json(os.environ["FASTSEG_BENCH_JSON"], table, peaks)
+        terminalreporter.write_line(f"wrote {os.environ['FASTSEG_BENCH_JSON']}")
+    if os.environ.get("FASTSEG_BENCH_PLOT"):
+        benchmarking.write_plot(os.environ["FASTSEG_BENCH_PLOT"], table)
+        terminalreporter.write_line(f"wrote {os.environ['FASTSEG_BENCH_PLOT']}")
