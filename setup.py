@@ -78,12 +78,14 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["fastseg", "fastseg.*"]) + ["fastseg.kernels"],
-    package_dir={"fastseg.kernels": "kernels"},
+    # kernels/ (Triton) and benchmarks/ (the suite `fastseg bench` runs) live at the top of the
+    # repository and install inside the package.
+    packages=find_packages(include=["fastseg", "fastseg.*"]) + ["fastseg.kernels", "fastseg.benchmarks"],
+    package_dir={"fastseg.kernels": "kernels", "fastseg.benchmarks": "benchmarks"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "torchvision", "pydensecrf2", "pillow"],
-        "bench": ["pytest", "pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "torchvision", "pydensecrf2", "pillow"],
+        "bench": ["pytest", "pytest-benchmark", "matplotlib", "pydensecrf2"],
     },
     entry_points={"console_scripts": ["fastseg = fastseg.cli:main"]},
     ext_modules=_extensions(),

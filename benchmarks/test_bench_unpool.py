@@ -15,6 +15,7 @@ SHAPES = shapes([(8, 64, 256, 256), (8, 128, 128, 128), (8, 512, 32, 32)], [(2, 
 IMPLS = {
     FASTSEG: lambda v, i: fastseg.max_unpool2d(v, i, 2),
     "torch eager": lambda v, i: F.max_unpool2d(v, i, 2),
+    "torch.compile": torch.compile(lambda v, i: F.max_unpool2d(v, i, 2), dynamic=False),
 }
 
 
@@ -41,6 +42,7 @@ def pooled():
 @pytest.mark.parametrize("device", DEVICES)
 def test_max_unpool2d(bench, pooled, device, shape, layout, impl):
     values, indices = pooled(shape, layout, device)
+    IMPLS[impl](values, indices)  # compile (torch.compile) and warm up outside the timing
     out_bytes = values.element_size() * values.numel() * 4
     moved = values.numel() * (values.element_size() + indices.element_size()) + out_bytes
     shape_name = "x".join(map(str, shape))

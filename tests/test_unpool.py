@@ -285,12 +285,3 @@ def test_import_without_extension_falls_back_with_one_warning():
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "True", "cpp", "unavailable"]
 
-
-def test_info_command():
-    result = subprocess.run(
-        [sys.executable, "-m", "fastseg", "info"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    assert "fastseg " + fastseg.__version__ in result.stdout
-    for backend in ("reference", "cpp", "cuda", "triton"):
-        assert f"\n{backend} " in result.stdout
