@@ -35,13 +35,23 @@ TORCH_LIBRARY(fastseg, m) {
   // unary (B, L, H, W) float32 energies -log p; one pairwise kernel per entry of features
   // ((B or 1, D, H, W) float32, already divided by their standard deviations), compat ((L, L),
   // used symmetrised; energy E = U + sum C F(Q)) and normalization (0 none, 1 before, 2 after,
-  // 3 symmetric); init (B, L, H, W) replaces softmax(-unary) as the starting Q. Returns Q.
+  // 3 symmetric); init (B, L, H, W) replaces softmax(-unary) as the starting Q; the energies are
+  // unary_scale * unary (-1 turns logits into energies). Returns Q.
   m.def(
       "dense_crf(Tensor unary, Tensor[] features, Tensor[] compat, int[] normalization, "
-      "int iterations, Tensor? init=None) -> Tensor");
+      "int iterations, Tensor? init=None, float unary_scale=1.0) -> Tensor");
   // The normalised permutohedral-lattice Gaussian filter of values (B, C, *) with features
   // (B or 1, D, *): what one dense-CRF kernel applies to Q.
   m.def("permutohedral_filter(Tensor values, Tensor features, int normalization) -> Tensor");
+
+  // Atrous (dilated) convolution with a fused epilogue (Yu & Koltun 2016; DeepLab v2/v3):
+  // act(scale * conv(input, weight) + shift + residual). input (B, C, H, W), weight
+  // (O, C / groups, kH, kW), scale/shift (O), residual (B, O, Ho, Wo); the output takes input's
+  // memory format. algorithm: 'auto', or force the CPU kernel's 'taps' or 'conv' path (tests).
+  m.def(
+      "atrous_conv2d(Tensor input, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
+      "str algorithm=\"auto\") -> Tensor");
 }
 
 }  // namespace fastseg

@@ -16,10 +16,14 @@
 //    passes the buffers are summed and blurred, in parallel over lattice points.
 //  * All buffers are allocated before the first iteration.
 #include <ATen/Parallel.h>
+#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -70,6 +74,18 @@ bool cpu_has_avx2() {
 int64_t lanes_for(int64_t L) { return L <= 1 ? 1 : L <= 4 ? 4 : (L + 7) / 8 * 8; }
 int64_t lanes_for_labels(int64_t L) { return std::max<int64_t>(4, lanes_for(L)); }
 
+// Fresh memory costs a page fault per 4 KiB on first touch, which on a VM is slower than the
+// whole mean-field pass over it: ask for transparent huge pages (a hint; the kernel may decline).
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
 // A raw array whose memory comes from ATen's allocator: 64-byte aligned, and running out of memory
 // is a clear c10::Error rather than a crash.
 template <typename T>
@@ -79,7 +95,9 @@ struct Buffer {
   void resize(int64_t n) {
     const int64_t bytes = std::max<int64_t>(n, 1) * int64_t(sizeof(T));
     if (!storage.defined() || storage.numel() < bytes) {
+      storage = at::Tensor();
       storage = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+      advise_huge_pages(storage);
     }
     data = reinterpret_cast<T*>(storage.mutable_data_ptr());
   }
@@ -190,6 +208,12 @@ struct Lattice {
   Buffer<int32_t> offset;      // N x (d+1)
   Buffer<float> weight;        // N x (d+1)
   Buffer<int32_t> neighbours;  // (d+1) x M x 2
+  // Scratch of the build, kept for the next image.
+  Buffer<int32_t> rem0s;
+  Buffer<uint8_t> ranks;
+  Buffer<uint32_t> hashes;
+  Buffer<uint8_t> same;  // 1 where a pixel's simplex is its left neighbour's
+  std::vector<KeyTable> tables;
 };
 
 // Locates feature vector f (d values, stride `stride`) in the lattice (Adams et al. 2010, section
@@ -289,12 +313,13 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
   for (int i = 0; i < d; ++i) scale[i] = float(inv_std / std::sqrt(double(i + 1) * (i + 2)));
 
   // 1. Every pixel finds its simplex: weights, the simplex itself, and its vertices' hashes.
-  Buffer<int32_t> rem0s;
-  Buffer<uint8_t> ranks;
-  Buffer<uint32_t> hashes;
+  Buffer<int32_t>& rem0s = lat.rem0s;
+  Buffer<uint8_t>& ranks = lat.ranks;
+  Buffer<uint32_t>& hashes = lat.hashes;
   rem0s.resize(N * d);
   ranks.resize(N * d);
   hashes.resize(N * d1);
+  lat.same.resize(N);
   std::atomic<bool> out_of_range{false};
   at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
     int32_t rem0[kMaxFeatures + 1], rank[kMaxFeatures + 1], key[kMaxFeatures];
@@ -304,13 +329,20 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
     for (int64_t p = begin; p < end; ++p) {
       locate(features + p, stride, d, scale, rem0, rank, bary, bad);
       if (bad) break;
+      bool same = p > begin;  // neighbouring pixels often share their simplex: no hashing then
       for (int i = 0; i < d; ++i) {
         rank8[i] = uint8_t(rank[i]);
+        same = same && rem0s.data[(p - 1) * d + i] == rem0[i] && ranks.data[(p - 1) * d + i] == rank8[i];
         rem0s.data[p * d + i] = rem0[i];
         ranks.data[p * d + i] = rank8[i];
       }
+      lat.same.data[p] = same;
+      for (int k = 0; k < d1; ++k) lat.weight.data[p * d1 + k] = bary[k];
+      if (same) {
+        for (int k = 0; k < d1; ++k) hashes.data[p * d1 + k] = hashes.data[(p - 1) * d1 + k];
+        continue;
+      }
       for (int k = 0; k < d1; ++k) {
-        lat.weight.data[p * d1 + k] = bary[k];
         vertex_key(rem0, rank8, d, k, key);
         hashes.data[p * d1 + k] = hash_key(key, d);
       }
@@ -322,7 +354,8 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
                     "scaling (is sxy or srgb tiny, or the image not finite?)");
 
   // 2. Each owner numbers its lattice points in order of first appearance (deterministic).
-  std::vector<KeyTable> tables(owners);
+  std::vector<KeyTable>& tables = lat.tables;
+  tables.resize(owners);
   at::parallel_for(0, owners, 1, [&](int64_t begin, int64_t end) {
     int32_t key[kMaxFeatures];
     for (int64_t t = begin; t < end; ++t) {
@@ -330,6 +363,12 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
       table.reset(d, std::max<int64_t>(1024, N / 4 / owners));
       for (int64_t p = 0; p < N; ++p) {
         const uint32_t* h = hashes.data + p * d1;
+        if (lat.same.data[p]) {
+          for (int k = 0; k < d1; ++k) {
+            if (owner_of(h[k], owners) == t) lat.offset.data[p * d1 + k] = lat.offset.data[(p - 1) * d1 + k];
+          }
+          continue;
+        }
         for (int k = 0; k < d1; ++k) {
           if (owner_of(h[k], owners) != t) continue;
           vertex_key(rem0s.data + p * d, ranks.data + p * d, d, k, key);
@@ -343,8 +382,6 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
   const int64_t M = base[owners];
   TORCH_CHECK(M < INT32_MAX, "dense_crf: the lattice has ", M, " points, more than int32 holds");
   lat.M = M;
-  rem0s.release();
-  ranks.release();
 
   // 3. Global numbers: owner t's points follow those of owners 0..t-1.
   if (owners > 1) {
@@ -354,7 +391,6 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
       }
     });
   }
-  hashes.release();
 
   // 4. Blur neighbours: key -/+ (-1, .., d, .., -1), d at the direction's coordinate (all -1 for
   //    direction d, whose coordinate is the implied one).
@@ -757,11 +793,10 @@ FASTSEG_ALWAYS_INLINE int64_t chunk_begin(int64_t N, int64_t chunks, int64_t c) 
 
 // Per-pixel (pre, post) scales of a normalised filter F_n(v) = post * F(pre * v), from n = F(1).
 void normalisers(const Lattice& lat, int64_t normalization, int64_t chunks, Buffer<float>& pre,
-                 Buffer<float>& post) {
+                 Buffer<float>& post, FilterBuffers& buffers) {
   const int64_t N = lat.N;
   pre.resize(N);
   post.resize(N);
-  FilterBuffers buffers;
   buffers.allocate(lat, 1, chunks);
   at::parallel_for(0, N, 8192, [&](int64_t begin, int64_t end) {
     std::fill(pre.data + begin, pre.data + end, 1.0f);
@@ -807,27 +842,60 @@ struct KernelSpec {
 struct KernelState {
   Lattice lattice;
   Buffer<float> pre, post;
-  FilterBuffers buffers;
+  FilterBuffers buffers, norm_buffers;
 };
 
-void mean_field_image(const float* unary, const float* init, float* out, int64_t N, int L,
+// Everything one thread's images need, kept between calls: a call on an image of the size of the
+// previous one allocates nothing (and so takes no page faults).
+struct Workspace {
+  std::vector<KernelState> states;
+  Buffer<float> rows;
+};
+
+Workspace& thread_workspace() {
+  static thread_local Workspace workspace;
+  return workspace;
+}
+
+// Large images would pin their (large) workspace for the rest of the process.
+constexpr int64_t kKeepWorkspacePixels = int64_t(4) << 20;
+
+struct DebugTimer {  // TEMPORARY
+  bool on = std::getenv("FASTSEG_CRF_TIMING") != nullptr;
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  void lap(const char* what) {
+    if (!on) return;
+    auto now = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "%-12s %8.2f ms\n", what, std::chrono::duration<double, std::milli>(now - t).count());
+    t = now;
+  }
+};
+
+void mean_field_image(const float* unary, float unary_scale, const float* init, float* out, int64_t N, int L,
                       std::vector<KernelSpec>& specs, int64_t iterations,
                       std::vector<KernelState>& states, Buffer<float>& unary_rows) {
+  DebugTimer timer;
   const int64_t chunks = pixel_chunks(N);
   const int lanes = int(lanes_for_labels(L));
   const int K = int(specs.size());
   states.resize(K);
   for (int k = 0; k < K; ++k) {
     build_lattice(states[k].lattice, specs[k].features, N, specs[k].d, N, int(chunks));
-    normalisers(states[k].lattice, specs[k].normalization, chunks, states[k].pre, states[k].post);
+    timer.lap("build");
+    normalisers(states[k].lattice, specs[k].normalization, chunks, states[k].pre, states[k].post,
+                states[k].norm_buffers);
+    timer.lap("norm");
     states[k].buffers.allocate(states[k].lattice, lanes, chunks);
+    timer.lap("alloc");
   }
-  // Unary energies as rows of `lanes` (padding 0; the softmax ignores it).
+  // Unary energies as rows of `lanes` (padding 0; the softmax ignores it). unary_scale -1 makes
+  // logits energies: -logits differs from -log_softmax(logits) by a per-pixel constant, which no
+  // softmax sees.
   unary_rows.resize(N * lanes);
   at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       float* row = unary_rows.data + p * lanes;
-      for (int l = 0; l < lanes; ++l) row[l] = l < L ? unary[int64_t(l) * N + p] : 0.0f;
+      for (int l = 0; l < lanes; ++l) row[l] = l < L ? unary_scale * unary[int64_t(l) * N + p] : 0.0f;
     }
   });
 
@@ -847,13 +915,17 @@ void mean_field_image(const float* unary, const float* init, float* out, int64_t
     });
   };
   // Pass 0: Q0 = softmax(-U) (or init), splatted. Then one pass per iteration.
+  timer.lap("unary");
   if (iterations == 0) args.out = out;
   run_pass();
+  timer.lap("pass0");
   args.init = nullptr;
   for (int64_t it = 0; it < iterations; ++it) {
     for (int k = 0; k < K; ++k) pass[k].sliced = states[k].buffers.gather_and_blur(states[k].lattice);
+    timer.lap("blur");
     if (it == iterations - 1) args.out = out;
     run_pass();
+    timer.lap("pass");
   }
 }
 
@@ -936,11 +1008,12 @@ auto rethrow_bad_alloc(const char* what, int64_t N, F&& f) {
 
 at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
                          at::IntArrayRef normalization, int64_t iterations,
-                         const std::optional<at::Tensor>& init) {
+                         const std::optional<at::Tensor>& init, double unary_scale) {
   check_dense_crf_args(unary, features, compat, normalization, iterations, init);
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2) * unary.size(3);
   at::Tensor out = at::empty(unary.sizes(), unary.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   const at::Tensor U = unary.contiguous();
   const at::Tensor Q0 = init.has_value() ? init->contiguous() : at::Tensor();
   std::vector<at::Tensor> feats;
@@ -953,7 +1026,7 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::T
       const int64_t fb = feats[k].size(0) == 1 ? 0 : b;
       specs[k].features = feats[k].const_data_ptr<float>() + fb * feats[k].size(1) * N;
     }
-    mean_field_image(U.const_data_ptr<float>() + b * L * N,
+    mean_field_image(U.const_data_ptr<float>() + b * L * N, float(unary_scale),
                      Q0.defined() ? Q0.const_data_ptr<float>() + b * L * N : nullptr,
                      out.mutable_data_ptr<float>() + b * L * N, N, int(L), specs, iterations, states, rows);
   };
@@ -962,14 +1035,14 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::T
     if (B >= threads && threads > 1) {
       // Enough images for every thread: one image per task, each single-threaded inside.
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        std::vector<KernelState> states;
-        Buffer<float> rows;
-        for (int64_t b = begin; b < end; ++b) image(b, states, rows);
+        Workspace& ws = thread_workspace();
+        for (int64_t b = begin; b < end; ++b) image(b, ws.states, ws.rows);
+        if (N > kKeepWorkspacePixels) ws = Workspace();
       });
     } else {
-      std::vector<KernelState> states;
-      Buffer<float> rows;
-      for (int64_t b = 0; b < B; ++b) image(b, states, rows);
+      Workspace& ws = thread_workspace();
+      for (int64_t b = 0; b < B; ++b) image(b, ws.states, ws.rows);
+      if (N > kKeepWorkspacePixels) ws = Workspace();
     }
     return 0;
   });
@@ -1009,8 +1082,8 @@ at::Tensor permutohedral_filter_cpu(const at::Tensor& values, const at::Tensor& 
       const int64_t fb = f.size(0) == 1 ? 0 : b;
       build_lattice(lat, f.const_data_ptr<float>() + fb * d * N, N, d, N, int(chunks));
       Buffer<float> pre, post;
-      normalisers(lat, normalization, chunks, pre, post);
-      FilterBuffers buffers;
+      FilterBuffers norm_buffers, buffers;
+      normalisers(lat, normalization, chunks, pre, post, norm_buffers);
       buffers.allocate(lat, lanes, chunks);
       const float* vb = v.const_data_ptr<float>() + b * C * N;
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {

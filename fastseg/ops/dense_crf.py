@@ -115,12 +115,12 @@ def dense_crf(
         scores = scores.unsqueeze(0)
         image = image.unsqueeze(0) if image is not None else None
     scores = scores.to(torch.float32)
-    if unary == "logits":
-        U = -torch.log_softmax(scores, 1)
-    elif unary == "probs":
-        U = -torch.log(scores.clamp(min=clip))
+    # Energies U, or for logits -logits: it differs from U = -log_softmax(logits) by a per-pixel
+    # constant, which mean field never sees (every update is a softmax over the labels).
+    if unary == "probs":
+        U, sign = -torch.log(scores.clamp(min=clip)), 1.0
     else:
-        U = scores
+        U, sign = scores, (-1.0 if unary == "logits" else 1.0)
     H, W = shape[-2:]
     features, compats, norms = [], [], []
     if gaussian is not None:
@@ -134,15 +134,17 @@ def dense_crf(
         features.append(bilateral_features(image, sx, sy, srgb))
         compats.append(compat_matrix("bilateral['compat']", bilateral.get("compat", 10), L, scores.device))
         norms.append(normalization_code("bilateral['normalization']", bilateral.get("normalization", "symmetric")))
-    Q = mean_field(U.contiguous(), features, compats, norms, iterations, impl=impl)
+    Q = mean_field(U.contiguous(), features, compats, norms, iterations, impl=impl, unary_scale=sign)
     return Q if batched else Q.squeeze(0)
 
 
-def mean_field(unary, features, compats, normalizations, iterations, init=None, *, impl="cpp"):
-    """The op behind :func:`dense_crf`, without argument checks: unary (B, L, H, W) float32
-    energies; per kernel features (B or 1, D, H, W) float32 (divided by their standard deviations),
-    an (L, L) compatibility and a normalisation code; optional init Q (B, L, H, W)."""
+def mean_field(unary, features, compats, normalizations, iterations, init=None, *, impl="cpp", unary_scale=1.0):
+    """The op behind :func:`dense_crf`, without argument checks: energies unary_scale * unary
+    (B, L, H, W) float32; per kernel features (B or 1, D, H, W) float32 (divided by their standard
+    deviations), an (L, L) compatibility and a normalisation code; optional init Q (B, L, H, W)."""
     if impl == "reference":
+        if unary_scale != 1.0:
+            unary = unary * unary_scale
         B, L, H, W = unary.shape
         out = []
         for b in range(B):
@@ -154,6 +156,7 @@ def mean_field(unary, features, compats, normalizations, iterations, init=None, 
     return torch.ops.fastseg.dense_crf(
         unary, [f.contiguous() for f in features], [c.to(torch.float32) for c in compats],
         list(normalizations), int(iterations), init.contiguous() if init is not None else None,
+        float(unary_scale),
     )
 
 
@@ -300,7 +303,7 @@ def _check_image(image, scores):
 if _backends.EXTENSION_LOADED:
 
     @torch.library.register_fake("fastseg::dense_crf")
-    def _fake_dense_crf(unary, features, compat, normalization, iterations, init=None):
+    def _fake_dense_crf(unary, features, compat, normalization, iterations, init=None, unary_scale=1.0):
         return torch.empty(unary.shape, dtype=torch.float32, device=unary.device)
 
     @torch.library.register_fake("fastseg::permutohedral_filter")
