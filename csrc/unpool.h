@@ -97,6 +97,18 @@ inline void check_max_unpool2d_backward_args(const at::Tensor& grad_output,
                     " but indices is on ", indices.device());
 }
 
+// Unpooling only moves bits: kernels are instantiated per element width (an unsigned integer type
+// of that size), not per dtype.
+template <typename F>
+void dispatch_by_element_size(int64_t element_size, F&& f) {
+  switch (element_size) {
+    case 2: f(uint16_t{}); break;
+    case 4: f(uint32_t{}); break;
+    case 8: f(uint64_t{}); break;
+    default: TORCH_CHECK(false, "max_unpool2d: unsupported element size ", element_size);
+  }
+}
+
 [[noreturn]] inline void fail_index_out_of_range(int64_t value, int64_t Ho, int64_t Wo) {
   TORCH_CHECK_INDEX(false, "max_unpool2d: indices contains ", value,
                     ", outside the output plane of ", Ho, "x", Wo, " (valid: 0 to ",

@@ -240,16 +240,6 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
   }
 }
 
-template <typename F>
-void dispatch_by_width(int64_t element_size, F&& f) {
-  switch (element_size) {
-    case 2: f(uint16_t{}); break;
-    case 4: f(uint32_t{}); break;
-    case 8: f(uint64_t{}); break;
-    default: TORCH_CHECK(false, "max_unpool2d: unsupported element size ", element_size);
-  }
-}
-
 at::Tensor max_unpool2d_cpu(const at::Tensor& input, const at::Tensor& indices,
                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
                             at::IntArrayRef padding, c10::SymIntArrayRef output_size) {
@@ -265,7 +255,7 @@ at::Tensor max_unpool2d_cpu(const at::Tensor& input, const at::Tensor& indices,
   advise_huge_pages(out);
   const UnpoolGeometry g = unpool_geometry(
       x, kernel_size, stride, padding, Ho, Wo, format == at::MemoryFormat::ChannelsLast);
-  dispatch_by_width(x.element_size(), [&](auto tag) {
+  dispatch_by_element_size(x.element_size(), [&](auto tag) {
     using T = decltype(tag);
     unpool_kernel(static_cast<const T*>(x.const_data_ptr()), idx.const_data_ptr<int64_t>(),
                   static_cast<T*>(out.mutable_data_ptr()), g);
@@ -290,7 +280,7 @@ at::Tensor max_unpool2d_backward_cpu(const at::Tensor& grad_output, const at::Te
   const int64_t out_slab = Ho * Wo * channels;
   std::atomic<bool> failed{false};
   std::atomic<int64_t> bad_value{0};
-  dispatch_by_width(grad.element_size(), [&](auto tag) {
+  dispatch_by_element_size(grad.element_size(), [&](auto tag) {
     using T = decltype(tag);
     const T* g = static_cast<const T*>(grad.const_data_ptr());
     const int64_t* id = idx.const_data_ptr<int64_t>();

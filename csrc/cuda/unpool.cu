@@ -133,17 +133,6 @@ __global__ void backward_kernel(const T* __restrict__ grad, const int64_t* __res
   if (worst != kInWindow) atomicMax(status, worst);
 }
 
-// Unpooling moves bits: kernels are instantiated per element width, not per dtype.
-template <typename F>
-void dispatch_by_width(int64_t element_size, F&& f) {
-  switch (element_size) {
-    case 2: f(uint16_t{}); break;
-    case 4: f(uint32_t{}); break;
-    case 8: f(uint64_t{}); break;
-    default: TORCH_CHECK(false, "max_unpool2d: unsupported element size ", element_size);
-  }
-}
-
 [[noreturn]] void raise_out_of_range(const at::Tensor& idx, int64_t Ho, int64_t Wo) {
   const at::Tensor bad = idx.masked_select((idx < 0).logical_or(idx >= Ho * Wo));
   fail_index_out_of_range(bad.numel() ? bad[0].item<int64_t>() : -1, Ho, Wo);
@@ -176,7 +165,7 @@ at::Tensor max_unpool2d_cuda(const at::Tensor& input, const at::Tensor& indices,
   const int worst = status.item<int>();  // the one host sync: picks the path, reports bad indices
   if (worst == kOutOfRange) raise_out_of_range(idx, Ho, Wo);
 
-  dispatch_by_width(x.element_size(), [&](auto tag) {
+  dispatch_by_element_size(x.element_size(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x.const_data_ptr());
     T* op = static_cast<T*>(out.mutable_data_ptr());
@@ -210,7 +199,7 @@ at::Tensor max_unpool2d_backward_cuda(const at::Tensor& grad_output, const at::T
   const int64_t channels = channels_last ? indices.size(1) : 1;
   const int64_t Ho = grad.size(2), Wo = grad.size(3);
   at::Tensor status = at::zeros({1}, indices.options().dtype(at::kInt));
-  dispatch_by_width(grad.element_size(), [&](auto tag) {
+  dispatch_by_element_size(grad.element_size(), [&](auto tag) {
     using T = decltype(tag);
     backward_kernel<T><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         static_cast<const T*>(grad.const_data_ptr()), idx.const_data_ptr<int64_t>(),
