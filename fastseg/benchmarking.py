@@ -41,6 +41,16 @@ def devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def dtypes(device):
+    """fp32 everywhere; on a GPU also the half types segmentation models run in."""
+    return [torch.float32] if device == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+
+
+def compiled(fn, device):
+    """The torch.compile peer: default mode on the CPU, max-autotune on a GPU."""
+    return torch.compile(fn, dynamic=False, mode="max-autotune" if device == "cuda" else None)
+
+
 @dataclasses.dataclass
 class Result:
     group: str
