@@ -1,5 +1,6 @@
 """One public function per op; each checks its arguments, picks a backend and runs it."""
+from .atrous import atrous_conv2d
 from .dense_crf import dense_crf, permutohedral_filter
 from .unpool import max_unpool2d
 
-__all__ = ["dense_crf", "max_unpool2d", "permutohedral_filter"]
+__all__ = ["atrous_conv2d", "dense_crf", "max_unpool2d", "permutohedral_filter"]

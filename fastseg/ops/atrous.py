@@ -1,0 +1,240 @@
+"""Atrous (dilated) convolution with a fused epilogue: ``fastseg.atrous_conv2d``.
+
+The a trous algorithm convolves with a kernel whose taps are ``dilation`` pixels apart, enlarging
+the receptive field without pooling or extra weights: Yu & Koltun, "Multi-Scale Context Aggregation
+by Dilated Convolutions" (ICLR 2016); Chen et al., "DeepLab: Semantic Image Segmentation with Deep
+Convolutional Nets, Atrous Convolution, and Fully Connected CRFs" (TPAMI 2017, v2) and "Rethinking
+Atrous Convolution for Semantic Image Segmentation" (arXiv 1706.05587, 2017, v3). Those networks
+follow every such convolution by BatchNorm and ReLU, and often a residual add; here they are one
+epilogue of the convolution instead of separate passes over memory:
+
+    y = act(scale * (conv(x, weight) + bias) + shift + residual)
+
+with per-output-channel ``scale``/``shift`` (a folded BatchNorm) and ``act`` ReLU or identity.
+"""
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backends
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, to_pair
+from .._layout import output_memory_format
+from ._reference import atrous as reference
+
+__all__ = ["atrous_conv2d", "atrous_output_size", "ACTIVATIONS"]
+
+OP = "atrous_conv2d"
+ACTIVATIONS = (None, "relu")
+_IMPLEMENTED = ("reference", "cpp", "triton")
+
+
+def atrous_conv2d(
+    x, weight, bias=None, *, stride=1, padding="same", dilation=1, groups=1, scale=None, shift=None,
+    activation=None, residual=None, backend="auto",
+):
+    """Dilated 2-D convolution followed by a fused per-channel affine, residual add and ReLU.
+
+    Computes ``act(scale * (conv2d(x, weight) + bias) + shift + residual)`` in one call, where
+    ``conv2d`` is ``torch.nn.functional.conv2d`` with the given stride, padding, dilation and
+    groups, and every term of the epilogue is optional. A BatchNorm in eval mode folds into
+    ``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale``.
+
+    Args:
+        x: (B, C, H, W) or (C, H, W); float16, bfloat16, float32 or float64; NCHW or
+            channels_last (the output takes x's memory format).
+        weight: (O, C / groups, kH, kW), x's dtype and device.
+        bias: (O,) or None.
+        stride: int or pair, >= 1.
+        padding: int or pair >= 0 (zero padding on both sides), 'valid' (0) or 'same'
+            (``dilation * (k - 1) / 2`` per side, which needs ``dilation * (k - 1)`` even; the output
+            is then ceil(H / stride) x ceil(W / stride)).
+        dilation: int or pair, >= 1 (the atrous rate).
+        groups: divides C and O; ``groups == C`` is a depthwise convolution.
+        scale, shift: (O,) per-output-channel affine, or None.
+        activation: None or 'relu'.
+        residual: (B, O, Ho, Wo) (or (O, Ho, Wo)) added before the activation, or None.
+        backend: 'auto' (the C++ kernel on the CPU, Triton on CUDA), 'reference', 'cpp' or
+            'triton' (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+
+    Returns:
+        (B, O, Ho, Wo) with Ho = floor((H + 2 pH - dH (kH - 1) - 1) / sH) + 1 (likewise Wo), in x's
+        dtype, device and memory format. Differentiable in x, weight, bias, scale, shift and
+        residual.
+
+    Example:
+        >>> x = torch.randn(1, 256, 65, 65)
+        >>> w = torch.randn(256, 256, 3, 3) / 48
+        >>> y = fastseg.atrous_conv2d(x, w, dilation=12, activation='relu')   # (1, 256, 65, 65)
+    """
+    check_tensor(OP, "x", x, ndims=(3, 4), dtypes=FLOAT_DTYPES)
+    check_tensor(OP, "weight", weight, ndims=(4,), dtypes=FLOAT_DTYPES)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{OP}: weight has dtype {_name(weight.dtype)} but x has dtype {_name(x.dtype)}")
+    check_same_device(OP, x=x, weight=weight)
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"{OP}: groups must be an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"{OP}: groups must be >= 1, got {groups}")
+    C, O = x.shape[-3], weight.shape[0]
+    if C % groups:
+        raise ValueError(f"{OP}: groups = {groups} does not divide the {C} input channels of x")
+    if O % groups:
+        raise ValueError(f"{OP}: groups = {groups} does not divide the {O} output channels of weight")
+    if weight.shape[1] * groups != C:
+        raise ValueError(
+            f"{OP}: weight has shape {tuple(weight.shape)}, expecting (O, C / groups = {C // groups}, kH, kW) "
+            f"for x with C = {C} channels and groups = {groups}"
+        )
+    if weight.shape[2] == 0 or weight.shape[3] == 0 or O == 0:
+        raise ValueError(f"{OP}: weight has an empty dimension: shape {tuple(weight.shape)}")
+    stride = to_pair(OP, "stride", stride, minimum=1)
+    dilation = to_pair(OP, "dilation", dilation, minimum=1)
+    kernel = tuple(weight.shape[2:])
+    padding = _padding(padding, kernel, dilation)
+    out_hw = atrous_output_size(x.shape[-2:], kernel, stride, padding, dilation)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP}: activation must be None or 'relu', got {activation!r}")
+    for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
+        if t is not None:
+            check_tensor(OP, name, t, dtypes=FLOAT_DTYPES)
+            if t.shape != (O,):
+                raise ValueError(f"{OP}: {name} has shape {tuple(t.shape)}, expecting ({O},): one per output channel")
+            _same_dtype_device(name, t, x)
+    batched = x.dim() == 4
+    if residual is not None:
+        check_tensor(OP, "residual", residual, dtypes=FLOAT_DTYPES)
+        expected = (*x.shape[:-3], O, *out_hw)
+        if residual.shape != expected:
+            raise ValueError(f"{OP}: residual has shape {tuple(residual.shape)}, expecting the output's {expected}")
+        _same_dtype_device("residual", residual, x)
+    impl = _backends.select(OP, backend, x.device, _IMPLEMENTED)
+
+    if bias is not None:  # scale * (conv + bias) + shift = scale * conv + (shift + scale * bias)
+        folded = bias if scale is None else scale * bias
+        shift = folded if shift is None else shift + folded
+    if not batched:
+        x = x.unsqueeze(0)
+        residual = residual.unsqueeze(0) if residual is not None else None
+    relu = activation == "relu"
+    args = (x, weight, scale, shift, residual, list(stride), list(padding), list(dilation), groups, relu)
+    if impl == "reference":
+        out = reference.atrous_conv2d(*args)
+    elif impl == "triton":
+        out = torch.ops.fastseg.atrous_conv2d_triton(*args)
+    else:
+        out = torch.ops.fastseg.atrous_conv2d(*args)
+    return out if batched else out.squeeze(0)
+
+
+def atrous_output_size(input_hw, kernel_size, stride, padding, dilation):
+    """(Ho, Wo) of a convolution; a ValueError naming the cause when it would be empty."""
+    size = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(input_hw, kernel_size, stride, padding, dilation)
+    ]
+    if min(input_hw) <= 0:
+        raise ValueError(f"{OP}: x has an empty spatial dimension: {tuple(input_hw)}")
+    if min(size) <= 0:
+        raise ValueError(
+            f"{OP}: the output would be empty: input {tuple(input_hw)} with padding {tuple(padding)} is "
+            f"smaller than the dilated kernel ({', '.join(str(d * (k - 1) + 1) for k, d in zip(kernel_size, dilation))})"
+        )
+    return size
+
+
+def _padding(padding, kernel, dilation):
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding != "same":
+            raise ValueError(f"{OP}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        if any(t % 2 for t in total):
+            raise ValueError(
+                f"{OP}: padding='same' needs dilation * (kernel_size - 1) even, got {tuple(total)} for "
+                f"kernel {kernel} and dilation {dilation}; pass an explicit padding"
+            )
+        return tuple(t // 2 for t in total)
+    return to_pair(OP, "padding", padding, minimum=0)
+
+
+def _name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _same_dtype_device(name, t, x):
+    if t.dtype != x.dtype:
+        raise TypeError(f"{OP}: {name} has dtype {_name(t.dtype)} but x has dtype {_name(x.dtype)}")
+    check_same_device(OP, x=x, **{name: t})
+
+
+# --- custom ops: fake kernels and autograd -------------------------------------------------------
+
+
+def _fake_atrous_conv2d(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu, *extra):
+    B = input.shape[0]
+    kernel = weight.shape[2:]
+    Ho, Wo = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(input.shape[2:], kernel, stride, padding, dilation)
+    ]
+    return torch.empty(
+        (B, weight.shape[0], Ho, Wo), dtype=input.dtype, device=input.device,
+        memory_format=output_memory_format(input),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, scale, shift, residual, stride, padding, dilation, groups, relu = inputs[:10]
+    ctx.save_for_backward(input, weight, scale, output if relu else None)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.relu = relu
+    ctx.has = (shift is not None, residual is not None)
+    ctx.n_extra = len(inputs) - 10
+
+
+def _backward(ctx, grad_output):
+    # The epilogue's gradient by hand, then ATen's convolution backward for x and weight.
+    input, weight, scale, output = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    needs = ctx.needs_input_grad
+    g = grad_output
+    if ctx.relu:
+        g = torch.where(output > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    grad_scale = grad_shift = grad_residual = None
+    if needs[4] and ctx.has[1]:
+        grad_residual = g
+    if needs[3] and ctx.has[0]:
+        grad_shift = g.sum((0, 2, 3))
+    if scale is not None:
+        if needs[2]:
+            conv = torch.ops.aten.convolution(input, weight, None, stride, padding, dilation, False, [0, 0], groups)
+            grad_scale = (g * conv).sum((0, 2, 3))
+        g = g * scale.view(1, -1, 1, 1)
+    grad_input = grad_weight = None
+    if needs[0] or needs[1]:
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+            g, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [needs[0], needs[1], False],
+        )
+    return (grad_input, grad_weight, grad_scale, grad_shift, grad_residual) + (None,) * (5 + ctx.n_extra)
+
+
+def _register(name):
+    torch.library.register_fake(name)(_fake_atrous_conv2d)
+    torch.library.register_autograd(name, _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastseg::atrous_conv2d_triton", mutates_args=())
+def _atrous_conv2d_triton(
+    input: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
+    stride: List[int], padding: List[int], dilation: List[int], groups: int, relu: bool,
+) -> Tensor:
+    from ..kernels import atrous as kernels
+
+    return kernels.atrous_conv2d(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+
+
+_register("fastseg::atrous_conv2d_triton")
+if _backends.EXTENSION_LOADED and hasattr(torch.ops.fastseg, "atrous_conv2d"):
+    _register("fastseg::atrous_conv2d")
