@@ -1,0 +1,148 @@
+"""Atrous convolution layers: ``AtrousConvBNReLU`` and DeepLab's ``ASPP``.
+
+Yu & Koltun, "Multi-Scale Context Aggregation by Dilated Convolutions" (ICLR 2016); Chen et al.,
+"DeepLab: Semantic Image Segmentation with Deep Convolutional Nets, Atrous Convolution, and Fully
+Connected CRFs" (TPAMI 2017; ASPP v2) and "Rethinking Atrous Convolution for Semantic Image
+Segmentation" (2017; ASPP v3 with image pooling and batch normalisation).
+
+In training mode the layers run plain PyTorch (F.conv2d, nn.BatchNorm2d, F.relu), so BatchNorm
+keeps its exact semantics: batch statistics, running-stat updates, momentum. In eval mode BatchNorm
+is folded into the per-channel scale and shift of ``fastseg.atrous_conv2d``'s fused epilogue.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._layout import output_memory_format
+from ..ops.atrous import _padding, atrous_conv2d
+
+__all__ = ["AtrousConvBNReLU", "ASPP"]
+
+
+def fold_batch_norm(bn, dtype):
+    """(scale, shift) with bn(y) == scale * y + shift per channel, for bn in eval mode."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale.to(dtype), shift.to(dtype)
+
+
+class AtrousConvBNReLU(nn.Module):
+    """Conv2d (any dilation) -> BatchNorm2d -> (+ residual) -> ReLU, fused in eval mode.
+
+    ``forward(x, residual=None)``: x (B, in_channels, H, W) -> (B, out_channels, Ho, Wo); the
+    optional residual, of the output's shape, is added after BatchNorm and before ReLU (as in a
+    ResNet block's last convolution). State-dict keys are those of a plain ``conv`` + ``bn`` pair.
+
+    Example:
+        >>> layer = fastseg.nn.AtrousConvBNReLU(2048, 256, 3, dilation=12).eval()
+        >>> layer(torch.randn(1, 2048, 65, 65)).shape
+        torch.Size([1, 256, 65, 65])
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, *, dilation=1, stride=1, padding="same",
+                 groups=1, bias=False, relu=True, eps=1e-5, momentum=0.1, backend="auto"):
+        super().__init__()
+        if isinstance(padding, str):
+            k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+            d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+            padding = _padding(padding, k, d)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        self.relu = relu
+        self.backend = backend
+
+    def forward(self, x, residual=None):
+        if self.training or not self.bn.track_running_stats:
+            y = self.bn(self.conv(x))
+            if residual is not None:
+                y = y + residual
+            return F.relu(y) if self.relu else y
+        scale, shift = fold_batch_norm(self.bn, x.dtype)
+        c = self.conv
+        return atrous_conv2d(
+            x, c.weight, c.bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
+            scale=scale, shift=shift, residual=residual, activation="relu" if self.relu else None,
+            backend=self.backend,
+        )
+
+    def extra_repr(self):
+        return f"relu={self.relu}"
+
+
+class ASPP(nn.Module):
+    """Atrous Spatial Pyramid Pooling, DeepLab v2 or v3.
+
+    ``version='v2'`` (Chen et al., TPAMI 2017): parallel 3x3 convolutions (with bias) at
+    ``rates`` (default 6/12/18/24), their outputs summed; out_channels is typically the number of
+    classes. The branches accumulate into one output: each fused convolution adds the running sum
+    as its residual, so no per-branch map is kept.
+
+    ``version='v3'`` (Chen et al., 2017): a 1x1 convolution, 3x3 convolutions at ``rates``
+    (default 6/12/18 at output stride 16, 12/24/36 at output stride 8) and image pooling (global
+    average, 1x1 convolution, broadcast back), each with BatchNorm and ReLU, concatenated and
+    projected by a 1x1 convolution with BatchNorm and ReLU. (The paper's dropout after the
+    projection belongs to the head that uses it.)
+
+    ``forward(x)``: (B, in_channels, H, W) -> (B, out_channels, H, W).
+
+    Example:
+        >>> aspp = fastseg.nn.ASPP(2048, 256, version='v3', output_stride=8).eval()
+        >>> aspp(torch.randn(1, 2048, 65, 65)).shape
+        torch.Size([1, 256, 65, 65])
+    """
+
+    def __init__(self, in_channels, out_channels=256, *, version="v3", rates=None, output_stride=16,
+                 image_pooling=True, backend="auto"):
+        super().__init__()
+        if version not in ("v2", "v3"):
+            raise ValueError(f"ASPP: version must be 'v2' or 'v3', got {version!r}")
+        if output_stride not in (8, 16):
+            raise ValueError(f"ASPP: output_stride must be 8 or 16, got {output_stride!r}")
+        if rates is None:
+            rates = (6, 12, 18, 24) if version == "v2" else (6, 12, 18)
+            if version == "v3" and output_stride == 8:
+                rates = tuple(2 * r for r in rates)
+        rates = tuple(int(r) for r in rates)
+        if not rates or min(rates) < 1:
+            raise ValueError(f"ASPP: rates must be positive ints, got {rates!r}")
+        self.version, self.rates, self.backend = version, rates, backend
+        self.image_pooling = image_pooling and version == "v3"
+        if version == "v2":
+            self.branches = nn.ModuleList(
+                nn.Conv2d(in_channels, out_channels, 3, padding=r, dilation=r, bias=True) for r in rates
+            )
+            return
+        self.branches = nn.ModuleList(
+            [AtrousConvBNReLU(in_channels, out_channels, 1, backend=backend)]
+            + [AtrousConvBNReLU(in_channels, out_channels, 3, dilation=r, backend=backend) for r in rates]
+        )
+        if self.image_pooling:
+            self.pooling = AtrousConvBNReLU(in_channels, out_channels, 1, backend=backend)
+        n = len(self.branches) + int(self.image_pooling)
+        self.project = AtrousConvBNReLU(n * out_channels, out_channels, 1, backend=backend)
+
+    def forward(self, x):
+        if self.version == "v2":
+            out = None
+            for conv in self.branches:
+                if self.training:
+                    y = conv(x)
+                    out = y if out is None else out + y
+                else:  # sum accumulated through the fused residual add
+                    out = atrous_conv2d(
+                        x, conv.weight, conv.bias, padding=conv.padding, dilation=conv.dilation,
+                        residual=out, backend=self.backend,
+                    )
+            return out
+        outs = [branch(x) for branch in self.branches]
+        if self.image_pooling:
+            pooled = self.pooling(F.adaptive_avg_pool2d(x, 1))
+            outs.append(pooled.expand(-1, -1, *x.shape[-2:]))
+        return self.project(torch.cat(outs, 1).contiguous(memory_format=output_memory_format(x)))
+
+    def extra_repr(self):
+        return f"version={self.version!r}, rates={self.rates}, image_pooling={self.image_pooling}"
