@@ -125,6 +125,13 @@ FASTSEG_ALWAYS_INLINE int owner_of(uint32_t h, int owners) {
   return int((uint64_t(h) * uint64_t(owners)) >> 32);
 }
 
+FASTSEG_ALWAYS_INLINE bool same_key(const int32_t* a, const int32_t* b, int d) {
+  for (int i = 0; i < d; ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
+
 // Open-addressing table of the lattice points one thread owns: keys (d int32 each) numbered in
 // order of first appearance.
 class KeyTable {
@@ -148,7 +155,7 @@ class KeyTable {
     for (uint64_t s = h & mask_;; s = (s + 1) & mask_) {
       const int32_t e = slots_[s];
       if (e < 0) return -1;
-      if (hashes_[e] == h && std::memcmp(keys_.data() + int64_t(e) * d_, key, sizeof(int32_t) * d_) == 0) {
+      if (hashes_[e] == h && same_key(keys_.data() + int64_t(e) * d_, key, d_)) {
         return e;
       }
     }
@@ -167,7 +174,7 @@ class KeyTable {
         if (uint64_t(hashes_.size()) * 2 > mask_ + 1) grow();
         return index;
       }
-      if (hashes_[e] == h && std::memcmp(keys_.data() + int64_t(e) * d_, key, sizeof(int32_t) * d_) == 0) {
+      if (hashes_[e] == h && same_key(keys_.data() + int64_t(e) * d_, key, d_)) {
         return e;
       }
     }
@@ -220,7 +227,7 @@ struct Lattice {
 // 3.1): rem0 is the remainder-0 point the simplex is built from, rank the order of the residuals,
 // bary the barycentric weights of the d+1 vertices. Plain IEEE float arithmetic, in the order of
 // the PyTorch reference, so both find the same simplices (no FMA: this is baseline-ISA code).
-void locate(const float* f, int64_t stride, int d, const float* scale, int32_t* rem0, int32_t* rank,
+FASTSEG_ALWAYS_INLINE void locate(const float* f, int64_t stride, int d, const float* scale, int32_t* rem0, int32_t* rank,
             float* bary, bool& out_of_range) {
   float elevated[kMaxFeatures + 1], cf[kMaxFeatures];
   for (int i = 0; i < d; ++i) cf[i] = f[i * stride] * scale[i];
@@ -244,7 +251,7 @@ void locate(const float* f, int64_t stride, int d, const float* scale, int32_t* 
     total += rem0f[i];
   }
   if (out_of_range) return;
-  const int s = int(std::lround(total / float(d + 1)));
+  const int s = int(total) / (d + 1);  // total is an exact multiple of d+1
   float diff[kMaxFeatures + 1];
   for (int i = 0; i <= d; ++i) {
     diff[i] = elevated[i] - rem0f[i];
@@ -295,6 +302,52 @@ FASTSEG_ALWAYS_INLINE void vertex_key(const int32_t* rem0, const uint8_t* rank, 
   for (int i = 0; i < d; ++i) key[i] = rem0[i] + (rank[i] <= d - k ? k : k - (d + 1));
 }
 
+// Phase 1 of the build for pixels [begin, end): see build_lattice_impl.
+FASTSEG_ALWAYS_INLINE void locate_pixels_impl(Lattice& lat, const float* features, int64_t stride, int d,
+                                              const float* scale, int64_t begin, int64_t end, bool& bad) {
+  const int d1 = d + 1;
+  Buffer<int32_t>& rem0s = lat.rem0s;
+  Buffer<uint8_t>& ranks = lat.ranks;
+  Buffer<uint32_t>& hashes = lat.hashes;
+    int32_t rem0[kMaxFeatures + 1], rank[kMaxFeatures + 1], key[kMaxFeatures];
+    float bary[kMaxFeatures + 2];
+    uint8_t rank8[kMaxFeatures];
+    for (int64_t p = begin; p < end; ++p) {
+      locate(features + p, stride, d, scale, rem0, rank, bary, bad);
+      if (bad) break;
+      bool same = p > begin;  // neighbouring pixels often share their simplex: no hashing then
+      for (int i = 0; i < d; ++i) {
+        rank8[i] = uint8_t(rank[i]);
+        same = same && rem0s.data[(p - 1) * d + i] == rem0[i] && ranks.data[(p - 1) * d + i] == rank8[i];
+        rem0s.data[p * d + i] = rem0[i];
+        ranks.data[p * d + i] = rank8[i];
+      }
+      lat.same.data[p] = same;
+      for (int k = 0; k < d1; ++k) lat.weight.data[p * d1 + k] = bary[k];
+      if (same) {
+        for (int k = 0; k < d1; ++k) hashes.data[p * d1 + k] = hashes.data[(p - 1) * d1 + k];
+        continue;
+      }
+      for (int k = 0; k < d1; ++k) {
+        vertex_key(rem0, rank8, d, k, key);
+        hashes.data[p * d1 + k] = hash_key(key, d);
+      }
+    }
+}
+void locate_pixels_base(Lattice& lat, const float* features, int64_t stride, int d, const float* scale,
+                        int64_t begin, int64_t end, bool& bad) {
+  locate_pixels_impl(lat, features, stride, d, scale, begin, end, bad);
+}
+#if FASTSEG_HAVE_AVX2_CLONE
+// AVX2 without FMA: inline rounding instructions instead of libm's ceil and floor, and the same
+// IEEE rounding of every step as the reference (no contraction).
+__attribute__((target("avx2"))) void locate_pixels_avx2(Lattice& lat, const float* features, int64_t stride,
+                                                        int d, const float* scale, int64_t begin,
+                                                        int64_t end, bool& bad) {
+  locate_pixels_impl(lat, features, stride, d, scale, begin, end, bad);
+}
+#endif
+
 // Builds the lattice of features (d planes of N floats, plane stride `stride`), numbering its
 // points with `owners` threads.
 void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, int64_t N, int owners) {
@@ -322,31 +375,16 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
   lat.same.resize(N);
   std::atomic<bool> out_of_range{false};
   at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
-    int32_t rem0[kMaxFeatures + 1], rank[kMaxFeatures + 1], key[kMaxFeatures];
-    float bary[kMaxFeatures + 2];
-    uint8_t rank8[kMaxFeatures];
     bool bad = false;
-    for (int64_t p = begin; p < end; ++p) {
-      locate(features + p, stride, d, scale, rem0, rank, bary, bad);
-      if (bad) break;
-      bool same = p > begin;  // neighbouring pixels often share their simplex: no hashing then
-      for (int i = 0; i < d; ++i) {
-        rank8[i] = uint8_t(rank[i]);
-        same = same && rem0s.data[(p - 1) * d + i] == rem0[i] && ranks.data[(p - 1) * d + i] == rank8[i];
-        rem0s.data[p * d + i] = rem0[i];
-        ranks.data[p * d + i] = rank8[i];
-      }
-      lat.same.data[p] = same;
-      for (int k = 0; k < d1; ++k) lat.weight.data[p * d1 + k] = bary[k];
-      if (same) {
-        for (int k = 0; k < d1; ++k) hashes.data[p * d1 + k] = hashes.data[(p - 1) * d1 + k];
-        continue;
-      }
-      for (int k = 0; k < d1; ++k) {
-        vertex_key(rem0, rank8, d, k, key);
-        hashes.data[p * d1 + k] = hash_key(key, d);
-      }
+#if FASTSEG_HAVE_AVX2_CLONE
+    if (cpu_has_avx2()) {
+      locate_pixels_avx2(lat, features, stride, d, scale, begin, end, bad);
+    } else {
+      locate_pixels_base(lat, features, stride, d, scale, begin, end, bad);
     }
+#else
+    locate_pixels_base(lat, features, stride, d, scale, begin, end, bad);
+#endif
     if (bad) out_of_range = true;
   });
   TORCH_CHECK_VALUE(!out_of_range,
@@ -514,13 +552,17 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
   }
   const int nv = lanes / W;
   const int L = a.L;
+  // Two pixels at a time: the softmax of one pixel is a long dependency chain (min, exp, sum,
+  // divide); interleaving two independent chains keeps the core busy.
+  constexpr int P = 2;
   constexpr int kStack = LP > 0 ? LP / W : 1;
-  V e_stack[kStack], s_stack[kStack], pad_stack[kStack], keep_stack[kStack];
-  std::vector<V> heap(LP > 0 ? 0 : 4 * size_t(nv));
-  V* e = LP > 0 ? e_stack : heap.data();
-  V* s = LP > 0 ? s_stack : heap.data() + nv;
-  V* pad = LP > 0 ? pad_stack : heap.data() + 2 * nv;    // +inf on padding lanes, else 0
-  V* keep = LP > 0 ? keep_stack : heap.data() + 3 * nv;  // 0 on padding lanes, else 1
+  V e_stack[P][kStack], s_stack[kStack], pad_stack[kStack], keep_stack[kStack];
+  std::vector<V> heap(LP > 0 ? 0 : (P + 3) * size_t(nv));
+  V* e[P];
+  for (int q = 0; q < P; ++q) e[q] = LP > 0 ? e_stack[q] : heap.data() + (3 + q) * nv;
+  V* s = LP > 0 ? s_stack : heap.data();
+  V* pad = LP > 0 ? pad_stack : heap.data() + nv;       // +inf on padding lanes, else 0
+  V* keep = LP > 0 ? keep_stack : heap.data() + 2 * nv;  // 0 on padding lanes, else 1
   for (int v = 0; v < nv; ++v) {
     for (int i = 0; i < W; ++i) {
       pad[v][i] = v * W + i < L ? 0.0f : INFINITY;
@@ -528,75 +570,101 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
     }
   }
   const bool slice = a.kernels > 0 && a.k[0].sliced != nullptr;
-  for (int64_t p = p0; p < p1; ++p) {
-    if (a.init != nullptr && !slice) {
-      for (int v = 0; v < nv; ++v) {
-        for (int i = 0; i < W; ++i) {
-          e[v][i] = v * W + i < L ? a.init[int64_t(v * W + i) * a.N + p] : 0.0f;
-        }
+  const bool from_init = a.init != nullptr && !slice;
+  for (int64_t p = p0; p < p1; p += P) {
+    const int np = int(std::min<int64_t>(P, p1 - p));
+    for (int q = 0; q < P; ++q) {
+      V* eq = e[q];
+      if (q >= np) {
+        for (int v = 0; v < nv; ++v) eq[v] = vbroadcast<V>(0.0f);
+        continue;
       }
-    } else {
-      const float* u = a.unary + p * lanes;
-      for (int v = 0; v < nv; ++v) e[v] = vload<V>(u + v * W);
-      if (slice) {
-        for (int k = 0; k < a.kernels; ++k) {
-          const PassKernel& K = a.k[k];
-          const int32_t* off = K.offset + p * K.d1;
-          const float* w = K.weight + p * K.d1;
-          {
-            const float* row = K.sliced + int64_t(off[0]) * lanes;
-            for (int v = 0; v < nv; ++v) s[v] = w[0] * vload<V>(row + v * W);
-          }
-          for (int j = 1; j < K.d1; ++j) {
-            const float* row = K.sliced + int64_t(off[j]) * lanes;
-            const float wj = w[j];
-            for (int v = 0; v < nv; ++v) s[v] += wj * vload<V>(row + v * W);
-          }
-          const float scale = K.post[p];
-          if (K.diagonal) {
-            for (int v = 0; v < nv; ++v) e[v] += scale * vload<V>(K.compat + v * W) * s[v];
-          } else {
-            // C is symmetric: E += sum_m (scale s_m) C[m, :], row by row.
-            for (int m = 0; m < L; ++m) {
-              const float sm = scale * s[m / W][m % W];
-              const float* c = K.compat + int64_t(m) * lanes;
-              for (int v = 0; v < nv; ++v) e[v] += sm * vload<V>(c + v * W);
-            }
+      const int64_t pq = p + q;
+      if (from_init) {
+        for (int v = 0; v < nv; ++v) {
+          for (int i = 0; i < W; ++i) {
+            eq[v][i] = v * W + i < L ? a.init[int64_t(v * W + i) * a.N + pq] : 0.0f;
           }
         }
+        continue;
       }
+      const float* u = a.unary + pq * lanes;
+      for (int v = 0; v < nv; ++v) eq[v] = vload<V>(u + v * W);
+      if (!slice) continue;
+      for (int k = 0; k < a.kernels; ++k) {
+        const PassKernel& K = a.k[k];
+        const int32_t* off = K.offset + pq * K.d1;
+        const float* w = K.weight + pq * K.d1;
+        {
+          const float* row = K.sliced + int64_t(off[0]) * lanes;
+          for (int v = 0; v < nv; ++v) s[v] = w[0] * vload<V>(row + v * W);
+        }
+        for (int j = 1; j < K.d1; ++j) {
+          const float* row = K.sliced + int64_t(off[j]) * lanes;
+          const float wj = w[j];
+          for (int v = 0; v < nv; ++v) s[v] += wj * vload<V>(row + v * W);
+        }
+        const float scale = K.post[pq];
+        if (K.diagonal) {
+          for (int v = 0; v < nv; ++v) eq[v] += scale * vload<V>(K.compat + v * W) * s[v];
+        } else {
+          // C is symmetric: E += sum_m (scale s_m) C[m, :], row by row.
+          for (int m = 0; m < L; ++m) {
+            const float sm = scale * s[m / W][m % W];
+            const float* c = K.compat + int64_t(m) * lanes;
+            for (int v = 0; v < nv; ++v) eq[v] += sm * vload<V>(c + v * W);
+          }
+        }
+      }
+    }
+    if (!from_init) {
       // Q = softmax(-E) over the L real labels; padding lanes get exactly 0.
-      V low = e[0] + pad[0];
+      V low[P];
+      for (int q = 0; q < P; ++q) low[q] = e[q][0] + pad[0];
       for (int v = 1; v < nv; ++v) {
-        const V x = e[v] + pad[v];
-        low = x < low ? x : low;
+        for (int q = 0; q < P; ++q) {
+          const V x = e[q][v] + pad[v];
+          low[q] = x < low[q] ? x : low[q];
+        }
       }
-      float lowest = low[0];
-      for (int i = 1; i < W; ++i) lowest = low[i] < lowest ? low[i] : lowest;
-      V sum = vbroadcast<V>(0.0f);
+      float lowest[P];
+      for (int q = 0; q < P; ++q) {
+        lowest[q] = low[q][0];
+        for (int i = 1; i < W; ++i) lowest[q] = low[q][i] < lowest[q] ? low[q][i] : lowest[q];
+      }
+      V sum[P];
+      for (int q = 0; q < P; ++q) sum[q] = vbroadcast<V>(0.0f);
       for (int v = 0; v < nv; ++v) {
-        e[v] = vexp_nonpositive<W>(lowest - e[v]) * keep[v];
-        sum += e[v];
+        for (int q = 0; q < P; ++q) {
+          e[q][v] = vexp_nonpositive<W>(lowest[q] - e[q][v]) * keep[v];
+          sum[q] += e[q][v];
+        }
       }
-      float total = 0.0f;
-      for (int i = 0; i < W; ++i) total += sum[i];
-      const float inv = 1.0f / total;
-      for (int v = 0; v < nv; ++v) e[v] *= inv;
+      for (int q = 0; q < P; ++q) {
+        float total = 0.0f;
+        for (int i = 0; i < W; ++i) total += sum[q][i];
+        const float inv = 1.0f / total;
+        for (int v = 0; v < nv; ++v) e[q][v] *= inv;
+      }
     }
-    if (a.out != nullptr) {
-      for (int l = 0; l < L; ++l) a.out[int64_t(l) * a.N + p] = e[l / W][l % W];
-      continue;
-    }
-    for (int k = 0; k < a.kernels; ++k) {
-      const PassKernel& K = a.k[k];
-      float* buffer = K.splat[chunk];
-      const int32_t* off = K.offset + p * K.d1;
-      const float* w = K.weight + p * K.d1;
-      const float scale = K.pre[p];
-      for (int j = 0; j < K.d1; ++j) {
-        float* row = buffer + int64_t(off[j]) * lanes;
-        const float wj = w[j] * scale;
-        for (int v = 0; v < nv; ++v) vstore(row + v * W, vload<V>(row + v * W) + wj * e[v]);
+    for (int q = 0; q < np; ++q) {
+      const int64_t pq = p + q;
+      const V* eq = e[q];
+      if (a.out != nullptr) {
+        for (int l = 0; l < L; ++l) a.out[int64_t(l) * a.N + pq] = eq[l / W][l % W];
+        continue;
+      }
+      for (int k = 0; k < a.kernels; ++k) {
+        const PassKernel& K = a.k[k];
+        float* buffer = K.splat[chunk];
+        const int32_t* off = K.offset + pq * K.d1;
+        const float* w = K.weight + pq * K.d1;
+        const float scale = K.pre[pq];
+        for (int j = 0; j < K.d1; ++j) {
+          float* row = buffer + int64_t(off[j]) * lanes;
+          const float wj = w[j] * scale;
+          for (int v = 0; v < nv; ++v) vstore(row + v * W, vload<V>(row + v * W) + wj * eq[v]);
+        }
       }
     }
   }
