@@ -1,0 +1,80 @@
+"""fastseg.dense_crf against pydensecrf2 (Kraehenbuehl's densecrf), end to end on the CPU.
+
+Both get the same unary energies (B, L, H, W) and uint8 RGB images and run the whole inference,
+lattice builds included: pydensecrf2 one image at a time (it has no batch), fastseg on the batch.
+Cases: a VOC-sized image (500x375, 21 labels) with densecrf's default kernels (gaussian sxy=3
+compat=3, bilateral sxy=80 srgb=13 compat=10) at 5 and 10 iterations; the same with DeepLab-v2's
+VOC kernels (bilateral sxy=67 srgb=3 compat=4, gaussian compat=3: a ~10x larger lattice); 1024x1024;
+and a batch of 8 at 512x512.
+"""
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import fastseg
+from conftest import FASTSEG, shapes
+
+DEFAULT = (dict(sxy=3, compat=3), dict(sxy=80, srgb=13, compat=10))
+VOC = (dict(sxy=3, compat=3), dict(sxy=67, srgb=3, compat=4))
+# (name, batch, height, width, labels, iterations, kernels)
+CASES = shapes(
+    [
+        ("500x375 L21 default", 1, 375, 500, 21, 5, DEFAULT),
+        ("500x375 L21 default", 1, 375, 500, 21, 10, DEFAULT),
+        ("500x375 L21 deeplab-voc", 1, 375, 500, 21, 10, VOC),
+        ("1024x1024 L21 default", 1, 1024, 1024, 21, 5, DEFAULT),
+        ("8x512x512 L21 default", 8, 512, 512, 21, 5, DEFAULT),
+    ],
+    [("smoke", 2, 24, 32, 3, 2, DEFAULT), ("smoke voc", 1, 20, 28, 4, 2, VOC)],
+)
+IMPLS = [FASTSEG, "pydensecrf2"]
+
+
+@functools.lru_cache(maxsize=2)
+def _inputs(B, H, W, L):
+    """Smooth random energies and blocky noisy RGB images, both fixed by the shape."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randn(B, L, max(H // 16, 2), max(W // 16, 2), generator=g) * 3
+    logits = torch.nn.functional.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
+    unary = (-torch.log_softmax(logits, 1)).contiguous()
+    blocks = torch.randint(0, 256, (B, 3, max(H // 24, 2), max(W // 24, 2)), generator=g).float()
+    image = torch.nn.functional.interpolate(blocks, size=(H, W), mode="nearest")
+    image = (image + 10 * torch.randn(image.shape, generator=g)).clamp(0, 255).to(torch.uint8).contiguous()
+    return unary, image
+
+
+def _pydensecrf(unary, image, iterations, gaussian, bilateral):
+    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is not installed")
+    B, L, H, W = unary.shape
+    energies = [np.ascontiguousarray(u.reshape(L, -1).numpy()) for u in unary]
+    rgbs = [np.ascontiguousarray(im.permute(1, 2, 0).numpy()) for im in image]
+
+    def run():
+        out = []
+        for U, rgb in zip(energies, rgbs):
+            d = dcrf.DenseCRF2D(W, H, L)
+            d.setUnaryEnergy(U)
+            d.addPairwiseGaussian(sxy=gaussian["sxy"], compat=gaussian["compat"])
+            d.addPairwiseBilateral(sxy=bilateral["sxy"], srgb=bilateral["srgb"], rgbim=rgb, compat=bilateral["compat"])
+            out.append(np.array(d.inference(iterations)))
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].replace(' ', '-')}-it{c[5]}")
+def test_dense_crf(bench, case, impl):
+    name, B, H, W, L, iterations, (gaussian, bilateral) = case
+    unary, image = _inputs(B, H, W, L)
+    if impl == FASTSEG:
+        def fn():
+            return fastseg.dense_crf(unary, image, iterations=iterations, gaussian=gaussian,
+                                     bilateral=bilateral, unary="energy")
+    else:
+        fn = _pydensecrf(unary, image, iterations, gaussian, bilateral)
+    fn()  # warm up (first-call allocations) outside the timing
+    out = bench(f"dense_crf {name} it{iterations} cpu", impl, fn)
+    assert len(out) == B
