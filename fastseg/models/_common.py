@@ -1,0 +1,137 @@
+"""What every fastseg model shares: argument checks, the input check, the kernels switch, loading
+a torchvision checkpoint file from disk, and the model registry."""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OUTPUT_STRIDES = (8, 16, 32)
+
+_REGISTRY = {}
+
+
+def register(fn):
+    """Add a model builder to ``fastseg.models.list_models()`` / ``get_model()`` under its name."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models():
+    """Names of every model ``get_model`` builds, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_model(name, **kwargs):
+    """Build the model ``name`` (one of ``list_models()``) with the builder's keyword arguments.
+
+    Example:
+        >>> model = fastseg.models.get_model("pspnet", num_classes=19, backbone="resnet50")
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"get_model: unknown model name {name!r}; known models: {', '.join(list_models())}")
+    return _REGISTRY[name](**kwargs)
+
+
+def check_num_classes(model, num_classes):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"{model}: num_classes must be an int, got {num_classes!r}")
+    if num_classes < 1:
+        raise ValueError(f"{model}: num_classes must be >= 1, got {num_classes}")
+
+
+def check_choice(model, name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{model}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_no_aux(model, aux_loss):
+    if aux_loss:
+        raise ValueError(f"{model}: aux_loss=True, but the paper's {model} has no auxiliary head")
+
+
+class SegmentationModel(nn.Module):
+    """Base of the models: checks the input, and switches every fastseg.nn layer inside between
+    fastseg's kernels and plain PyTorch (``use_kernels``). Subclasses set ``name`` and
+    ``min_input_size`` (the smallest height/width the architecture takes) and implement
+    ``_forward(x) -> dict``."""
+
+    name = "model"
+    min_input_size = 1
+    in_channels = 3
+
+    def set_use_kernels(self, use_kernels):
+        """Run every fastseg.nn layer on fastseg's kernels (True: backend='auto') or on its
+        plain-PyTorch reference (False: backend='reference'); the weights stay the same."""
+        self.use_kernels = bool(use_kernels)
+        for module in self.modules():
+            if type(module).__module__.startswith("fastseg.nn") and hasattr(module, "backend"):
+                module.backend = "auto" if use_kernels else "reference"
+        return self
+
+    def check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.name}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{self.name}: input must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{self.name}: input must have {self.in_channels} channels (B, {self.in_channels}, H, W), "
+                             f"got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if min(h, w) < self.min_input_size:
+            raise ValueError(f"{self.name}: input height and width must be at least {self.min_input_size} "
+                             f"({self._size_reason()}); got {h}x{w}")
+
+    def _size_reason(self):
+        return f"the network downsamples by {self.min_input_size}"
+
+    def forward(self, x):
+        self.check_input(x)
+        return self._forward(x)
+
+
+def upsample(x, size):
+    """Bilinear resize to ``size`` with align_corners=False (what DeepLab v3+/PSPNet ports use)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def read_state_dict(path, what):
+    """A state dict from a local file (a torchvision checkpoint as saved by torch.save)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"backbone_weights must be a path to a local file, got {type(path).__name__}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"backbone_weights: no file at {os.fspath(path)!r}. fastseg downloads nothing: fetch torchvision's "
+            f"{what} checkpoint yourself (e.g. torchvision.models.{what}(weights=...).state_dict() saved with "
+            "torch.save) and pass the local path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every unreadable file gets the same explanation
+        raise ValueError(f"backbone_weights: cannot read {os.fspath(path)!r} as a torch state dict "
+                         f"({type(error).__name__}: {error})") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"backbone_weights: {os.fspath(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+def load_matching(module, state, path, *, ignore_prefixes=()):
+    """Load ``state`` into ``module`` strictly, except for keys under ``ignore_prefixes`` (a
+    checkpoint's classification head); anything else that does not match is a ValueError listing
+    the missing and unexpected keys (and the shape mismatches)."""
+    own = module.state_dict()
+    used = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}
+    missing = sorted(set(own) - set(used))
+    unexpected = sorted(set(used) - set(own))
+    shapes = sorted(f"{k}: file {tuple(used[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(used) if used[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        def listing(keys):
+            return ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "") if keys else "none"
+        raise ValueError(f"backbone_weights: {os.fspath(path)!r} does not match {type(module).__name__}: "
+                         f"missing keys: {listing(missing)}; unexpected keys: {listing(unexpected)}; "
+                         f"shape mismatches: {listing(shapes)}")
+    module.load_state_dict(used, strict=True)
