@@ -21,9 +21,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -928,33 +925,18 @@ Workspace& thread_workspace() {
 // Large images would pin their (large) workspace for the rest of the process.
 constexpr int64_t kKeepWorkspacePixels = int64_t(4) << 20;
 
-struct DebugTimer {  // TEMPORARY
-  bool on = std::getenv("FASTSEG_CRF_TIMING") != nullptr;
-  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
-  void lap(const char* what) {
-    if (!on) return;
-    auto now = std::chrono::steady_clock::now();
-    std::fprintf(stderr, "%-12s %8.2f ms\n", what, std::chrono::duration<double, std::milli>(now - t).count());
-    t = now;
-  }
-};
-
 void mean_field_image(const float* unary, float unary_scale, const float* init, float* out, int64_t N, int L,
                       std::vector<KernelSpec>& specs, int64_t iterations,
                       std::vector<KernelState>& states, Buffer<float>& unary_rows) {
-  DebugTimer timer;
   const int64_t chunks = pixel_chunks(N);
   const int lanes = int(lanes_for_labels(L));
   const int K = int(specs.size());
   states.resize(K);
   for (int k = 0; k < K; ++k) {
     build_lattice(states[k].lattice, specs[k].features, N, specs[k].d, N, int(chunks));
-    timer.lap("build");
     normalisers(states[k].lattice, specs[k].normalization, chunks, states[k].pre, states[k].post,
                 states[k].norm_buffers);
-    timer.lap("norm");
     states[k].buffers.allocate(states[k].lattice, lanes, chunks);
-    timer.lap("alloc");
   }
   // Unary energies as rows of `lanes` (padding 0; the softmax ignores it). unary_scale -1 makes
   // logits energies: -logits differs from -log_softmax(logits) by a per-pixel constant, which no
@@ -983,17 +965,13 @@ void mean_field_image(const float* unary, float unary_scale, const float* init, 
     });
   };
   // Pass 0: Q0 = softmax(-U) (or init), splatted. Then one pass per iteration.
-  timer.lap("unary");
   if (iterations == 0) args.out = out;
   run_pass();
-  timer.lap("pass0");
   args.init = nullptr;
   for (int64_t it = 0; it < iterations; ++it) {
     for (int k = 0; k < K; ++k) pass[k].sliced = states[k].buffers.gather_and_blur(states[k].lattice);
-    timer.lap("blur");
     if (it == iterations - 1) args.out = out;
     run_pass();
-    timer.lap("pass");
   }
 }
 
