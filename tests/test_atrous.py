@@ -1,0 +1,350 @@
+"""fastseg.atrous_conv2d on every backend against F.conv2d + F.batch_norm + F.relu in float64, its
+gradients and custom ops, the AtrousConvBNReLU and ASPP layers against plain PyTorch, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseg
+from common import assert_relative_close, backend_params
+
+BACKENDS = backend_params(("reference", "cpp", "triton"))
+COMPILED = [p for p in BACKENDS if p.values[0] != "reference"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+LAYOUTS = ["nchw", "channels_last"]
+# tl.dot rounds float32 operands to tf32 on tensor cores.
+TRITON_FP32_TOLERANCE = 5e-4
+
+# (B, C, O, H, W, kernel, stride, padding, dilation, groups): every DeepLab rate, strides 1 and 2,
+# 'same' and explicit paddings, depthwise, odd maps smaller than the dilated kernel, batch 1 and 4.
+CASES = [
+    (1, 3, 4, 8, 8, 3, 1, "same", 1, 1),
+    (4, 4, 5, 9, 7, 3, 1, "same", 2, 1),
+    (1, 5, 3, 11, 13, 3, 2, 4, 4, 1),
+    (2, 4, 6, 13, 10, 3, 1, "same", 6, 1),
+    (1, 3, 4, 7, 9, 3, 1, "same", 12, 1),
+    (1, 4, 3, 5, 5, 3, 2, 18, 18, 1),
+    (4, 2, 3, 9, 6, 3, 1, "same", 24, 1),
+    (1, 3, 2, 7, 5, 3, 1, 36, 36, 1),
+    (2, 6, 6, 9, 9, 3, 1, "same", 6, 6),  # depthwise
+    (1, 4, 6, 10, 7, 3, 2, 3, (2, 3), 2),
+    (2, 3, 5, 6, 6, 1, 1, 0, 1, 1),
+    (1, 3, 3, 9, 8, (3, 1), 1, (12, 0), 12, 1),
+]
+CASE_IDS = ["x".join(map(str, c[:5])) + f"-k{c[5]}s{c[6]}p{c[7]}d{c[8]}g{c[9]}".replace(" ", "") for c in CASES]
+
+
+def _layout(t, layout):
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t.contiguous()
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _problem(case, seed=0):
+    """Float64 inputs, BatchNorm statistics, a residual and the expected output."""
+    B, C, O, H, W, k, s, p, d, g = case
+    gen = torch.Generator().manual_seed(seed)
+    kH, kW = _pair(k)
+    x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(O, C // g, kH, kW, generator=gen, dtype=torch.float64) / (C // g * kH * kW) ** 0.5
+    bias = torch.randn(O, generator=gen, dtype=torch.float64)
+    mean, var = torch.randn(O, generator=gen, dtype=torch.float64), torch.rand(O, generator=gen, dtype=torch.float64) + 0.5
+    gamma, beta = torch.randn(O, generator=gen, dtype=torch.float64), torch.randn(O, generator=gen, dtype=torch.float64)
+    padding = p if isinstance(p, str) else _pair(p)
+    if padding == "same":
+        padding = tuple(dd * (kk - 1) // 2 for kk, dd in zip((kH, kW), _pair(d)))
+    y = F.batch_norm(F.conv2d(x, w, bias, s, padding, d, g), mean, var, gamma, beta, False, 0.0, 1e-5)
+    residual = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    expected = F.relu(y + residual)
+    scale = gamma / torch.sqrt(var + 1e-5)
+    shift = beta - mean * scale
+    return dict(x=x, w=w, bias=bias, scale=scale, shift=shift, residual=residual, expected=expected,
+                conv=F.conv2d(x, w, None, s, padding, d, g), kwargs=dict(stride=s, padding=p, dilation=d, groups=g))
+
+
+def _expected_from_rounded(pr, dtype):
+    """The float64 result for the inputs as rounded to ``dtype``: what a kernel can be held to."""
+    r = {k: pr[k].to(dtype).double() for k in ("x", "w", "bias", "scale", "shift", "residual")}
+    kw = pr["kwargs"]
+    B, C, H, W = r["x"].shape
+    kH, kW = r["w"].shape[2:]
+    p = kw["padding"]
+    padding = tuple(dd * (kk - 1) // 2 for kk, dd in zip((kH, kW), _pair(kw["dilation"]))) if p == "same" else p
+    conv = F.conv2d(r["x"], r["w"], None, kw["stride"], padding, kw["dilation"], kw["groups"])
+    y = (conv + r["bias"].view(1, -1, 1, 1)) * r["scale"].view(1, -1, 1, 1) + r["shift"].view(1, -1, 1, 1)
+    return F.relu(y + r["residual"])
+
+
+def _tolerance(backend, dtype):
+    return TRITON_FP32_TOLERANCE if backend == "triton" and dtype == torch.float32 else None
+
+
+# The interpreter is slow: under it, Triton runs these cases only (every rate class, stride 2,
+# depthwise, rectangular kernels) in float32 and bfloat16; on a GPU it runs them all.
+INTERPRETER_CASES = {0, 4, 5, 7, 8, 9, 11}
+
+
+def _skip_unsupported(backend, device, dtype, case=None, layout=None):
+    if backend == "triton" and device == "cpu":
+        if dtype in (torch.float16, torch.float64):
+            pytest.skip("float16/float64 run on the GPU; the interpreter covers float32 and bfloat16")
+        if case is not None and CASES.index(case) not in INTERPRETER_CASES:
+            pytest.skip("a case left to the GPU run (the interpreter is slow)")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_conv_bn_relu(case, dtype, layout, backend, device, poison):
+    _skip_unsupported(backend, device, dtype, case)
+    pr = _problem(case)
+    cast = lambda t: t.to(device=device, dtype=dtype)
+    x = _layout(cast(pr["x"]), layout)
+    out = fastseg.atrous_conv2d(
+        x, cast(pr["w"]), cast(pr["bias"]), scale=cast(pr["scale"]), shift=cast(pr["shift"]),
+        residual=_layout(cast(pr["residual"]), layout), activation="relu", backend=backend, **pr["kwargs"],
+    )
+    assert out.shape == pr["expected"].shape and out.dtype == dtype and out.device.type == device
+    assert_relative_close(out.cpu(), _expected_from_rounded(pr, dtype), dtype, _tolerance(backend, dtype))
+    if dtype in (torch.float32, torch.float64):  # and against conv -> batch_norm -> relu itself
+        assert_relative_close(out.cpu(), pr["expected"], dtype, _tolerance(backend, dtype))
+    if layout == "channels_last" and out.shape[1] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_plain_convolution(dtype, backend, device, poison):
+    # No epilogue at all, and the unbatched form.
+    pr = _problem(CASES[3])
+    x, w = pr["x"].to(device, dtype), pr["w"].to(device, dtype)
+    out = fastseg.atrous_conv2d(x[0], w, backend=backend, **pr["kwargs"])
+    assert out.shape == pr["conv"].shape[1:]
+    assert_relative_close(out.cpu(), pr["conv"][0], dtype, _tolerance(backend, dtype))
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("algorithm", ["taps", "conv"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c[9] == 1], ids=[i for c, i in zip(CASES, CASE_IDS) if c[9] == 1])
+def test_cpu_paths(case, dtype, layout, algorithm, poison):
+    # Both paths of the C++ kernel, whichever 'auto' would pick.
+    pr = _problem(case)
+    B, C, O, H, W, k, s, p, d, g = case
+    kH, kW = _pair(k)
+    padding = [dd * (kk - 1) // 2 for kk, dd in zip((kH, kW), _pair(d))] if p == "same" else list(_pair(p))
+    shift = pr["shift"] + pr["scale"] * pr["bias"]
+    out = torch.ops.fastseg.atrous_conv2d(
+        _layout(pr["x"].to(dtype), layout), pr["w"].to(dtype), pr["scale"].to(dtype), shift.to(dtype),
+        _layout(pr["residual"].to(dtype), layout), list(_pair(s)), padding, list(_pair(d)), 1, True, algorithm,
+    )
+    assert_relative_close(out, pr["expected"], dtype)
+
+
+def test_poison_fixture_poisons(poison):
+    assert torch.isnan(torch.empty(64)).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck(layout, backend, device):
+    if (backend, device) == ("triton", "cpu") and layout == "channels_last":
+        pytest.skip("one layout under the interpreter (slow); both on the GPU")
+    gen = torch.Generator().manual_seed(3)
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    x = _layout(make(1, 2, 5, 4).detach(), layout).requires_grad_()
+    w, b, scale, shift = make(3, 2, 3, 3), make(3), make(3), make(3)
+    residual = _layout(make(1, 3, 5, 4).detach(), layout).requires_grad_()
+
+    def conv(x, w, b, scale, shift, residual):
+        return fastseg.atrous_conv2d(x, w, b, dilation=2, scale=scale, shift=shift, residual=residual,
+                                     activation="relu", backend=backend)
+
+    assert torch.autograd.gradcheck(conv, (x, w, b, scale, shift, residual))
+    strided = lambda x, w: fastseg.atrous_conv2d(x, w, stride=2, padding=3, dilation=3, backend=backend)
+    assert torch.autograd.gradcheck(strided, (x, w))
+
+
+def _op_for(backend):
+    return torch.ops.fastseg.atrous_conv2d_triton if backend == "triton" else torch.ops.fastseg.atrous_conv2d
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout, backend, device):
+    gen = torch.Generator().manual_seed(4)
+    x = _layout(torch.randn(2, 3, 6, 5, generator=gen), layout).to(device).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, generator=gen).to(device).requires_grad_()
+    scale, shift = torch.rand(4, generator=gen).to(device).requires_grad_(), torch.randn(4, generator=gen).to(device)
+    residual = _layout(torch.randn(2, 4, 6, 5, generator=gen), layout).to(device)
+    torch.library.opcheck(_op_for(backend), (x, w, scale, shift, residual, [1, 1], [2, 2], [2, 2], 1, True))
+    torch.library.opcheck(_op_for(backend), (x, w, None, None, None, [2, 2], [1, 1], [1, 1], 1, False))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in COMPILED if p.values[0] == "cpp"])
+def test_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    pr = _problem(CASES[1])
+    x, w = pr["x"].float().to(device), pr["w"].float().to(device)
+    scale, shift = pr["scale"].float().to(device), pr["shift"].float().to(device)
+
+    @torch.compile(fullgraph=True)
+    def block(x):
+        return fastseg.atrous_conv2d(x * 2, w, dilation=2, scale=scale, shift=shift, activation="relu",
+                                     backend=backend) + 1
+
+    expected = F.relu(F.conv2d(x * 2, w, padding=2, dilation=2) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) + 1
+    assert_relative_close(block(x).cpu(), expected.cpu(), torch.float32)
+
+
+# --- layers -------------------------------------------------------------------------------------
+
+
+def _randomise_bn(module, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen))
+
+
+def _plain_cbr(layer, x):
+    """Conv -> BatchNorm (eval) -> ReLU of an AtrousConvBNReLU's weights, in plain PyTorch."""
+    c, bn = layer.conv, layer.bn
+    y = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+    return F.relu(F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+def _plain_aspp(aspp, x):
+    if aspp.version == "v2":
+        return sum(F.conv2d(x, c.weight, c.bias, 1, c.padding, c.dilation) for c in aspp.branches)
+    outs = [_plain_cbr(b, x) for b in aspp.branches]
+    if aspp.image_pooling:
+        pooled = _plain_cbr(aspp.pooling, x.mean((2, 3), keepdim=True))
+        outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
+    return _plain_cbr(aspp.project, torch.cat(outs, 1))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv_bn_relu_layer(layout):
+    torch.manual_seed(0)
+    layer = fastseg.nn.AtrousConvBNReLU(4, 6, 3, dilation=6)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=6, dilation=6, bias=False), torch.nn.BatchNorm2d(6))
+    plain.load_state_dict({"0.weight": layer.conv.weight, **{f"1.{k}": v for k, v in layer.bn.state_dict().items()}})
+    x = _layout(torch.randn(2, 4, 9, 9), layout)
+    residual = torch.randn(2, 6, 9, 9)
+    # Training: exact BatchNorm semantics, running statistics included.
+    assert torch.equal(layer(x, residual), F.relu(plain(x) + residual))
+    assert torch.equal(layer.bn.running_mean, plain[1].running_mean)
+    assert torch.equal(layer.bn.running_var, plain[1].running_var)
+    layer.eval(), plain.eval()
+    _randomise_bn(layer), _randomise_bn(plain)
+    with torch.no_grad():
+        out = layer(x, residual)
+        assert_relative_close(out, F.relu(plain(x.double().float()) + residual), torch.float32)
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("version,rates,output_stride", [("v2", None, 16), ("v3", None, 16), ("v3", None, 8), ("v3", (2, 5), 16)])
+def test_aspp_matches_plain_pytorch(version, rates, output_stride, backend, device):
+    torch.manual_seed(1)
+    aspp = fastseg.nn.ASPP(6, 4, version=version, rates=rates, output_stride=output_stride, backend=backend)
+    expected_rates = rates or {("v2", 16): (6, 12, 18, 24), ("v3", 16): (6, 12, 18), ("v3", 8): (12, 24, 36)}[version, output_stride]
+    assert aspp.rates == tuple(expected_rates)
+    _randomise_bn(aspp)
+    aspp.eval().to(device)
+    x = torch.randn(2, 6, 7, 9).to(device)
+    with torch.no_grad():
+        out, expected = aspp(x), _plain_aspp(aspp, x.double().float())
+    assert out.shape == (2, 4, 7, 9)
+    tolerance = TRITON_FP32_TOLERANCE if backend == "triton" else None
+    assert_relative_close(out.cpu(), expected.cpu(), torch.float32, tolerance)
+
+
+def test_aspp_trains():
+    torch.manual_seed(2)
+    aspp = fastseg.nn.ASPP(4, 3, version="v3", rates=(2, 3))
+    x = torch.randn(2, 4, 6, 6)
+    aspp(x).sum().backward()
+    assert all(p.grad is not None for p in aspp.parameters())
+    assert "version='v3', rates=(2, 3)" in repr(aspp)
+
+
+def test_aspp_bad_arguments():
+    with pytest.raises(ValueError, match="version must be 'v2' or 'v3'"):
+        fastseg.nn.ASPP(4, 3, version="v4")
+    with pytest.raises(ValueError, match="output_stride must be 8 or 16"):
+        fastseg.nn.ASPP(4, 3, output_stride=32)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def _args():
+    return torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3)
+
+
+BAD_CALLS = [
+    ("x not a tensor", lambda x, w: ([[1.0]], w), {}, TypeError, "x must be a torch.Tensor"),
+    ("2-D x", lambda x, w: (x[0, 0], w), {}, ValueError, "x must be 3-D or 4-D, got 2-D"),
+    ("integer x", lambda x, w: (x.long(), w), {}, TypeError, "x must have dtype"),
+    ("3-D weight", lambda x, w: (x, w[0]), {}, ValueError, "weight must be 4-D, got 3-D"),
+    ("channel mismatch", lambda x, w: (x, w[:, :3]), {}, ValueError,
+     r"weight has shape \(6, 3, 3, 3\), expecting \(O, C / groups = 4, kH, kW\) for x with C = 4"),
+    ("groups not dividing C", lambda x, w: (x, w), dict(groups=3), ValueError, "groups = 3 does not divide the 4 input"),
+    ("groups not dividing O", lambda x, w: (x, torch.randn(5, 1, 3, 3)), dict(groups=4), ValueError,
+     "groups = 4 does not divide the 5 output"),
+    ("zero groups", lambda x, w: (x, w), dict(groups=0), ValueError, "groups must be >= 1"),
+    ("zero dilation", lambda x, w: (x, w), dict(dilation=0), ValueError, "dilation must be >= 1"),
+    ("negative stride", lambda x, w: (x, w), dict(stride=(1, -1)), ValueError, "stride must be >= 1"),
+    ("negative padding", lambda x, w: (x, w), dict(padding=-1), ValueError, "padding must be >= 0"),
+    ("bad padding string", lambda x, w: (x, w), dict(padding="full"), ValueError, "padding must be an int, a pair"),
+    ("odd same padding", lambda x, w: (x, torch.randn(6, 4, 2, 2)), dict(padding="same"), ValueError,
+     r"padding='same' needs dilation \* \(kernel_size - 1\) even"),
+    ("empty output", lambda x, w: (x, w), dict(padding=0, dilation=12), ValueError,
+     r"the output would be empty: input \(9, 9\) with padding \(0, 0\) is smaller than the dilated kernel \(25, 25\)"),
+    ("mixed dtypes", lambda x, w: (x, w.double()), {}, TypeError, "weight has dtype float64 but x has dtype float32"),
+    ("mixed devices", lambda x, w: (x, w.to("meta")), {}, ValueError, "x is on cpu but weight is on meta"),
+    ("scale wrong length", lambda x, w: (x, w), dict(scale=torch.ones(5)), ValueError,
+     r"scale has shape \(5,\), expecting \(6,\)"),
+    ("shift wrong length", lambda x, w: (x, w), dict(shift=torch.ones(6, 1)), ValueError, r"shift has shape \(6, 1\)"),
+    ("bias wrong dtype", lambda x, w: (x, w, torch.ones(6, dtype=torch.float64)), {}, TypeError,
+     "bias has dtype float64 but x has dtype float32"),
+    ("shift on another device", lambda x, w: (x, w), dict(shift=torch.ones(6, device="meta")), ValueError,
+     "x is on cpu but shift is on meta"),
+    ("residual wrong shape", lambda x, w: (x, w), dict(residual=torch.ones(2, 6, 9, 8)), ValueError,
+     r"residual has shape \(2, 6, 9, 8\), expecting the output's \(2, 6, 9, 9\)"),
+    ("bad activation", lambda x, w: (x, w), dict(activation="gelu"), ValueError, "activation must be None or 'relu'"),
+    ("bad backend", lambda x, w: (x, w), dict(backend="fast"), ValueError, "backend must be 'auto' or one of"),
+    ("cuda backend on cpu", lambda x, w: (x, w), dict(backend="cuda"), ValueError, "has no 'cuda' backend"),
+]
+
+
+@pytest.mark.parametrize("description,build,kwargs,error,message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input(description, build, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fastseg.atrous_conv2d(*build(*_args()), **kwargs)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_compiled_op_checks_its_arguments():
+    x, w = _args()
+    op = torch.ops.fastseg.atrous_conv2d
+    with pytest.raises(ValueError, match="weight has shape"):
+        op(x, w[:, :3], None, None, None, [1, 1], [1, 1], [1, 1], 1, False)
+    with pytest.raises(ValueError, match="stride and dilation must be positive"):
+        op(x, w, None, None, None, [1, 1], [1, 1], [0, 1], 1, False)
+    with pytest.raises(ValueError, match="output would be empty"):
+        op(x, w, None, None, None, [1, 1], [0, 0], [12, 12], 1, False)
+    with pytest.raises(ValueError, match="algorithm must be"):
+        op(x, w, None, None, None, [1, 1], [1, 1], [1, 1], 1, False, "winograd")
+    with pytest.raises(ValueError, match="taps algorithm needs groups == 1"):
+        op(x, torch.randn(4, 1, 3, 3), None, None, None, [1, 1], [1, 1], [1, 1], 4, False, "taps")
