@@ -60,8 +60,6 @@ class _CRFModel(SegmentationModel):
     argmax is its labelling) and 'out_before_crf' the network's logits.
     """
 
-    crf = None
-
     def forward(self, x, image=None):
         self.check_input(x)
         logits = self._forward(x)["out"]
