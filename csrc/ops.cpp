@@ -52,6 +52,15 @@ TORCH_LIBRARY(fastseg, m) {
       "atrous_conv2d(Tensor input, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
       "str algorithm=\"auto\") -> Tensor");
+
+  // Global Convolutional Network block (Peng et al., "Large Kernel Matters", CVPR 2017): the sum of
+  // conv_1xk(conv_kx1(input, w_l1) + b_l1, w_l2) + b_l2 and conv_kx1(conv_1xk(input, w_r1) + b_r1,
+  // w_r2) + b_r2, 'same' padding dilation * (k - 1) / 2 along each long axis. input (B, Cin, H, W),
+  // w_l1 (Cmid, Cin, k, 1), w_l2 (Cout, Cmid, 1, k), w_r1 (Cmid, Cin, 1, k), w_r2 (Cout, Cmid, k, 1);
+  // the output (B, Cout, H, W) takes input's memory format.
+  m.def(
+      "gcn_conv2d(Tensor input, Tensor w_l1, Tensor w_l2, Tensor w_r1, Tensor w_r2, Tensor? b_l1, "
+      "Tensor? b_l2, Tensor? b_r1, Tensor? b_r2, int dilation) -> Tensor");
 }
 
 }  // namespace fastseg
