@@ -1,0 +1,71 @@
+"""Large-kernel layers of Peng et al., "Large Kernel Matters -- Improve Semantic Segmentation by
+Global Convolutional Network" (CVPR 2017): ``GlobalConv2d`` (the GCN block, Fig. 2(b)) and
+``BoundaryRefinement`` (the BR block, Fig. 2(c)).
+
+Parameters live in plain ``nn.Conv2d`` modules, so state dicts match a plain-PyTorch version of the
+same block; the forward passes go through ``fastseg.gcn_conv2d`` and ``fastseg.atrous_conv2d``.
+"""
+from torch import nn
+
+from ..ops.atrous import atrous_conv2d
+from ..ops.gcn import gcn_conv2d
+
+__all__ = ["GlobalConv2d", "BoundaryRefinement"]
+
+
+class GlobalConv2d(nn.Module):
+    """Global Convolutional Network block: (k x 1 then 1 x k) + (1 x k then k x 1) convolutions.
+
+    ``forward(x)``: (B, in_ch, H, W) -> (B, out_ch, H, W). The paper uses k = 15 and
+    mid_ch = out_ch = the number of classes (21 on VOC); no BatchNorm or ReLU inside the block.
+    Submodules ``conv_l1`` (k x 1), ``conv_l2`` (1 x k), ``conv_r1`` (1 x k), ``conv_r2`` (k x 1).
+
+    Example:
+        >>> gcn = fastseg.nn.GlobalConv2d(2048, 21, k=15)
+        >>> gcn(torch.randn(1, 2048, 16, 16)).shape
+        torch.Size([1, 21, 16, 16])
+    """
+
+    def __init__(self, in_ch, out_ch, k=15, mid_ch=None, *, dilation=1, bias=True, backend="auto"):
+        super().__init__()
+        if not isinstance(k, int) or k < 3 or k % 2 == 0:
+            raise ValueError(f"GlobalConv2d: k must be an odd int >= 3, got {k!r}")
+        mid_ch = out_ch if mid_ch is None else mid_ch
+        p = dilation * (k - 1) // 2
+        self.conv_l1 = nn.Conv2d(in_ch, mid_ch, (k, 1), padding=(p, 0), dilation=(dilation, 1), bias=bias)
+        self.conv_l2 = nn.Conv2d(mid_ch, out_ch, (1, k), padding=(0, p), dilation=(1, dilation), bias=bias)
+        self.conv_r1 = nn.Conv2d(in_ch, mid_ch, (1, k), padding=(0, p), dilation=(1, dilation), bias=bias)
+        self.conv_r2 = nn.Conv2d(mid_ch, out_ch, (k, 1), padding=(p, 0), dilation=(dilation, 1), bias=bias)
+        self.k, self.dilation, self.backend = k, dilation, backend
+
+    def forward(self, x):
+        convs = (self.conv_l1, self.conv_l2, self.conv_r1, self.conv_r2)
+        return gcn_conv2d(x, *(c.weight for c in convs), *(c.bias for c in convs), dilation=self.dilation,
+                          backend=self.backend)
+
+    def extra_repr(self):
+        return f"k={self.k}, dilation={self.dilation}"
+
+
+class BoundaryRefinement(nn.Module):
+    """Boundary Refinement block: ``x + conv3x3(relu(conv3x3(x)))``, a residual branch that sharpens
+    object boundaries. Both convolutions run through ``fastseg.atrous_conv2d``, the ReLU fused into the
+    first and the residual add into the second.
+
+    ``forward(x)``: (B, ch, H, W) -> (B, ch, H, W). Submodules ``conv1`` and ``conv2``.
+
+    Example:
+        >>> br = fastseg.nn.BoundaryRefinement(21)
+        >>> br(torch.randn(1, 21, 64, 64)).shape
+        torch.Size([1, 21, 64, 64])
+    """
+
+    def __init__(self, ch, *, bias=True, backend="auto"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1, bias=bias)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1, bias=bias)
+        self.backend = backend
+
+    def forward(self, x):
+        h = atrous_conv2d(x, self.conv1.weight, self.conv1.bias, padding=1, activation="relu", backend=self.backend)
+        return atrous_conv2d(h, self.conv2.weight, self.conv2.bias, padding=1, residual=x, backend=self.backend)
