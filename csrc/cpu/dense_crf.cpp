@@ -512,6 +512,16 @@ FASTSEG_ALWAYS_INLINE typename Vec<W>::F vexp_nonpositive(typename Vec<W>::F x) 
   return p * two_n;
 }
 
+// The bilateral lattice's rows (68k x 96 B at 500x375, 21 labels) outgrow L2, and the rows a pixel
+// touches are known from its offsets long before it is processed: prefetching the rows of the
+// pixels kPrefetchAhead ahead (and, in the blur, the neighbours 8 rows ahead) measured 3-7% faster
+// per call on the 2-core EPYC VM (interleaved A/B, 12-25 rounds, noisy under load).
+constexpr int64_t kPrefetchAhead = 4;  // pixels
+FASTSEG_ALWAYS_INLINE void prefetch_row(const float* row, int lanes) {
+  for (int b = 0; b < lanes * 4; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + b, 1);
+  __builtin_prefetch(reinterpret_cast<const char*>(row) + lanes * 4 - 1, 1);
+}
+
 // One pairwise kernel as a pixel pass sees it.
 struct PassKernel {
   int d1;
@@ -568,8 +578,19 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
   }
   const bool slice = a.kernels > 0 && a.k[0].sliced != nullptr;
   const bool from_init = a.init != nullptr && !slice;
+  const bool splat = a.out == nullptr;
   for (int64_t p = p0; p < p1; p += P) {
     const int np = int(std::min<int64_t>(P, p1 - p));
+    if (p + kPrefetchAhead + P <= p1) {
+      for (int k = 0; k < a.kernels; ++k) {
+        const PassKernel& K = a.k[k];
+        const int32_t* off = K.offset + (p + kPrefetchAhead) * K.d1;
+        for (int j = 0; j < P * K.d1; ++j) {
+          if (slice) prefetch_row(K.sliced + int64_t(off[j]) * lanes, lanes);
+          if (splat) prefetch_row(K.splat[chunk] + int64_t(off[j]) * lanes, lanes);
+        }
+      }
+    }
     for (int q = 0; q < P; ++q) {
       V* eq = e[q];
       if (q >= np) {
@@ -694,7 +715,12 @@ template <int LP>
 FASTSEG_ALWAYS_INLINE void blur_rows(const float* src, float* dst, const int32_t* neighbours,
                                      int runtime_lanes, int64_t m0, int64_t m1) {
   const int lanes = LP > 0 ? LP : runtime_lanes;
+  constexpr int64_t kAhead = 8;
   for (int64_t m = m0; m < m1; ++m) {
+    if (m + kAhead < m1) {
+      prefetch_row(src + int64_t(neighbours[2 * (m + kAhead)]) * lanes, lanes);
+      prefetch_row(src + int64_t(neighbours[2 * (m + kAhead) + 1]) * lanes, lanes);
+    }
     const float* a = src + int64_t(neighbours[2 * m]) * lanes;
     const float* b = src + int64_t(neighbours[2 * m + 1]) * lanes;
     const float* c = src + m * lanes;
