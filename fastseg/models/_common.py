@@ -50,6 +50,11 @@ def check_no_aux(model, aux_loss):
         raise ValueError(f"{model}: aux_loss=True, but the paper's {model} has no auxiliary head")
 
 
+def check_no_crf(model, crf):
+    if crf is not None:
+        raise ValueError(f"{model}: crf is only offered for deeplab_v1 and deeplab_v2 (their papers' post-processing)")
+
+
 class SegmentationModel(nn.Module):
     """Base of the models: checks the input, and switches every fastseg.nn layer inside between
     fastseg's kernels and plain PyTorch (``use_kernels``). Subclasses set ``name`` and

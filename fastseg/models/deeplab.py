@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import nn as fnn
-from ._common import OUTPUT_STRIDES, SegmentationModel, check_choice, check_no_aux, check_num_classes, register, \
+from ._common import OUTPUT_STRIDES, SegmentationModel, check_choice, check_no_aux, check_no_crf, check_num_classes, register, \
     upsample
 from .backbones import VGG, load_vgg_with_fc, resnet_backbone
 
@@ -193,11 +193,6 @@ def _check_common(name, num_classes, output_stride, aux_loss, strides=OUTPUT_STR
     check_no_aux(name, aux_loss)
 
 
-def _no_crf(name, crf):
-    if crf is not None:
-        raise ValueError(f"{name}: crf is only offered for deeplab_v1 and deeplab_v2 (their papers' post-processing)")
-
-
 @register
 def deeplab_v1(num_classes=21, backbone="vgg16", output_stride=8, aux_loss=False, crf=None, backbone_weights=None,
                use_kernels=True):
@@ -246,7 +241,7 @@ def deeplab_v3(num_classes=21, backbone="resnet101", output_stride=16, aux_loss=
         >>> model = fastseg.models.deeplab_v3(num_classes=21, backbone="resnet50", output_stride=8)
     """
     _check_common("deeplab_v3", num_classes, output_stride, aux_loss, (8, 16))
-    _no_crf("deeplab_v3", crf)
+    check_no_crf("deeplab_v3", crf)
     net = resnet_backbone("deeplab_v3", backbone, output_stride, multi_grid, backbone_weights)
     return DeepLabV3(net, num_classes).set_use_kernels(use_kernels)
 
@@ -259,6 +254,6 @@ def deeplab_v3_plus(num_classes=21, backbone="resnet101", output_stride=16, aux_
     Returns an nn.Module: (B, 3, H, W), H, W >= output_stride -> {'out': (B, num_classes, H, W)}.
     """
     _check_common("deeplab_v3_plus", num_classes, output_stride, aux_loss, (8, 16))
-    _no_crf("deeplab_v3_plus", crf)
+    check_no_crf("deeplab_v3_plus", crf)
     net = resnet_backbone("deeplab_v3_plus", backbone, output_stride, multi_grid, backbone_weights)
     return DeepLabV3Plus(net, num_classes).set_use_kernels(use_kernels)

@@ -14,7 +14,7 @@
 import torch
 from torch import nn
 
-from ._common import SegmentationModel, check_choice, check_no_aux, check_num_classes, register, upsample
+from ._common import SegmentationModel, check_choice, check_no_crf, check_no_aux, check_num_classes, register, upsample
 from .backbones import VGG, load_vgg_with_fc
 
 __all__ = ["ContextModule", "DilatedNet", "dilated_frontend", "dilated_context"]
@@ -100,8 +100,7 @@ def _build(name, context, num_classes, backbone, output_stride, aux_loss, crf, b
     check_choice(name, "backbone", backbone, ("vgg16",))
     check_choice(name, "output_stride", output_stride, (8,))
     check_no_aux(name, aux_loss)
-    if crf is not None:
-        raise ValueError(f"{name}: crf is only offered for deeplab_v1 and deeplab_v2 (their papers' post-processing)")
+    check_no_crf(name, crf)
     model = DilatedNet(num_classes, context)
     if backbone_weights is not None:
         load_vgg_with_fc(model.backbone, model.fc6, model.fc7, backbone_weights)

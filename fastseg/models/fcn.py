@@ -13,7 +13,7 @@
 import torch
 from torch import nn
 
-from ._common import SegmentationModel, check_choice, check_num_classes, register
+from ._common import SegmentationModel, check_choice, check_no_aux, check_no_crf, check_num_classes, register
 from .backbones import VGG, load_vgg_with_fc
 
 __all__ = ["FCN", "fcn32s", "fcn16s", "fcn8s", "bilinear_kernel"]
@@ -99,10 +99,8 @@ def _build(stride, num_classes, backbone, output_stride, aux_loss, crf, backbone
     check_num_classes(name, num_classes)
     check_choice(name, "backbone", backbone, ("vgg16",))
     check_choice(name, "output_stride", output_stride, (stride,))
-    if aux_loss:
-        raise ValueError(f"{name}: aux_loss=True, but the paper's {name} has no auxiliary head")
-    if crf is not None:
-        raise ValueError(f"{name}: crf is only offered for deeplab_v1 and deeplab_v2 (their papers' post-processing)")
+    check_no_aux(name, aux_loss)
+    check_no_crf(name, crf)
     model = FCN(num_classes, stride)
     if backbone_weights is not None:
         load_vgg_with_fc(model.backbone, model.fc6, model.fc7, backbone_weights)

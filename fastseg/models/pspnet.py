@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as fnn
-from ._common import SegmentationModel, check_num_classes, check_choice, register, upsample
+from ._common import SegmentationModel, check_num_classes, check_choice, check_no_crf, register, upsample
 from .backbones import resnet_backbone
 
 __all__ = ["PSPNet", "PyramidPooling", "pspnet"]
@@ -84,7 +84,6 @@ def pspnet(num_classes=21, backbone="resnet50", output_stride=8, aux_loss=True, 
     """
     check_num_classes("pspnet", num_classes)
     check_choice("pspnet", "output_stride", output_stride, (8, 16))
-    if crf is not None:
-        raise ValueError("pspnet: crf is only offered for deeplab_v1 and deeplab_v2 (their papers' post-processing)")
+    check_no_crf("pspnet", crf)
     net = resnet_backbone("pspnet", backbone, output_stride, weights=backbone_weights)
     return PSPNet(net, num_classes, aux_loss=bool(aux_loss)).set_use_kernels(use_kernels)

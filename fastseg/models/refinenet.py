@@ -18,7 +18,7 @@ stride 4, upsampled bilinearly to the input.
 """
 from torch import nn
 
-from ._common import SegmentationModel, check_choice, check_no_aux, check_num_classes, register, upsample
+from ._common import SegmentationModel, check_choice, check_no_crf, check_no_aux, check_num_classes, register, upsample
 from .backbones import resnet_backbone
 
 __all__ = ["RefineNet", "RefineNetBlock", "ResidualConvUnit", "MultiResolutionFusion", "ChainedResidualPooling",
@@ -138,8 +138,7 @@ def refinenet(num_classes=21, backbone="resnet101", output_stride=32, aux_loss=F
     check_num_classes("refinenet", num_classes)
     check_choice("refinenet", "output_stride", output_stride, (32,))
     check_no_aux("refinenet", aux_loss)
-    if crf is not None:
-        raise ValueError("refinenet: crf is only offered for deeplab_v1 and deeplab_v2 (their papers' post-processing)")
+    check_no_crf("refinenet", crf)
     if isinstance(crp_blocks, bool) or not isinstance(crp_blocks, int) or crp_blocks < 1:
         raise ValueError(f"refinenet: crp_blocks must be an int >= 1, got {crp_blocks!r}")
     net = resnet_backbone("refinenet", backbone, output_stride, weights=backbone_weights)

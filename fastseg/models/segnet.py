@@ -10,7 +10,7 @@ authors' Caffe model. Unpooling restores each pool's exact input size, so odd si
 from torch import nn
 
 from .. import nn as fnn
-from ._common import SegmentationModel, check_choice, check_no_aux, check_num_classes, register
+from ._common import SegmentationModel, check_choice, check_no_crf, check_no_aux, check_num_classes, register
 from .backbones import VGG, VGG16_STAGES
 
 __all__ = ["SegNet", "segnet"]
@@ -73,8 +73,7 @@ def segnet(num_classes=21, backbone="vgg16_bn", output_stride=32, aux_loss=False
     check_choice("segnet", "backbone", backbone, ("vgg16_bn",))
     check_choice("segnet", "output_stride", output_stride, (32,))
     check_no_aux("segnet", aux_loss)
-    if crf is not None:
-        raise ValueError("segnet: crf is only offered for deeplab_v1 and deeplab_v2 (their papers' post-processing)")
+    check_no_crf("segnet", crf)
     model = SegNet(num_classes)
     if backbone_weights is not None:
         model.backbone.load_torchvision(backbone_weights)
