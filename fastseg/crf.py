@@ -9,7 +9,6 @@ energies, images as (H, W, C) uint8 arrays, Q returned as an (L, N) float32 arra
 fastseg's multi-threaded permutohedral-lattice kernel (Adams, Baek & Davis, Eurographics 2010).
 NumPy arrays and CPU tensors are both accepted.
 """
-import numbers
 import sys
 
 import numpy as np

@@ -126,7 +126,7 @@ def dense_crf(
     if gaussian is not None:
         sx, sy = _pair("gaussian['sxy']", gaussian.get("sxy", 3))
         features.append(position_features(H, W, sx, sy, device=scores.device).unsqueeze(0))
-        compats.append(compat_matrix(f"gaussian['compat']", gaussian.get("compat", 3), L, scores.device))
+        compats.append(compat_matrix("gaussian['compat']", gaussian.get("compat", 3), L, scores.device))
         norms.append(normalization_code("gaussian['normalization']", gaussian.get("normalization", "symmetric")))
     if bilateral is not None:
         sx, sy = _pair("bilateral['sxy']", bilateral.get("sxy", 80))

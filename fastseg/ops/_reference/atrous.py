@@ -4,7 +4,6 @@ y = act(scale * conv(x, weight) + shift + residual), each term optional; ``conv`
 the given stride, padding, dilation and groups (the a trous algorithm of Yu & Koltun 2016 and
 Chen et al.'s DeepLab).
 """
-import torch
 import torch.nn.functional as F
 
 from ..._layout import output_memory_format
