@@ -1,0 +1,301 @@
+"""fastseg.gcn_conv2d on every backend against the four-convolution reference of Peng et al. (CVPR
+2017) in float64, its gradients and custom ops, GlobalConv2d and BoundaryRefinement against plain
+PyTorch, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseg
+from common import assert_relative_close, backend_params
+
+BACKENDS = backend_params(("reference", "cpp", "triton"))
+COMPILED = [p for p in BACKENDS if p.values[0] != "reference"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+LAYOUTS = ["nchw", "channels_last"]
+# tl.dot rounds float32 operands to tf32 on tensor cores.
+TRITON_FP32_TOLERANCE = 5e-4
+
+# (B, Cin, Cmid, Cout, H, W, k, dilation): every k of the issue, Cout 21 (VOC) and 1, maps smaller
+# than k (down to one row), batch 1 and 2, dilation 2.
+CASES = [
+    (2, 4, 5, 21, 9, 8, 3, 1),
+    (1, 3, 4, 1, 11, 13, 7, 1),
+    (2, 5, 21, 21, 6, 10, 9, 1),
+    (1, 6, 21, 21, 8, 12, 15, 1),
+    (2, 3, 3, 1, 5, 7, 31, 1),
+    (1, 4, 3, 2, 12, 10, 7, 2),
+    (2, 3, 2, 21, 1, 6, 15, 1),
+]
+CASE_IDS = ["B{}-{}-{}-{}-{}x{}-k{}-d{}".format(*c) for c in CASES]
+# The interpreter is slow: under it Triton runs these cases only, in float32 and bfloat16.
+INTERPRETER_CASES = {0, 4, 5}
+
+
+def _layout(t, layout):
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t.contiguous()
+
+
+def _problem(case, seed=0):
+    """Float64 x, weights and biases (scaled to keep activations O(1))."""
+    B, Cin, Cm, Co, H, W, k, d = case
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, fan=1: torch.randn(*shape, generator=gen, dtype=torch.float64) / fan ** 0.5
+    return dict(
+        x=rand(B, Cin, H, W),
+        weights=[rand(Cm, Cin, k, 1, fan=Cin * k), rand(Co, Cm, 1, k, fan=Cm * k), rand(Cm, Cin, 1, k, fan=Cin * k),
+                 rand(Co, Cm, k, 1, fan=Cm * k)],
+        biases=[rand(Cm), rand(Co), rand(Cm), rand(Co)],
+        dilation=d,
+    )
+
+
+def _four_convs(x, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, d):
+    """The paper's block written out: what every backend must match."""
+    p = d * (w_l1.shape[2] - 1) // 2
+    left = F.conv2d(F.conv2d(x, w_l1, b_l1, padding=(p, 0), dilation=(d, 1)), w_l2, b_l2, padding=(0, p), dilation=(1, d))
+    right = F.conv2d(F.conv2d(x, w_r1, b_r1, padding=(0, p), dilation=(1, d)), w_r2, b_r2, padding=(p, 0), dilation=(d, 1))
+    return left + right
+
+
+def _tolerance(backend, dtype):
+    return TRITON_FP32_TOLERANCE if backend == "triton" and dtype == torch.float32 else None
+
+
+def _skip_unsupported(backend, device, dtype, case=None):
+    if backend == "triton" and device == "cpu":
+        if dtype in (torch.float16, torch.float64):
+            pytest.skip("float16/float64 run on the GPU; the interpreter covers float32 and bfloat16")
+        if case is not None and CASES.index(case) not in INTERPRETER_CASES:
+            pytest.skip("a case left to the GPU run (the interpreter is slow)")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_four_convolutions(case, dtype, layout, backend, device, poison):
+    _skip_unsupported(backend, device, dtype, case)
+    pr = _problem(case)
+    cast = lambda t: t.to(device=device, dtype=dtype)
+    x = _layout(cast(pr["x"]), layout)
+    out = fastseg.gcn_conv2d(x, *map(cast, pr["weights"]), *map(cast, pr["biases"]), dilation=pr["dilation"],
+                             backend=backend)
+    # The float64 result for the inputs as rounded to dtype: what a kernel can be held to.
+    rounded = lambda t: t.to(dtype).double()
+    expected = _four_convs(rounded(pr["x"]), *map(rounded, pr["weights"]), *map(rounded, pr["biases"]), pr["dilation"])
+    B, Cin, Cm, Co, H, W, k, d = case
+    assert out.shape == (B, Co, H, W) and out.dtype == dtype and out.device.type == device
+    assert_relative_close(out.cpu(), expected, dtype, _tolerance(backend, dtype))
+    if layout == "channels_last" and Co > 1 and H * W > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_optional_biases_and_unbatched(backend, device, poison):
+    pr = _problem(CASES[5])
+    x, ws = pr["x"].to(device), [w.to(device) for w in pr["weights"]]
+    b_l1, b_l2, b_r1, b_r2 = [b.to(device) for b in pr["biases"]]
+    out = fastseg.gcn_conv2d(x[0], *ws, b_l1, None, None, b_r2, dilation=2, backend=backend)
+    expected = _four_convs(pr["x"][:1], *pr["weights"], pr["biases"][0], None, None, pr["biases"][3], 2)[0]
+    assert out.shape == expected.shape
+    assert_relative_close(out.cpu(), expected, torch.float64, _tolerance(backend, torch.float64))
+    no_bias = fastseg.gcn_conv2d(x, *ws, dilation=2, backend=backend)
+    assert_relative_close(no_bias.cpu(), _four_convs(pr["x"], *pr["weights"], None, None, None, None, 2), torch.float64)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_empty_batch():
+    pr = _problem(CASES[0])
+    out = fastseg.gcn_conv2d(pr["x"][:0], *pr["weights"], *pr["biases"], backend="cpp")
+    assert out.shape == (0, 21, 9, 8)
+
+
+def test_poison_fixture_poisons(poison):
+    assert torch.isnan(torch.empty(64)).all()
+
+
+# --- gradients and custom ops ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck(layout, backend, device):
+    if (backend, device) == ("triton", "cpu") and layout == "channels_last":
+        pytest.skip("one layout under the interpreter (slow); both on the GPU")
+    pr = _problem((2, 3, 2, 2, 5, 4, 3, 2), seed=3)
+    leaf = lambda t: t.to(device).requires_grad_()
+    x = _layout(pr["x"].to(device), layout).requires_grad_()
+    ws, bs = [leaf(w) for w in pr["weights"]], [leaf(b) for b in pr["biases"]]
+    gcn = lambda *a: fastseg.gcn_conv2d(*a, dilation=2, backend=backend)
+    if (backend, device) == ("triton", "cpu"):
+        # Each interpreted forward takes seconds: a projected (fast-mode) check over a few inputs;
+        # the backward is the same ATen code that the cpp case checks in full.
+        some = lambda x, w_r2, b_l2: gcn(x, *ws[:3], w_r2, bs[0], b_l2, *bs[2:])
+        assert torch.autograd.gradcheck(some, (x, ws[3], bs[1]), fast_mode=True)
+        return
+    assert torch.autograd.gradcheck(gcn, (x, *ws, *bs))
+    # Some biases absent, some inputs without gradients.
+    partial = lambda x, w_l2, b_r1: fastseg.gcn_conv2d(x, ws[0].detach(), w_l2, ws[2].detach(), ws[3].detach(),
+                                                       None, None, b_r1, None, backend=backend)
+    assert torch.autograd.gradcheck(partial, (x, ws[1], bs[2]))
+
+
+def _op_for(backend):
+    return torch.ops.fastseg.gcn_conv2d_triton if backend == "triton" else torch.ops.fastseg.gcn_conv2d
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout, backend, device):
+    if (backend, device) == ("triton", "cpu") and layout == "channels_last":
+        pytest.skip("one layout under the interpreter (slow); both on the GPU")
+    pr = _problem((2, 3, 4, 2, 6, 5, 3, 1), seed=4)
+    f32 = lambda t: t.float().to(device)
+    x = _layout(f32(pr["x"]), layout).requires_grad_()
+    ws = [f32(w).requires_grad_() for w in pr["weights"]]
+    bs = [f32(b) for b in pr["biases"]]
+    bs[0].requires_grad_()
+    torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 1))
+    torch.library.opcheck(_op_for(backend), (x, *ws, None, None, None, None, 2))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in COMPILED if p.values[0] == "cpp"])
+def test_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    pr = _problem(CASES[1])
+    x = pr["x"].float().to(device)
+    ws, bs = [w.float().to(device) for w in pr["weights"]], [b.float().to(device) for b in pr["biases"]]
+
+    @torch.compile(fullgraph=True)
+    def block(x):
+        return fastseg.gcn_conv2d(x * 2, *ws, *bs, backend=backend) + 1
+
+    expected = _four_convs(x * 2, *ws, *bs, 1) + 1
+    assert_relative_close(block(x).cpu(), expected.cpu(), torch.float32)
+
+
+# --- layers -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "triton"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_global_conv_matches_plain_pytorch(layout, backend, device):
+    torch.manual_seed(0)
+    gcn = fastseg.nn.GlobalConv2d(6, 21, k=15, backend=backend).to(device)
+    assert gcn.conv_l1.weight.shape == (21, 6, 15, 1) and gcn.conv_r2.weight.shape == (21, 21, 15, 1)
+    x = _layout(torch.randn(2, 6, 10, 7), layout).to(device).requires_grad_()
+    out = gcn(x)
+    plain = gcn.conv_l2(gcn.conv_l1(x)) + gcn.conv_r2(gcn.conv_r1(x))  # nn.Conv2d forwards, same weights
+    assert_relative_close(out.detach().cpu(), plain.detach().cpu(), torch.float32)
+    # Training: the same gradients as the plain block for x and every parameter.
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [x, *gcn.parameters()], g)
+    theirs = torch.autograd.grad(plain, [x, *gcn.parameters()], g)
+    for a, b in zip(ours, theirs):
+        assert_relative_close(a.cpu(), b.cpu(), torch.float32)
+    narrow = fastseg.nn.GlobalConv2d(4, 3, k=7, mid_ch=5, dilation=2, bias=False)
+    assert narrow.conv_l1.weight.shape == (5, 4, 7, 1) and narrow.conv_l1.bias is None
+    assert "k=7, dilation=2" in repr(narrow)
+    y = torch.randn(1, 4, 9, 9)
+    expected = narrow.conv_l2(narrow.conv_l1(y)) + narrow.conv_r2(narrow.conv_r1(y))
+    assert_relative_close(narrow(y).detach(), expected.detach(), torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "triton"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_boundary_refinement_matches_plain_pytorch(layout, backend, device):
+    torch.manual_seed(1)
+    br = fastseg.nn.BoundaryRefinement(21, backend=backend).to(device)
+    x = _layout(torch.randn(2, 21, 9, 11), layout).to(device).requires_grad_()
+    out = br(x)
+    plain = x + br.conv2(F.relu(br.conv1(x)))
+    assert_relative_close(out.detach().cpu(), plain.detach().cpu(), torch.float32)
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x, *br.parameters()], g), torch.autograd.grad(plain, [x, *br.parameters()], g)):
+        assert_relative_close(a.cpu(), b.cpu(), torch.float32)
+
+
+def test_global_conv_bad_k():
+    with pytest.raises(ValueError, match="k must be an odd int >= 3, got 14"):
+        fastseg.nn.GlobalConv2d(4, 3, k=14)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def _args():
+    x = torch.randn(2, 4, 9, 9)
+    return x, [torch.randn(5, 4, 7, 1), torch.randn(3, 5, 1, 7), torch.randn(5, 4, 1, 7), torch.randn(3, 5, 7, 1)]
+
+
+def _with(ws, i, w):
+    ws = list(ws)
+    ws[i] = w
+    return ws
+
+
+BAD_CALLS = [
+    ("x not a tensor", lambda x, ws: ([[1.0]], *ws), {}, TypeError, "x must be a torch.Tensor"),
+    ("2-D x", lambda x, ws: (x[0, 0], *ws), {}, ValueError, "x must be 3-D or 4-D, got 2-D"),
+    ("integer x", lambda x, ws: (x.long(), *ws), {}, TypeError, "x must have dtype"),
+    ("3-D w_l2", lambda x, ws: (x, *_with(ws, 1, ws[1][0])), {}, ValueError, "w_l2 must be 4-D, got 3-D"),
+    ("even k", lambda x, ws: (x, torch.randn(5, 4, 6, 1), torch.randn(3, 5, 1, 6), torch.randn(5, 4, 1, 6),
+                              torch.randn(3, 5, 6, 1)), {}, ValueError, r"k must be odd and >= 3.*got k = 6"),
+    ("k = 1", lambda x, ws: (x, *[w[..., :1, :1] for w in ws]), {}, ValueError, "got k = 1"),
+    ("w_l1 not k x 1", lambda x, ws: (x, *_with(ws, 0, torch.randn(5, 4, 1, 7))), {}, ValueError,
+     r"w_l1 has shape \(5, 4, 1, 7\), expecting \(Cmid, Cin, k, 1\)"),
+    ("w_l1 Cin mismatch", lambda x, ws: (x, *_with(ws, 0, torch.randn(5, 3, 7, 1))), {}, ValueError,
+     r"w_l1 has shape \(5, 3, 7, 1\), expecting \(Cmid, Cin, k, 1\) = \(5, 4, 7, 1\)"),
+    ("w_l2 Cmid mismatch", lambda x, ws: (x, *_with(ws, 1, torch.randn(3, 6, 1, 7))), {}, ValueError,
+     r"w_l2 has shape \(3, 6, 1, 7\), expecting \(Cout, Cmid, 1, k\) = \(3, 5, 1, 7\)"),
+    ("w_r1 Cmid differs from the left branch", lambda x, ws: (x, *_with(ws, 2, torch.randn(6, 4, 1, 7))), {}, ValueError,
+     r"w_r1 has shape \(6, 4, 1, 7\), expecting \(Cmid, Cin, 1, k\) = \(5, 4, 1, 7\)"),
+    ("w_r1 k differs", lambda x, ws: (x, *_with(ws, 2, torch.randn(5, 4, 1, 9))), {}, ValueError,
+     r"w_r1 has shape \(5, 4, 1, 9\)"),
+    ("w_r2 Cout differs from the left branch", lambda x, ws: (x, *_with(ws, 3, torch.randn(4, 5, 7, 1))), {}, ValueError,
+     r"w_r2 has shape \(4, 5, 7, 1\), expecting \(Cout, Cmid, k, 1\) = \(3, 5, 7, 1\)"),
+    ("w_r2 transposed", lambda x, ws: (x, *_with(ws, 3, torch.randn(3, 5, 1, 7))), {}, ValueError,
+     r"w_r2 has shape \(3, 5, 1, 7\)"),
+    ("mixed dtypes", lambda x, ws: (x, *_with(ws, 2, ws[2].double())), {}, TypeError,
+     "w_r1 has dtype float64 but x has dtype float32"),
+    ("mixed devices", lambda x, ws: (x, *_with(ws, 3, ws[3].to("meta"))), {}, ValueError, "x is on cpu but w_r2 is on meta"),
+    ("b_l1 wrong length", lambda x, ws: (x, *ws, torch.ones(3)), {}, ValueError, r"b_l1 has shape \(3,\), expecting \(Cmid = 5,\)"),
+    ("b_r2 wrong length", lambda x, ws: (x, *ws, None, None, None, torch.ones(5)), {}, ValueError,
+     r"b_r2 has shape \(5,\), expecting \(Cout = 3,\)"),
+    ("b_l2 wrong dtype", lambda x, ws: (x, *ws, None, torch.ones(3, dtype=torch.float64)), {}, TypeError,
+     "b_l2 has dtype float64 but x has dtype float32"),
+    ("b_r1 on another device", lambda x, ws: (x, *ws, None, None, torch.ones(5, device="meta")), {}, ValueError,
+     "x is on cpu but b_r1 is on meta"),
+    ("zero dilation", lambda x, ws: (x, *ws), dict(dilation=0), ValueError, "dilation must be >= 1, got 0"),
+    ("pair dilation", lambda x, ws: (x, *ws), dict(dilation=(2, 2)), TypeError, "dilation must be an int"),
+    ("empty map", lambda x, ws: (x[..., :0], *ws), {}, ValueError, "x has an empty spatial dimension"),
+    ("bad backend", lambda x, ws: (x, *ws), dict(backend="fast"), ValueError, "backend must be 'auto' or one of"),
+    ("cuda backend on cpu", lambda x, ws: (x, *ws), dict(backend="cuda"), ValueError, "has no 'cuda' backend"),
+]
+
+
+@pytest.mark.parametrize("description,build,kwargs,error,message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input(description, build, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fastseg.gcn_conv2d(*build(*_args()), **kwargs)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_compiled_op_checks_its_arguments():
+    x, (w_l1, w_l2, w_r1, w_r2) = _args()
+    op = torch.ops.fastseg.gcn_conv2d
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        op(x[0], w_l1, w_l2, w_r1, w_r2, None, None, None, None, 1)
+    with pytest.raises(ValueError, match="k must be odd"):
+        op(x, w_l1[:, :, :6], w_l2[..., :6], w_r1[..., :6], w_r2[:, :, :6], None, None, None, None, 1)
+    with pytest.raises(ValueError, match=r"w_r2 has shape \[4, 5, 7, 1\], expecting \(3, 5, 7, 1\)"):
+        op(x, w_l1, w_l2, w_r1, torch.randn(4, 5, 7, 1), None, None, None, None, 1)
+    with pytest.raises(ValueError, match=r"b_l2 has shape \[2\], expecting \(3\)"):
+        op(x, w_l1, w_l2, w_r1, w_r2, None, torch.ones(2), None, None, 1)
+    with pytest.raises(TypeError, match="w_l2 has dtype Double but input has dtype Float"):
+        op(x, w_l1, w_l2.double(), w_r1, w_r2, None, None, None, None, 1)
+    with pytest.raises(ValueError, match="dilation must be >= 1"):
+        op(x, w_l1, w_l2, w_r1, w_r2, None, None, None, None, 0)
