@@ -118,6 +118,7 @@ struct Image {
   const T* P;  // (2 k Cm, H, W): the first GEMM's per-tap products, left taps then right taps
   T* mid;      // (2 Cm, H, W) scratch: left then right middle maps
   const T *w2l, *w2r;  // (k, Co, Cm) taps of the second convolutions
+  const T *Ql, *Qr;    // (k Co, H, W) per-tap products of the second convolutions, or null: direct loops
   const T *b_l1, *b_l2, *b_r1, *b_r2;  // or null
   T* out;        // (Co, H, W) planar, or (H, W, Co) when channels_last
   T* planar;     // (Co, H, W) scratch when channels_last
@@ -125,21 +126,31 @@ struct Image {
   bool channels_last;
 };
 
-// Everything after the first GEMM, for one image, on the calling thread: middle maps from P by
-// shift-and-add (+ b_l1 / b_r1), then both second convolutions accumulated into one output that
-// starts as b_l2 + b_r2 (the final add, fused).
+// The middle maps from P by shift-and-add, starting from b_l1 / b_r1.
 template <typename T>
-FASTSEG_INLINE void finish_image_impl(const Image<T>& g) {
+FASTSEG_INLINE void middle_maps_impl(const Image<T>& g) {
   const int64_t HW = g.H * g.W, kCm = g.k * g.Cm;
   T *ml = g.mid, *mr = g.mid + g.Cm * HW;
   fill_bias<T>(ml, g.Cm, HW, g.b_l1, nullptr);
   fill_bias<T>(mr, g.Cm, HW, g.b_r1, nullptr);
   shift_add_planes<T>(g.P, ml, g.Cm, g.H, g.W, g.k, g.d, /*vertical=*/true);
   shift_add_planes<T>(g.P + kCm * HW, mr, g.Cm, g.H, g.W, g.k, g.d, /*vertical=*/false);
+}
+
+// Both second convolutions accumulated into one output that starts as b_l2 + b_r2 (the final add,
+// fused): shift-and-adds of Ql / Qr when the GEMMs made them, direct loops over mid otherwise.
+template <typename T>
+FASTSEG_INLINE void output_impl(const Image<T>& g) {
+  const int64_t HW = g.H * g.W;
   T* o = g.channels_last ? g.planar : g.out;
   fill_bias<T>(o, g.Co, HW, g.b_l2, g.b_r2);
-  small_conv<T>(ml, g.w2l, o, g.Cm, g.Co, g.H, g.W, g.k, g.d, /*vertical=*/false);
-  small_conv<T>(mr, g.w2r, o, g.Cm, g.Co, g.H, g.W, g.k, g.d, /*vertical=*/true);
+  if (g.Ql) {
+    shift_add_planes<T>(g.Ql, o, g.Co, g.H, g.W, g.k, g.d, /*vertical=*/false);
+    shift_add_planes<T>(g.Qr, o, g.Co, g.H, g.W, g.k, g.d, /*vertical=*/true);
+  } else {
+    small_conv<T>(g.mid, g.w2l, o, g.Cm, g.Co, g.H, g.W, g.k, g.d, /*vertical=*/false);
+    small_conv<T>(g.mid + g.Cm * HW, g.w2r, o, g.Cm, g.Co, g.H, g.W, g.k, g.d, /*vertical=*/true);
+  }
   if (g.channels_last) {
     for (int64_t p = 0; p < HW; ++p) {
       for (int64_t c = 0; c < g.Co; ++c) g.out[p * g.Co + c] = o[c * HW + p];
@@ -147,8 +158,15 @@ FASTSEG_INLINE void finish_image_impl(const Image<T>& g) {
   }
 }
 
-FASTSEG_CLONES void finish_image(const Image<float>& g) { finish_image_impl<float>(g); }
-FASTSEG_CLONES void finish_image(const Image<double>& g) { finish_image_impl<double>(g); }
+FASTSEG_CLONES void middle_maps(const Image<float>& g) { middle_maps_impl<float>(g); }
+FASTSEG_CLONES void middle_maps(const Image<double>& g) { middle_maps_impl<double>(g); }
+FASTSEG_CLONES void output(const Image<float>& g) { output_impl<float>(g); }
+FASTSEG_CLONES void output(const Image<double>& g) { output_impl<double>(g); }
+
+// Second convolutions with at most this many Cmid x Cout channel pairs run as direct serial loops
+// (the paper's 21 x 21: a few % of the work, not worth a parallel region); wider ones (a 256 -> 256
+// block) go through MKL like the first, as Q = W_2 taps (k Cout x Cmid) @ mid plus shift-and-adds.
+constexpr int64_t kMaxDirectChannelPairs = 64 * 64;
 
 // Packs a (O, I, k, 1) or (O, I, 1, k) weight, contiguous, as dst (k, O, I): row t * O + o holds
 // tap t's (o, :). A serial loop: ATen's permuted copy_ was measured at several ms for the
@@ -191,16 +209,26 @@ void gcn_forward(const at::Tensor& x, const at::Tensor& w_l1, const at::Tensor& 
   pack_taps<T>(w2.mutable_data_ptr<T>() + k * Co * Cm, w_r2);
   at::Tensor P = at::empty({2 * kCm, HW}, opts), mid = at::empty({2 * Cm, HW}, opts);
   at::Tensor planar = channels_last ? at::empty({Co, HW}, opts) : at::Tensor();
+  const bool gemm_second = Cm * Co > kMaxDirectChannelPairs;
+  at::Tensor Q = gemm_second ? at::empty({2, k * Co, HW}, opts) : at::Tensor();
+  at::Tensor w2v = w2.view({2, k * Co, Cm});
   Image<T> g{P.const_data_ptr<T>(), mid.mutable_data_ptr<T>(), w2.const_data_ptr<T>(),
-             w2.const_data_ptr<T>() + k * Co * Cm, ptr_or_null<T>(b_l1), ptr_or_null<T>(b_l2),
-             ptr_or_null<T>(b_r1), ptr_or_null<T>(b_r2), nullptr,
+             w2.const_data_ptr<T>() + k * Co * Cm, gemm_second ? Q.const_data_ptr<T>() : nullptr,
+             gemm_second ? Q.const_data_ptr<T>() + k * Co * HW : nullptr, ptr_or_null<T>(b_l1),
+             ptr_or_null<T>(b_l2), ptr_or_null<T>(b_r1), ptr_or_null<T>(b_r2), nullptr,
              channels_last ? planar.mutable_data_ptr<T>() : nullptr, Cm, Co, H, W, k, d, channels_last};
   for (int64_t b = 0; b < B; ++b) {
     // P (2 k Cm, HW) = W1 @ X_b: every tap's product at every input pixel, x read once. For NHWC x,
     // X_b is the transposed view with strides (1, Cin): no copy.
     at::mm_out(P, w1, x[b].view({Cin, HW}));
+    middle_maps(g);
+    if (gemm_second) {
+      at::Tensor ql = Q[0], qr = Q[1];
+      at::mm_out(ql, w2v[0], mid.narrow(0, 0, Cm));
+      at::mm_out(qr, w2v[1], mid.narrow(0, Cm, Cm));
+    }
     g.out = out.mutable_data_ptr<T>() + b * Co * HW;
-    finish_image(g);
+    output(g);
   }
 }
 
