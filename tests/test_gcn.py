@@ -114,6 +114,28 @@ def test_empty_batch():
     assert out.shape == (0, 21, 9, 8)
 
 
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("algorithm", ["gemm", "conv"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cpu_routes(case, dtype, layout, algorithm, poison):
+    # Both routes of the C++ kernel, whichever 'auto' would pick for the shape.
+    pr = _problem(case)
+    cast = lambda t: t.to(dtype)
+    out = torch.ops.fastseg.gcn_conv2d(
+        _layout(cast(pr["x"]), layout), *map(cast, pr["weights"]), *map(cast, pr["biases"]), pr["dilation"], algorithm,
+    )
+    rounded = lambda t: t.to(dtype).double()
+    expected = _four_convs(rounded(pr["x"]), *map(rounded, pr["weights"]), *map(rounded, pr["biases"]), pr["dilation"])
+    assert_relative_close(out, expected, dtype)
+    assert out.dtype == dtype
+    if layout == "channels_last" and case[3] > 1 and case[4] * case[5] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
 def test_poison_fixture_poisons(poison):
     assert torch.isnan(torch.empty(64)).all()
 
@@ -161,6 +183,8 @@ def test_opcheck(layout, backend, device):
     bs[0].requires_grad_()
     torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 1))
     torch.library.opcheck(_op_for(backend), (x, *ws, None, None, None, None, 2))
+    if backend == "cpp":  # the GEMM route too (these channels pick the conv route)
+        torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 1, "gemm"))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in COMPILED if p.values[0] == "cpp"])
@@ -301,3 +325,5 @@ def test_compiled_op_checks_its_arguments():
         op(x, w_l1, w_l2.double(), w_r1, w_r2, None, None, None, None, 1)
     with pytest.raises(ValueError, match="dilation must be >= 1"):
         op(x, w_l1, w_l2, w_r1, w_r2, None, None, None, None, 0)
+    with pytest.raises(ValueError, match="algorithm must be 'auto', 'gemm' or 'conv'"):
+        op(x, w_l1, w_l2, w_r1, w_r2, None, None, None, None, 1, "winograd")

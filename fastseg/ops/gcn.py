@@ -137,7 +137,7 @@ def _same_dtype_device(name, t, x):
 # --- custom ops: fake kernels and autograd -------------------------------------------------------
 
 
-def _fake_gcn_conv2d(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation):
+def _fake_gcn_conv2d(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation, *extra):
     B, _, H, W = input.shape
     return torch.empty(
         (B, w_l2.shape[0], H, W), dtype=input.dtype, device=input.device, memory_format=output_memory_format(input)
@@ -145,9 +145,10 @@ def _fake_gcn_conv2d(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dila
 
 
 def _setup_context(ctx, inputs, output):
-    input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation = inputs
+    input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation = inputs[:10]
     ctx.save_for_backward(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_r1)
     ctx.dilation = dilation
+    ctx.n_extra = len(inputs) - 10
 
 
 def _backward(ctx, grad_output):
@@ -162,7 +163,7 @@ def _backward(ctx, grad_output):
     needs = ctx.needs_input_grad
     g = grad_output
     grad_b2 = g.sum((0, 2, 3)) if (needs[6] or needs[8]) else None
-    grads = [None] * 10
+    grads = [None] * (10 + ctx.n_extra)
     grad_x = None
     # Branch: (first weight, second weight, first bias, first geometry, second geometry, slots).
     for w1, w2, b1, geo1, geo2, (i1, i2, ib1) in (
