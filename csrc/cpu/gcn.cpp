@@ -175,10 +175,13 @@ template <typename T>
 void pack_taps(T* dst, const at::Tensor& w) {
   const int64_t O = w.size(0), I = w.size(1), k = w.size(2) * w.size(3);
   const T* src = w.const_data_ptr<T>();
+  // Each destination row written contiguously: writing the k rows of one (o, i) at once put k
+  // streams O * I * 4 bytes apart, a multiple of 4 KiB at Cin = 2048 (all in the same L1 sets).
   for (int64_t o = 0; o < O; ++o) {
-    for (int64_t i = 0; i < I; ++i) {
-      const T* s = src + (o * I + i) * k;
-      for (int64_t t = 0; t < k; ++t) dst[(t * O + o) * I + i] = s[t];
+    for (int64_t t = 0; t < k; ++t) {
+      const T* __restrict__ s = src + o * I * k + t;
+      T* __restrict__ r = dst + (t * O + o) * I;
+      for (int64_t i = 0; i < I; ++i) r[i] = s[i * k];
     }
   }
 }
@@ -282,7 +285,8 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
   // The "conv" route: oneDNN's four convolutions, the add in place. It wins where the per-tap products
   // outgrow the input (2 k Cmid > Cin: at 256 channels, 128x128, P is 2.5x the size of x and its
   // write and shift-add streams cost more than the one shared read of x saves; measured 0.65x eager
-  // there, and 0.45x on a 256 -> 256 block, against 1.0-1.3x on the 2048..512-channel stages).
+  // there, and 0.45x on a 256 -> 256 block, against 1.1-1.6x on the 2048- and 1024-channel stages;
+  // the 512-channel stage, 2 k Cmid = 630 > 512, measured level with eager either way).
   const bool use_conv = algorithm == "conv" || (algorithm == "auto" && 2 * k * Cm > Cin);
   if (use_conv) {
     const int64_t p = dilation * (k - 1) / 2;
