@@ -11,8 +11,19 @@ def check_tensor(op, name, value, *, ndims=None, dtypes=None):
         expected = " or ".join(f"{n}-D" for n in ndims)
         raise ValueError(f"{op}: {name} must be {expected}, got {value.dim()}-D with shape {tuple(value.shape)}")
     if dtypes is not None and value.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: {name} must have dtype {names}; got {str(value.dtype).replace('torch.', '')}")
+        names = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype {names}; got {dtype_name(value.dtype)}")
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def check_same_dtype_device(op, name, t, x):
+    """``t`` (argument ``name``) must share the dtype and device of the input ``x``."""
+    if t.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} has dtype {dtype_name(t.dtype)} but x has dtype {dtype_name(x.dtype)}")
+    check_same_device(op, x=x, **{name: t})
 
 
 def check_same_device(op, **tensors):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, to_pair
+from .._checks import FLOAT_DTYPES, check_same_dtype_device, check_tensor, to_pair
 from .._layout import output_memory_format
 from ._reference import atrous as reference
 
@@ -69,9 +69,7 @@ def atrous_conv2d(
     """
     check_tensor(OP, "x", x, ndims=(3, 4), dtypes=FLOAT_DTYPES)
     check_tensor(OP, "weight", weight, ndims=(4,), dtypes=FLOAT_DTYPES)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{OP}: weight has dtype {_name(weight.dtype)} but x has dtype {_name(x.dtype)}")
-    check_same_device(OP, x=x, weight=weight)
+    check_same_dtype_device(OP, "weight", weight, x)
     if not isinstance(groups, int) or isinstance(groups, bool):
         raise TypeError(f"{OP}: groups must be an int, got {groups!r}")
     if groups < 1:
@@ -100,14 +98,14 @@ def atrous_conv2d(
             check_tensor(OP, name, t, dtypes=FLOAT_DTYPES)
             if t.shape != (O,):
                 raise ValueError(f"{OP}: {name} has shape {tuple(t.shape)}, expecting ({O},): one per output channel")
-            _same_dtype_device(name, t, x)
+            check_same_dtype_device(OP, name, t, x)
     batched = x.dim() == 4
     if residual is not None:
         check_tensor(OP, "residual", residual, dtypes=FLOAT_DTYPES)
         expected = (*x.shape[:-3], O, *out_hw)
         if residual.shape != expected:
             raise ValueError(f"{OP}: residual has shape {tuple(residual.shape)}, expecting the output's {expected}")
-        _same_dtype_device("residual", residual, x)
+        check_same_dtype_device(OP, "residual", residual, x)
     impl = _backends.select(OP, backend, x.device, _IMPLEMENTED)
 
     if bias is not None:  # scale * (conv + bias) + shift = scale * conv + (shift + scale * bias)
@@ -158,15 +156,6 @@ def _padding(padding, kernel, dilation):
         return tuple(t // 2 for t in total)
     return to_pair(OP, "padding", padding, minimum=0)
 
-
-def _name(dtype):
-    return str(dtype).replace("torch.", "")
-
-
-def _same_dtype_device(name, t, x):
-    if t.dtype != x.dtype:
-        raise TypeError(f"{OP}: {name} has dtype {_name(t.dtype)} but x has dtype {_name(x.dtype)}")
-    check_same_device(OP, x=x, **{name: t})
 
 
 # --- custom ops: fake kernels and autograd -------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, check_same_dtype_device, check_tensor
 from .._layout import output_memory_format
 from ._reference import gcn as reference
 
@@ -70,7 +70,7 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
     weights = dict(zip(_WEIGHTS, (w_l1, w_l2, w_r1, w_r2)))
     for name, w in weights.items():
         check_tensor(OP, name, w, ndims=(4,), dtypes=FLOAT_DTYPES)
-        _same_dtype_device(name, w, x)
+        check_same_dtype_device(OP, name, w, x)
     Cin = x.shape[-3]
     Cmid, k = w_l1.shape[0], w_l1.shape[2]
     if w_l1.shape[3] != 1:
@@ -104,7 +104,7 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
         n, what = (Cmid, "Cmid") if name in ("b_l1", "b_r1") else (Cout, "Cout")
         if tuple(b.shape) != (n,):
             raise ValueError(f"{OP}: {name} has shape {tuple(b.shape)}, expecting ({what} = {n},)")
-        _same_dtype_device(name, b, x)
+        check_same_dtype_device(OP, name, b, x)
     if not isinstance(dilation, int) or isinstance(dilation, bool):
         raise TypeError(f"{OP}: dilation must be an int, got {dilation!r}")
     if dilation < 1:
@@ -125,15 +125,6 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
         out = torch.ops.fastseg.gcn_conv2d(*args)
     return out if batched else out.squeeze(0)
 
-
-def _name(dtype):
-    return str(dtype).replace("torch.", "")
-
-
-def _same_dtype_device(name, t, x):
-    if t.dtype != x.dtype:
-        raise TypeError(f"{OP}: {name} has dtype {_name(t.dtype)} but x has dtype {_name(x.dtype)}")
-    check_same_device(OP, x=x, **{name: t})
 
 
 # --- custom ops: fake kernels and autograd -------------------------------------------------------
