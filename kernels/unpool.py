@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .._layout import output_memory_format
+from ..ops._reference.unpool import raise_index_out_of_range
 
 BLOCK = 1024
 IN_WINDOW, OUT_OF_WINDOW, OUT_OF_RANGE = 0, 1, 2
@@ -117,14 +118,6 @@ def _slabs(t, channels_last):
     return (B, C) if channels_last else (B * C, 1)
 
 
-def _raise_out_of_range(indices, Ho, Wo):
-    plane = Ho * Wo
-    bad = indices[(indices < 0) | (indices >= plane)].flatten()[0].item()
-    raise IndexError(
-        f"max_unpool2d: indices contains {bad}, outside the output plane of {Ho}x{Wo} (valid: 0 to {plane - 1})"
-    )
-
-
 def max_unpool2d(input, indices, kernel_size, stride, padding, output_size):
     """Launcher: input/indices (B, C, H, W), output (B, C, Ho, Wo) in input's memory format."""
     fmt = output_memory_format(input)
@@ -142,7 +135,7 @@ def max_unpool2d(input, indices, kernel_size, stride, padding, output_size):
     _scan_kernel[(triton.cdiv(n_in, BLOCK),)](idx, status, n_in, H, W, Ho, Wo, Ci, kH, kW, sH, sW, pH, pW, BLOCK=BLOCK)
     worst = int(status.item())  # the one host sync: decides the path and reports bad indices
     if worst == OUT_OF_RANGE:
-        _raise_out_of_range(idx, Ho, Wo)
+        raise_index_out_of_range(idx, Ho, Wo)
     n_out = out.numel()
     grid = (triton.cdiv(n_out, BLOCK),)
     if worst == IN_WINDOW:
@@ -172,5 +165,5 @@ def max_unpool2d_backward(grad_output, indices):
     status = torch.zeros(1, dtype=torch.int32, device=idx.device)
     _backward_kernel[(triton.cdiv(n, BLOCK),)](grad, idx, grad_input, status, n, H * W, Ho * Wo, Ci, BLOCK=BLOCK)
     if int(status.item()) == OUT_OF_RANGE:
-        _raise_out_of_range(idx, Ho, Wo)
+        raise_index_out_of_range(idx, Ho, Wo)
     return grad_input

@@ -12,11 +12,7 @@ def max_unpool2d(input, indices, output_size):
     plane = Ho * Wo
     flat_indices = indices.reshape(B, C, H * W)
     if flat_indices.numel() and (flat_indices.min() < 0 or flat_indices.max() >= plane):
-        bad = flat_indices[(flat_indices < 0) | (flat_indices >= plane)][0].item()
-        raise IndexError(
-            f"max_unpool2d: indices contains {bad}, outside the output plane of {Ho}x{Wo} "
-            f"(valid: 0 to {plane - 1})"
-        )
+        raise_index_out_of_range(flat_indices, Ho, Wo)
     # For each output position, the flat order of the last input entry pointing at it, or -1.
     order = torch.arange(H * W, device=input.device).expand(B, C, H * W)
     winner = torch.full((B, C, plane), -1, dtype=torch.long, device=input.device)
@@ -24,6 +20,16 @@ def max_unpool2d(input, indices, output_size):
     values = input.reshape(B, C, H * W).gather(2, winner.clamp(min=0))
     out = torch.where(winner >= 0, values, torch.zeros((), dtype=input.dtype, device=input.device))
     return out.reshape(B, C, Ho, Wo).contiguous(memory_format=output_memory_format(input))
+
+
+def raise_index_out_of_range(indices, Ho, Wo):
+    """The IndexError every Python backend raises for an index outside the (Ho, Wo) plane; the
+    C++ kernels raise the same message (csrc/unpool.h)."""
+    plane = Ho * Wo
+    bad = indices[(indices < 0) | (indices >= plane)].flatten()[0].item()
+    raise IndexError(
+        f"max_unpool2d: indices contains {bad}, outside the output plane of {Ho}x{Wo} (valid: 0 to {plane - 1})"
+    )
 
 
 def max_unpool2d_backward(grad_output, indices):
