@@ -41,8 +41,10 @@ TORCH_LIBRARY(fastseg, m) {
       "dense_crf(Tensor unary, Tensor[] features, Tensor[] compat, int[] normalization, "
       "int iterations, Tensor? init=None, float unary_scale=1.0) -> Tensor");
   // The normalised permutohedral-lattice Gaussian filter of values (B, C, *) with features
-  // (B or 1, D, *): what one dense-CRF kernel applies to Q.
-  m.def("permutohedral_filter(Tensor values, Tensor features, int normalization) -> Tensor");
+  // (B or 1, D, *): what one dense-CRF kernel applies to Q; transpose applies its exact transpose.
+  m.def(
+      "permutohedral_filter(Tensor values, Tensor features, int normalization, bool transpose=False) "
+      "-> Tensor");
 
   // Atrous (dilated) convolution with a fused epilogue (Yu & Koltun 2016; DeepLab v2/v3):
   // act(scale * conv(input, weight) + shift + residual). input (B, C, H, W), weight

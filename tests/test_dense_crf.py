@@ -236,6 +236,25 @@ def test_permutohedral_filter_matches_reference(normalization):
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("normalization", [0, 1, 2, 3])
+def test_permutohedral_filter_transpose(normalization):
+    # <F(x), y> == <x, F^T(y)>, and F^T equals the transpose of the reference's filter matrix
+    # (built column by column from the identity on a tiny image).
+    H, W = 7, 6
+    N = H * W
+    image = _random_image(H, W, seed=4).unsqueeze(0)
+    for f in _features(image, bilateral=(5.0, 5.0, 20.0)):
+        g = torch.Generator().manual_seed(normalization)
+        x, y = torch.rand(2, 3, H, W, generator=g), torch.rand(2, 3, H, W, generator=g)
+        op = torch.ops.fastseg.permutohedral_filter
+        fx, fty = op(x, f, normalization), op(y, f, normalization, transpose=True)
+        lhs, rhs = (fx.double() * y.double()).sum(), (x.double() * fty.double()).sum()
+        assert (lhs - rhs).abs() <= 1e-5 * lhs.abs()
+        matrix = R.filter_lattice(torch.eye(N), f[0].reshape(f.shape[1], -1).t(), normalization).double()
+        expected = (y.reshape(2 * 3, N).double() @ matrix).reshape(y.shape)  # column j of matrix: F(e_j)
+        assert torch.linalg.norm(fty.double() - expected) <= 1e-5 * torch.linalg.norm(expected)
+
+
 def test_lattice_approximates_exact_filter():
     # The lattice approximates the Gaussian (Adams et al. 2010 report errors of a few percent).
     H, W = 12, 14

@@ -854,8 +854,9 @@ struct FilterBuffers {
     });
   }
 
-  // Sums the chunks' splats and blurs them; returns the blurred (M+1) x lanes values.
-  const float* gather_and_blur(const Lattice& lat) {
+  // Sums the chunks' splats and blurs them along directions 0..d (d..0 if reverse: the blur's
+  // transpose, as each direction's blur is symmetric); returns the blurred (M+1) x lanes values.
+  const float* gather_and_blur(const Lattice& lat, bool reverse = false) {
     const int64_t M = lat.M;
     const int l = int(lanes);
     const int64_t grain = std::max<int64_t>(256, 65536 / lanes);
@@ -864,7 +865,8 @@ struct FilterBuffers {
     });
     float* src = x.data;
     float* dst = y.data;
-    for (int j = 0; j <= lat.d; ++j) {
+    for (int i = 0; i <= lat.d; ++i) {
+      const int j = reverse ? lat.d - i : i;
       const int32_t* nb = lat.neighbours.data + int64_t(j) * M * 2;
       at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
         run_blur_rows(src, dst, nb, l, begin, end);
@@ -1121,9 +1123,11 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::T
   return out;
 }
 
-// The normalised lattice filter of values (B, C, *) with features (B or 1, D, *).
+// The normalised lattice filter of values (B, C, *) with features (B or 1, D, *):
+// F_n(v) = post * S^T B_d .. B_0 S (pre * v), or with transpose its exact transpose
+// pre * S^T B_0 .. B_d S (post * v) (the adjoint a backward pass through F_n needs).
 at::Tensor permutohedral_filter_cpu(const at::Tensor& values, const at::Tensor& features,
-                                    int64_t normalization) {
+                                    int64_t normalization, bool transpose) {
   TORCH_CHECK_VALUE(values.dim() >= 2 && features.dim() == values.dim(),
                     "permutohedral_filter: values (B, C, *) and features (B, D, *) must have the same "
                     "rank >= 2, got ", values.sizes(), " and ", features.sizes());
@@ -1158,16 +1162,18 @@ at::Tensor permutohedral_filter_cpu(const at::Tensor& values, const at::Tensor& 
       normalisers(lat, normalization, chunks, pre, post, norm_buffers);
       buffers.allocate(lat, lanes, chunks);
       const float* vb = v.const_data_ptr<float>() + b * C * N;
+      const float* splat_scale = transpose ? post.data : pre.data;
+      const float* slice_scale = transpose ? pre.data : post.data;
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
-          run_splat_pixels(lat, vb, pre.data, lanes, int(C), buffers.splat_ptrs[c],
+          run_splat_pixels(lat, vb, splat_scale, lanes, int(C), buffers.splat_ptrs[c],
                            chunk_begin(N, chunks, c), chunk_begin(N, chunks, c + 1));
         }
       });
-      const float* blurred = buffers.gather_and_blur(lat);
+      const float* blurred = buffers.gather_and_blur(lat, transpose);
       float* ob = out.mutable_data_ptr<float>() + b * C * N;
       at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
-        run_slice_pixels(lat, blurred, post.data, lanes, int(C), ob, begin, end);
+        run_slice_pixels(lat, blurred, slice_scale, lanes, int(C), ob, begin, end);
       });
     }
     return 0;

@@ -307,5 +307,5 @@ if _backends.EXTENSION_LOADED:
         return torch.empty(unary.shape, dtype=torch.float32, device=unary.device)
 
     @torch.library.register_fake("fastseg::permutohedral_filter")
-    def _fake_permutohedral_filter(values, features, normalization):
+    def _fake_permutohedral_filter(values, features, normalization, transpose=False):
         return torch.empty(values.shape, dtype=torch.float32, device=values.device)
