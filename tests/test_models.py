@@ -27,6 +27,7 @@ CASES = {
     "deeplab_v3_plus": (dict(backbone="resnet50"), (2, 32, 32)),
     "pspnet": (dict(backbone="resnet50"), (2, 32, 32)),
     "refinenet": (dict(backbone="resnet50"), (1, 64, 64)),
+    "gcn": (dict(backbone="resnet50"), (1, 64, 64)),
 }
 NUM_CLASSES = 3
 AUX = {"pspnet"}
@@ -64,8 +65,8 @@ def _num_params(module):
 def test_registry():
     assert models.list_models() == sorted(CASES)
     assert fastseg.models is models
-    with pytest.raises(ValueError, match="unknown model name 'gcn'.*deeplab_v1.*segnet"):
-        models.get_model("gcn")
+    with pytest.raises(ValueError, match="unknown model name 'gcn2'.*deeplab_v1.*segnet"):
+        models.get_model("gcn2")
 
 
 # --- backbones --------------------------------------------------------------------------------
@@ -241,11 +242,36 @@ def test_param_counts_resnet_models():
     assert _num_params(v2) == 42_500_160 + 4 * (2048 * 9 * K + K)  # torchvision resnet101 less its fc
 
 
+def test_param_count_gcn():
+    # Peng et al. 2017, Fig. 2(a): per ResNet stage a GCN block (k x 1 + 1 x k and 1 x k + k x 1,
+    # in -> K -> K, with biases) and a BR block (two 3x3 K -> K with biases); five more BR blocks and
+    # five 4x4 deconvolutions (no bias) in the decoder; the backbone is torchvision's ResNet less fc.
+    K, k = 21, 15
+    resnet = torchvision.models.resnet50()
+    backbone = _num_params(resnet) - _num_params(resnet.fc)
+    gcn_blocks = sum(2 * k * K * (c + K) + 4 * K for c in (256, 512, 1024, 2048))
+    br = 2 * (K * K * 9 + K)
+    model = models.gcn(num_classes=K, backbone="resnet50")
+    assert _num_params(model) == backbone + gcn_blocks + 9 * br + 5 * K * K * 16
+    assert [m.k for m in model.gcn] == [15] * 4
+
+
+def test_gcn_odd_input_size_and_bilinear_start():
+    """Sizes off a multiple of 32 are cropped to each stage's map; the deconvolutions start bilinear,
+    so a constant score map stays constant through one of them."""
+    model = models.gcn(num_classes=2, backbone="resnet50").eval()
+    with torch.no_grad():
+        assert model(_input(1, 45, 70))["out"].shape == (1, 2, 45, 70)
+        up = model.deconv[0](torch.ones(1, 2, 4, 4))
+    torch.testing.assert_close(up[..., 1:-1, 1:-1], torch.ones(1, 2, 6, 6))
+
+
 # --- torch.compile -----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_torch_compile(built):
-    model = built("segnet").eval()
+@pytest.mark.parametrize("name", ["segnet", "gcn"])
+def test_torch_compile(built, name):
+    model = built(name).eval()
     x = _input(1, 32, 32, seed=3)
     with torch.no_grad():
         expected = model(x)["out"]
@@ -262,6 +288,10 @@ def test_torch_compile(built):
     ("pspnet", dict(num_classes=2.5), TypeError, "num_classes must be an int"),
     ("deeplab_v3", dict(output_stride=4), ValueError, "output_stride must be one of 8, 16; got 4"),
     ("refinenet", dict(output_stride=8), ValueError, "output_stride must be one of 32; got 8"),
+    ("gcn", dict(output_stride=16), ValueError, "output_stride must be one of 32; got 16"),
+    ("gcn", dict(backbone="vgg16"), ValueError, "backbone must be one of 'resnet50', 'resnet101'"),
+    ("gcn", dict(aux_loss=True), ValueError, "aux_loss"),
+    ("gcn", dict(crf=dict(iterations=2)), ValueError, "crf is only offered"),
     ("deeplab_v1", dict(output_stride=64), ValueError, "output_stride"),
     ("deeplab_v3", dict(aux_loss=True), ValueError, "aux_loss"),
     ("fcn8s", dict(crf=dict(iterations=2)), ValueError, "crf is only offered"),
@@ -277,6 +307,7 @@ def test_bad_arguments(name, kwargs, error, match):
 @pytest.mark.parametrize("name,shape,match", [
     ("segnet", (1, 3, 16, 40), "at least 32 \\(the encoder pools five times by 2\\); got 16x40"),
     ("refinenet", (1, 3, 31, 64), "at least 32"),
+    ("gcn", (1, 3, 64, 31), "at least 32 \\(ResNet downsamples by 32\\); got 64x31"),
     ("deeplab_v3", (1, 3, 8, 8), "at least 16"),
     ("segnet", (3, 32, 32), "must be 4-D"),
     ("segnet", (1, 1, 32, 32), "must have 3 channels"),

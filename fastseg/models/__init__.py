@@ -17,10 +17,11 @@ from ._common import get_model, list_models
 from .deeplab import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3_plus
 from .dilated import ContextModule, dilated_context, dilated_frontend
 from .fcn import fcn8s, fcn16s, fcn32s
+from .gcn import gcn
 from .pspnet import pspnet
 from .refinenet import refinenet
 from .segnet import segnet
 
 __all__ = ["ContextModule", "backbones", "deeplab_v1", "deeplab_v2", "deeplab_v3", "deeplab_v3_plus",
-           "dilated_context", "dilated_frontend", "fcn8s", "fcn16s", "fcn32s", "get_model", "list_models",
+           "dilated_context", "dilated_frontend", "fcn8s", "fcn16s", "fcn32s", "gcn", "get_model", "list_models",
            "pspnet", "refinenet", "segnet"]
