@@ -9,5 +9,6 @@ from . import _backends  # loads fastseg._C first: its TORCH_LIBRARY must preced
 from . import nn, ops
 from . import models  # after nn: the models are built from its layers
 from .ops import atrous_conv2d, dense_crf, gcn_conv2d, max_unpool2d
+from .convert import convert  # after models and nn: it rewrites other models onto them
 
-__all__ = ["atrous_conv2d", "dense_crf", "gcn_conv2d", "max_unpool2d", "models", "nn", "ops", "__version__"]
+__all__ = ["atrous_conv2d", "convert", "dense_crf", "gcn_conv2d", "max_unpool2d", "models", "nn", "ops", "__version__"]

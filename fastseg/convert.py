@@ -1,0 +1,474 @@
+"""``fastseg.convert``: rewrite an existing model onto fastseg's kernels, without retraining.
+
+Three rewrites, in this order:
+
+1. ASPP blocks of torchvision (``torchvision.models.segmentation.deeplabv3.ASPP``) and of
+   segmentation_models_pytorch (``segmentation_models_pytorch.decoders.deeplabv3.decoder.ASPP``)
+   become ``fastseg.nn.ASPP`` (v3: 1x1 branch, atrous 3x3 branches, image pooling, 1x1 projection,
+   each conv + BatchNorm + ReLU; Chen et al., "Rethinking Atrous Convolution for Semantic Image
+   Segmentation", 2017) with the same weights. The separable variant (depthwise + pointwise
+   branches, DeepLabV3Plus's default in segmentation_models_pytorch) has no exact fastseg.nn.ASPP
+   form: merging the two convolutions into one dense 3x3 would be ~9x the work, so it is left (its
+   pointwise conv + BN + ReLU chains are still fused by step 2).
+   ``nn.MaxUnpool2d`` modules become ``fastseg.nn.MaxUnpool2d``.
+2. Every submodule that traces with ``torch.fx`` (the whole model where it can, else its children
+   one by one, recursively: module-level replacement where tracing fails) has its graph searched for
+   ``Conv2d -> [BatchNorm2d] -> [+ residual] -> [ReLU]`` chains whose intermediate results have no
+   other user; each becomes one :class:`FusedConv2d` (one ``fastseg.atrous_conv2d`` call, BatchNorm
+   folded into the per-channel scale and shift, the residual add and ReLU in its epilogue).
+3. In those graphs, ``torch.nn.functional.max_unpool2d`` calls become ``fastseg.max_unpool2d``.
+
+A pattern is replaced only where fastseg's kernel was measured no slower than eager PyTorch on the
+model's device (:data:`NOT_SLOWER`); elsewhere it is left and the report says why.
+"""
+import copy
+import dataclasses
+import operator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import nn as fnn
+from .nn.atrous import fold_batch_norm
+from .ops.atrous import atrous_conv2d, atrous_output_size
+from .ops.unpool import max_unpool2d
+
+__all__ = ["convert", "ConversionReport", "FusedConv2d", "NOT_SLOWER"]
+
+#: Patterns measured no slower than eager PyTorch, per device type (benchmarks/RESULTS.md,
+#: "fastseg.convert"). The fused conv runs ATen's convolution and then its whole epilogue in one
+#: pass, where eager spends a pass per BatchNorm, add and ReLU, so every epilogue pattern gains on
+#: the CPU; a conv alone has nothing to fuse and is never replaced. No GPU has timed these yet, so
+#: on CUDA nothing is replaced.
+NOT_SLOWER = {
+    "cpu": frozenset({"conv+bn", "conv+bn+relu", "conv+bn+add", "conv+bn+add+relu", "conv+relu", "conv+add",
+                      "conv+add+relu", "aspp", "max_unpool2d"}),
+}
+
+#: Below this many output elements a FusedConv2d runs eagerly: the fused call's Python argument
+#: checks and BatchNorm folding cost ~0.1 ms (measured: 1x1 conv + BN + ReLU 2048->256 on a 1x1 map
+#: 0.12 ms eager vs 0.21 ms fused), more than the output passes it saves on a map this small (~1 MB).
+EAGER_BELOW = 1 << 18
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+@dataclasses.dataclass
+class Replacement:
+    """One rewrite: where (a module path; '' is the model), what pattern, into what."""
+
+    path: str
+    pattern: str
+    into: str
+
+
+@dataclasses.dataclass
+class Left:
+    """Something convert saw and did not rewrite, and why."""
+
+    path: str
+    what: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What ``fastseg.convert`` replaced and what it left (and why). ``print(report)`` for a summary;
+    ``replaced`` and ``left`` are lists of :class:`Replacement` / :class:`Left`; ``traced`` the module
+    paths rewritten through torch.fx; ``device`` the device type the speed rules were taken for."""
+
+    device: str = "cpu"
+    replaced: list = dataclasses.field(default_factory=list)
+    left: list = dataclasses.field(default_factory=list)
+    traced: list = dataclasses.field(default_factory=list)
+
+    def counts(self):
+        """{pattern: number replaced}."""
+        out = {}
+        for r in self.replaced:
+            out[r.pattern] = out.get(r.pattern, 0) + 1
+        return out
+
+    def __str__(self):
+        lines = [f"fastseg.convert ({self.device}): {len(self.replaced)} replaced, {len(self.left)} left"]
+        for pattern, n in sorted(self.counts().items()):
+            lines.append(f"  replaced {n} x {pattern}")
+        if self.traced:
+            lines.append("  traced with torch.fx: " + ", ".join(p or "<model>" for p in self.traced))
+        for r in self.replaced:
+            lines.append(f"  + {r.path or '<model>'}: {r.pattern} -> {r.into}")
+        for item in self.left:
+            lines.append(f"  - {item.path or '<model>'}: {item.what} left: {item.reason}")
+        return "\n".join(lines)
+
+
+class FusedConv2d(nn.Module):
+    """``relu(bn(conv(x)) + residual)``, each of bn, residual and relu optional, as one
+    ``fastseg.atrous_conv2d`` call in eval mode (BatchNorm folded into scale and shift); outputs
+    smaller than :data:`EAGER_BELOW` elements run the eager modules instead.
+
+    Uses the original ``conv`` (nn.Conv2d) and ``bn`` (nn.BatchNorm2d or None) modules, so the
+    weights are theirs; ``shared=True`` (what ``convert`` uses) leaves them registered where they
+    already are and out of this module's parameters and state dict, so the converted model's state
+    dict is the original's. In training mode it runs them eagerly, with exactly their semantics
+    (batch statistics, running-stat updates). ``forward(x, residual=None)``; a residual whose shape,
+    dtype or device differs from the output's (a broadcasting add) is added eagerly after the
+    convolution.
+    """
+
+    def __init__(self, conv, bn=None, relu=False, backend="auto", *, shared=False):
+        super().__init__()
+        if shared:  # plain attributes: not submodules of this one
+            self.__dict__["conv"], self.__dict__["bn"] = conv, bn
+        else:
+            self.conv, self.bn = conv, bn
+        self.relu, self.backend, self.shared = bool(relu), backend, shared
+
+    def _eager(self, x, residual):
+        y = self.conv(x)
+        if self.bn is not None:
+            y = self.bn(y)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.relu else y
+
+    def forward(self, x, residual=None):
+        c = self.conv
+        if self.training:
+            return self._eager(x, residual)
+        size = atrous_output_size(x.shape[-2:], c.kernel_size, c.stride, c.padding, c.dilation)
+        if x.shape[0] * c.out_channels * size[0] * size[1] < EAGER_BELOW and x.dim() == 4:
+            return self._eager(x, residual)  # too small to pay for the fused call's overhead
+        scale = shift = None
+        if self.bn is not None:
+            scale, shift = fold_batch_norm(self.bn, x.dtype)
+        late = None
+        if residual is not None:
+            if (residual.shape != (*x.shape[:-3], c.out_channels, *size) or residual.dtype != x.dtype
+                    or residual.device != x.device):
+                residual, late = None, residual
+        if late is not None:
+            y = atrous_conv2d(x, c.weight, c.bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                              groups=c.groups, scale=scale, shift=shift, backend=self.backend) + late
+            return F.relu(y) if self.relu else y
+        return atrous_conv2d(
+            x, c.weight, c.bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
+            scale=scale, shift=shift, residual=residual, activation="relu" if self.relu else None,
+            backend=self.backend,
+        )
+
+    def extra_repr(self):
+        if self.shared:
+            return f"{self.conv!r}, {self.bn!r}, relu={self.relu}, shared=True"
+        return f"relu={self.relu}"
+
+
+def convert(model, *, inplace=False, report=True):
+    """Rewrite ``model`` (an nn.Module in eval mode) onto fastseg's fused kernels; same outputs.
+
+    Replaces conv (+ BatchNorm) (+ residual add) (+ ReLU) chains, dilated or not, by
+    :class:`FusedConv2d` (``fastseg.atrous_conv2d``, BatchNorm folded); torchvision's and
+    segmentation_models_pytorch's ASPP blocks by ``fastseg.nn.ASPP``; ``nn.MaxUnpool2d`` modules and
+    ``F.max_unpool2d`` calls by fastseg's. Uses torch.fx on every submodule that traces (the whole
+    model where possible) and module-level replacement where tracing fails; see the module
+    docstring. Only patterns measured no slower than eager on the model's device are replaced
+    (:data:`NOT_SLOWER`; on CUDA none yet).
+
+    Training mode is left alone: a model with any submodule in training mode is returned
+    unconverted (BatchNorm folding needs its running statistics; call ``model.eval()`` first), and
+    the report says so. The converted model is for inference: its fused modules run exact eager
+    PyTorch if put back in training mode, but code traced by torch.fx keeps the Python branches it
+    took in eval mode.
+
+    Args:
+        model: an nn.Module (CPU or CUDA; its first parameter's device picks the speed rules).
+        inplace: False (default) converts a deep copy and leaves ``model`` untouched. True rewrites
+            ``model``'s submodules in place and shares its parameters; use the returned model, which
+            is a new ``torch.fx.GraphModule`` when ``model`` itself traces.
+        report: True (default) returns ``(converted, ConversionReport)``; False returns the model.
+
+    Returns:
+        The converted model (same inputs and outputs as ``model``; fp32 outputs equal up to rounding),
+        and with ``report=True`` a :class:`ConversionReport` listing what was replaced and what was
+        left and why.
+
+    Example:
+        >>> tv = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None).eval()
+        >>> fast, rep = fastseg.convert(tv)
+        >>> print(rep)                                    # 'replaced 1 x aspp', 'replaced 52 x conv+bn+...'
+        >>> fast(torch.randn(1, 3, 512, 512))["out"].shape
+        torch.Size([1, 21, 512, 512])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"convert: inplace must be True or False, got {inplace!r}")
+    if not isinstance(report, bool):
+        raise TypeError(f"convert: report must be True or False, got {report!r}")
+    param = next(iter(model.parameters()), None)
+    device = param.device.type if param is not None else "cpu"
+    rep = ConversionReport(device=device)
+    allowed = NOT_SLOWER.get(device, frozenset())
+    if not inplace:
+        model = copy.deepcopy(model)
+    training = [name for name, m in model.named_modules() if m.training]
+    if training:
+        rep.left.append(Left("", type(model).__name__, f"in training mode ({len(training)} submodules, e.g. "
+                             f"{training[0] or '<model>'!r}): convert rewrites eval-mode models only; call "
+                             "model.eval() first"))
+    elif not allowed:
+        rep.left.append(Left("", type(model).__name__, f"no fastseg kernel has been measured no slower than "
+                             f"eager PyTorch on {device} yet (fastseg.convert.NOT_SLOWER)"))
+    else:
+        _replace_modules(model, "", rep, allowed)
+        model = _fuse(model, "", rep, allowed)
+    return (model, rep) if report else model
+
+
+# --- step 1: module-level replacement of ASPP blocks and MaxUnpool2d ----------------------------
+
+
+def _replace_modules(module, prefix, rep, allowed):
+    for name, child in list(module.named_children()):
+        path = f"{prefix}.{name}" if prefix else name
+        new = None
+        if type(child) is nn.MaxUnpool2d:
+            if "max_unpool2d" in allowed:
+                new = fnn.MaxUnpool2d(child.kernel_size, child.stride, child.padding)
+                rep.replaced.append(Replacement(path, "max_unpool2d", "fastseg.nn.MaxUnpool2d"))
+        elif _is_zoo_aspp(child):
+            new, reason = _aspp_from(child)
+            if new is not None and "aspp" not in allowed:
+                new, reason = None, "not measured no slower on this device"
+            if new is None:
+                rep.left.append(Left(path, f"{type(child).__module__}.ASPP", reason))
+            else:
+                rep.replaced.append(Replacement(path, "aspp", f"fastseg.nn.ASPP (rates {new[0].rates})"))
+        if new is not None:
+            setattr(module, name, new)
+        else:
+            _replace_modules(child, path, rep, allowed)
+
+
+def _is_zoo_aspp(module):
+    return type(module).__name__ == "ASPP" and type(module).__module__ in (
+        "torchvision.models.segmentation.deeplabv3", "segmentation_models_pytorch.decoders.deeplabv3.decoder")
+
+
+def _conv_bn_relu_parts(seq, kernel_size):
+    """(conv, bn) of a Sequential(Conv2d, BatchNorm2d, ReLU) whose conv is fastseg.nn.ASPP-shaped:
+    stride 1, no groups, zero padding equal to its dilation (3x3) or none (1x1); else None."""
+    mods = list(seq) if isinstance(seq, nn.Sequential) else []
+    if len(mods) != 3 or type(mods[0]) is not nn.Conv2d or type(mods[1]) is not nn.BatchNorm2d \
+            or type(mods[2]) is not nn.ReLU:
+        return None
+    conv, bn = mods[0], mods[1]
+    pad = conv.dilation if kernel_size == 3 else (0, 0)
+    if (conv.kernel_size != (kernel_size, kernel_size) or conv.stride != (1, 1) or conv.groups != 1
+            or conv.padding != pad or conv.padding_mode != "zeros" or conv.dilation[0] != conv.dilation[1]
+            or not _foldable(bn)):
+        return None
+    return conv, bn
+
+
+def _aspp_from(aspp):
+    """(nn.Sequential(fastseg.nn.ASPP, dropout), None) with the zoo ASPP's own modules, or (None, why not)."""
+    convs, project = list(getattr(aspp, "convs", [])), getattr(aspp, "project", None)
+    if len(convs) < 3 or not isinstance(project, nn.Sequential) or len(project) != 4:
+        return None, "unexpected structure (expecting convs = 1x1, atrous 3x3s, pooling; project)"
+    pooling = convs[-1]
+    first = _conv_bn_relu_parts(convs[0], 1)
+    atrous = [_conv_bn_relu_parts(c, 3) for c in convs[1:-1]]
+    pool_parts = (_conv_bn_relu_parts(nn.Sequential(*list(pooling)[1:]), 1)
+                  if isinstance(pooling, nn.Sequential) and len(pooling) == 4
+                  and isinstance(pooling[0], nn.AdaptiveAvgPool2d) and pooling[0].output_size in (1, (1, 1)) else None)
+    proj = _conv_bn_relu_parts(project[:3], 1)
+    if any(type(c[0]).__name__ == "SeparableConv2d" for c in convs[1:-1] if isinstance(c, nn.Sequential)):
+        return None, ("separable atrous branches (depthwise + pointwise) have no exact fastseg.nn.ASPP form: "
+                      "one dense 3x3 instead would be ~9x the work; their pointwise conv+BN+ReLU are fused instead")
+    if first is None or None in atrous or pool_parts is None or proj is None or not isinstance(project[3], nn.Dropout):
+        return None, "a branch is not conv + BatchNorm (running stats) + ReLU of the ASPP shape"
+    in_ch, out_ch = first[0].in_channels, first[0].out_channels
+    rates = tuple(c.dilation[0] for c, _ in atrous)
+    new = fnn.ASPP(in_ch, out_ch, version="v3", rates=rates, image_pooling=True)
+    pairs = list(zip(new.branches, [first] + atrous)) + [(new.pooling, pool_parts), (new.project, proj)]
+    for layer, (conv, bn) in pairs:
+        if conv.in_channels != layer.conv.in_channels or conv.out_channels != layer.conv.out_channels:
+            return None, "branch channel counts differ from fastseg.nn.ASPP's"
+        layer.conv, layer.bn = conv, bn
+    return nn.Sequential(new.to(first[0].weight.device), project[3]), None
+
+
+def _foldable(bn):
+    return (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
+            and bn.running_var is not None)
+
+
+# --- step 2 and 3: torch.fx graphs -----------------------------------------------------------
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.nn's leaves, plus fastseg's own layers (their forward passes check shapes in Python)."""
+
+    def is_leaf_module(self, m, qualname):
+        return (type(m).__module__.startswith("fastseg.") or isinstance(m, FusedConv2d)
+                or super().is_leaf_module(m, qualname))
+
+
+def _fuse(module, path, rep, allowed):
+    """``module`` with its conv chains fused: through torch.fx if it traces, else its children's one by one.
+
+    A traced module keeps its identity, attributes, submodules and state dict, and its class becomes
+    a subclass whose forward is the rewritten graph's code; the fused layers live in its
+    ``fastseg_fused`` ModuleDict and share the original convolutions and BatchNorms, so calling an
+    inner submodule directly still runs it as before."""
+    if _Tracer().is_leaf_module(module, path):
+        return module  # a torch.nn or fastseg layer: nothing inside to rewrite
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means module-level replacement
+        graph = None
+        why = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    if graph is not None:
+        if _rewrite(module, graph, path, rep, allowed):
+            forward = type(torch.fx.GraphModule(module, graph)).forward  # the graph's generated code
+            cls = type(module)
+            module.__class__ = type(cls.__name__, (cls,), {
+                "forward": forward, "__module__": __name__, "__qualname__": f"{cls.__qualname__}_fastseg",
+                "__doc__": f"{cls.__qualname__} converted by fastseg.convert (forward rewritten by torch.fx).",
+            })
+            rep.traced.append(path)
+        return module
+    if _has_own_chains(module):
+        rep.left.append(Left(path, type(module).__name__,
+                             f"does not trace with torch.fx ({why}): conv/BN/ReLU calls in its own forward are "
+                             "left; its children are converted one by one"))
+    for name, child in list(module.named_children()):
+        _fuse(child, f"{path}.{name}" if path else name, rep, allowed)
+    return module
+
+
+def _has_own_chains(module):
+    """Whether ``module`` directly holds a Conv2d next to a BatchNorm2d or ReLU (so its own forward
+    probably chains them)."""
+    kids = list(module.children())
+    return any(type(k) is nn.Conv2d for k in kids) and any(isinstance(k, (nn.BatchNorm2d, nn.ReLU)) for k in kids)
+
+
+def _single_user(node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_relu(node, modules):
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+
+
+def _is_identity(node, modules):
+    return node.op == "call_module" and type(modules.get(node.target)) in (nn.Identity,)
+
+
+def _add_other(node, operand):
+    """The other operand of ``node`` if it is ``operand + other`` (or ``other + operand``) of two nodes."""
+    if not ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ("add", "add_"))):
+        return None
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    other = b if a is operand else a if b is operand else None
+    if other is None or other is operand or not isinstance(other, torch.fx.Node):
+        return None
+    if node.target in ("add_", operator.iadd) and a is not operand:
+        return None  # other += conv_out mutates other: not a pure residual add
+    return other
+
+
+def _fusable_conv(conv):
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and conv.weight.is_floating_point())
+
+
+def _rewrite(root, graph, path, rep, allowed):
+    """Fuse the conv chains and swap the max_unpool2d calls in ``graph`` (traced from ``root``),
+    installing the fused layers in ``root``; whether anything changed."""
+    modules = dict(root.named_modules())
+    fused_layers = nn.ModuleDict()
+    changed = False
+    for node in list(graph.nodes):
+        where = f"{path}.{node.target}" if path and isinstance(node.target, str) else node.target
+        if node.op == "call_function" and node.target is F.max_unpool2d:
+            if "max_unpool2d" in allowed:
+                node.target = max_unpool2d
+                rep.replaced.append(Replacement(f"{path}:{node.name}" if path else node.name, "F.max_unpool2d",
+                                                "fastseg.max_unpool2d"))
+                changed = True
+            continue
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = modules.get(node.target)
+        if type(conv) is not nn.Conv2d:
+            continue
+        if not _fusable_conv(conv):
+            rep.left.append(Left(where, "Conv2d", "padding given as a string or a non-zero padding mode"))
+            continue
+        chain, bn, residual, relu, last = [node], None, None, False, node
+        nxt = _single_user(last)
+        while nxt is not None and _is_identity(nxt, modules):
+            chain.append(nxt)
+            last, nxt = nxt, _single_user(nxt)
+        if nxt is not None and nxt.op == "call_module" and isinstance(modules.get(nxt.target), nn.BatchNorm2d) \
+                and len(nxt.args) == 1 and not nxt.kwargs:
+            if not _foldable(modules[nxt.target]):
+                rep.left.append(Left(where, "Conv2d + BatchNorm2d", "BatchNorm2d without running statistics "
+                                     "(it uses batch statistics in eval mode too): cannot fold"))
+                continue
+            if modules[nxt.target].num_features != conv.out_channels:
+                continue
+            bn = nxt
+            chain.append(nxt)
+            last, nxt = nxt, _single_user(nxt)
+        if nxt is not None:
+            other = _add_other(nxt, last)
+            if other is not None:
+                residual = other
+                chain.append(nxt)
+                last, nxt = nxt, _single_user(nxt)
+        if nxt is not None and _is_relu(nxt, modules):
+            relu = True
+            chain.append(nxt)
+            last = nxt
+        if last is node:
+            continue  # a conv alone: nothing to fuse
+        pattern = "conv" + ("+bn" if bn is not None else "") + ("+add" if residual is not None else "") \
+            + ("+relu" if relu else "")
+        if pattern not in allowed:
+            rep.left.append(Left(where, pattern, f"not measured no slower than eager on {rep.device}"))
+            continue
+        fused = FusedConv2d(conv, modules[bn.target] if bn is not None else None, relu, shared=True)
+        key = node.target.replace(".", "_")
+        i = 0
+        while key in fused_layers:  # a conv module called more than once: one fused layer per call
+            i += 1
+            key = f"{node.target.replace('.', '_')}_{i}"
+        fused_layers[key] = fused
+        target = f"fastseg_fused.{key}"
+        with graph.inserting_before(last):
+            new = graph.call_module(target, (node.args[0],) if residual is None else (node.args[0], residual))
+        last.replace_all_uses_with(new)
+        for dead in reversed(chain):
+            graph.erase_node(dead)
+        rep.replaced.append(Replacement(where, pattern, f"FusedConv2d {target}"))
+        changed = True
+    if changed:
+        if "fastseg_fused" in root._modules:
+            raise ValueError(f"convert: {path or '<model>'} already has a submodule 'fastseg_fused': was it converted twice?")
+        root.fastseg_fused = fused_layers
+        graph.lint()
+    return changed
