@@ -248,7 +248,7 @@ def _replace_modules(module, prefix, rep, allowed):
             else:
                 rep.replaced.append(Replacement(path, "aspp", f"fastseg.nn.ASPP (rates {new[0].rates})"))
         if new is not None:
-            setattr(module, name, new)
+            setattr(module, name, new.train(child.training))  # new modules start in training mode
         else:
             _replace_modules(child, path, rep, allowed)
 
@@ -469,6 +469,6 @@ def _rewrite(root, graph, path, rep, allowed):
     if changed:
         if "fastseg_fused" in root._modules:
             raise ValueError(f"convert: {path or '<model>'} already has a submodule 'fastseg_fused': was it converted twice?")
-        root.fastseg_fused = fused_layers
+        root.fastseg_fused = fused_layers.train(root.training)  # new modules start in training mode
         graph.lint()
     return changed

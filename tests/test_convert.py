@@ -1,0 +1,280 @@
+"""fastseg.convert: converted torchvision and segmentation_models_pytorch models give the originals'
+outputs, the report lists what was replaced and what was left, the input model stays untouched,
+torch.compile and torch.export take the result, unpooling modules and calls are swapped, and bad
+arguments raise clear errors."""
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastseg
+
+torchvision = pytest.importorskip("torchvision")
+convert_module = importlib.import_module("fastseg.convert")  # fastseg.convert is the function
+
+#: fp32 tolerance of issue 7: max abs error <= 1e-4 of the output's scale (its max abs value).
+TOLERANCE = 1e-4
+
+
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """Run every FusedConv2d through fastseg's kernel, even on the tests' small maps (by default
+    maps under EAGER_BELOW elements run eagerly)."""
+    monkeypatch.setattr(convert_module, "EAGER_BELOW", 0)
+
+
+def _randomise_batch_norms(model, seed=0):
+    """Non-trivial running statistics and affine parameters, so that folding them matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    return model.eval()
+
+
+def _out(y):
+    return y["out"] if isinstance(y, dict) else y
+
+
+def _assert_close_to_scale(out, ref):
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    scale = ref.abs().max()
+    assert scale > 0
+    error = (out - ref).abs().max() / scale
+    assert error <= TOLERANCE, f"max abs error {error:.3g} of the output scale > {TOLERANCE}"
+
+
+def _snapshot(model):
+    return type(model), {k: v.clone() for k, v in model.state_dict().items()}, repr(model)
+
+
+def _assert_untouched(model, snapshot):
+    cls, state, text = snapshot
+    assert type(model) is cls and not hasattr(model, "fastseg_fused") and repr(model) == text
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert not any(isinstance(m, (convert_module.FusedConv2d, fastseg.nn.ASPP)) for m in model.modules())
+
+
+def _tv(name):
+    torch.manual_seed(0)
+    return getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=5)
+
+
+def _smp(name, **kwargs):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    return getattr(smp, name)(encoder_weights=None, classes=5, **kwargs)
+
+
+#: (builder, input size, ASPP replaced?): torchvision's models take any size; smp's need a multiple
+#: of their output stride (32).
+ZOO = {
+    "tv_deeplabv3_resnet50": (lambda: _tv("deeplabv3_resnet50"), 65, True),
+    "tv_fcn_resnet50": (lambda: _tv("fcn_resnet50"), 65, False),
+    "smp_DeepLabV3": (lambda: _smp("DeepLabV3"), 64, True),
+    "smp_DeepLabV3Plus": (lambda: _smp("DeepLabV3Plus"), 64, False),  # separable ASPP: left, and why
+    "smp_PSPNet": (lambda: _smp("PSPNet"), 64, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_models_equal_outputs(name, fused_everywhere):
+    build, size, has_aspp = ZOO[name]
+    model = _randomise_batch_norms(build())
+    before = _snapshot(model)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    fast, report = fastseg.convert(model)
+    _assert_untouched(model, before)
+    assert fast is not model
+    with torch.no_grad():
+        ref, out = _out(model(x)), _out(fast(x))
+    _assert_close_to_scale(out, ref)
+    counts = report.counts()
+    assert counts.get("conv+bn+relu", 0) >= 10 and counts.get("conv+bn+add+relu", 0) >= 7, counts
+    assert counts.get("aspp", 0) == int(has_aspp)
+    fused = [m for m in fast.modules() if isinstance(m, convert_module.FusedConv2d)]
+    assert len(fused) == sum(n for p, n in counts.items() if p.startswith("conv"))
+    assert not any(m.training for m in fast.modules())  # else every fused layer would run eagerly
+    text = str(report)
+    assert "replaced" in text and "conv+bn+relu" in text
+    if name == "smp_DeepLabV3Plus":
+        assert [item.path for item in report.left] == ["decoder.aspp.0"]
+        assert "separable" in report.left[0].reason and "separable" in text
+    if name == "smp_PSPNet":
+        assert counts.get("conv+relu") == 1  # the 1x1 bin's Conv2dReLU has no BatchNorm
+
+
+def test_fx_only_conversion_keeps_state_dict_and_inner_modules(fused_everywhere):
+    """Where only conv chains are fused, the converted model's state dict is the original's and its
+    inner modules still run their own (eager) forward."""
+    model = _randomise_batch_norms(_tv("fcn_resnet50"))
+    fast, report = fastseg.convert(model)
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    assert isinstance(fast, type(model)) and "" in report.traced
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.backbone(x)["out"], model.backbone(x)["out"], rtol=0, atol=0)
+    fast.load_state_dict(model.state_dict())
+
+
+def test_inplace_rewrites_the_model_itself(fused_everywhere):
+    model = _randomise_batch_norms(_tv("deeplabv3_resnet50"))
+    reference = copy.deepcopy(model)
+    x = torch.randn(1, 3, 40, 40)
+    fast = fastseg.convert(model, inplace=True, report=False)
+    assert fast is model and hasattr(model, "fastseg_fused")
+    assert isinstance(model.classifier[0][0], fastseg.nn.ASPP)
+    with torch.no_grad():
+        _assert_close_to_scale(_out(fast(x)), _out(reference(x)))
+
+
+def test_default_small_maps_run_eagerly_and_equal():
+    """Without the fixture: small maps take FusedConv2d's eager path; still equal."""
+    model = _randomise_batch_norms(_tv("fcn_resnet50"))
+    fast, _ = fastseg.convert(model)
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        _assert_close_to_scale(_out(fast(x)), _out(model(x)))
+
+
+def test_training_mode_is_left_alone():
+    model = _tv("fcn_resnet50").train()
+    before = _snapshot(model)
+    fast, report = fastseg.convert(model)
+    _assert_untouched(fast, before)
+    assert report.replaced == [] and "training mode" in report.left[0].reason and "model.eval()" in str(report)
+
+
+def test_unmeasured_device_is_left_alone(monkeypatch):
+    """Patterns not measured no slower on the model's device are not replaced (CUDA today)."""
+    monkeypatch.setattr(convert_module, "NOT_SLOWER", {})
+    model = _tv("fcn_resnet50").eval()
+    before = _snapshot(model)
+    fast, report = fastseg.convert(model)
+    _assert_untouched(fast, before)
+    assert report.replaced == [] and "measured" in report.left[0].reason
+
+
+def test_fused_conv_training_mode_is_exact():
+    conv, bn = nn.Conv2d(4, 6, 3, padding=2, dilation=2), nn.BatchNorm2d(6)
+    ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    layer = convert_module.FusedConv2d(conv, bn, relu=True).train()
+    x, r = torch.randn(2, 4, 9, 9), torch.randn(2, 6, 9, 9)
+    torch.testing.assert_close(layer(x, r), F.relu(ref_bn(ref_conv(x)) + r), rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=0, atol=0)
+    # eval: fused, and a broadcasting residual is added after the convolution
+    layer.eval(), ref_bn.eval()
+    with torch.no_grad():
+        for residual in (r, r[:, :, :1, :1]):
+            expected = F.relu(ref_bn(ref_conv(x)) + residual)
+            torch.testing.assert_close(layer(x, residual), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- unpooling: nn.MaxUnpool2d modules and F.max_unpool2d calls -------------------------------------
+
+class ToySegNet(nn.Module):
+    """Two conv-BN-ReLU encoders with indexed pools, a MaxUnpool2d module and an F.max_unpool2d call."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.enc2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.pool = nn.MaxPool2d(2, 2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2, 2)
+        self.dec = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.enc1(x)
+        size1 = x.shape
+        x, i1 = self.pool(x)
+        x = self.enc2(x)
+        size2 = x.shape
+        x, i2 = self.pool(x)
+        x = self.unpool(x, i2, output_size=size2)
+        x = F.relu(self.bn(self.dec(x)))
+        x = F.max_unpool2d(x, i1, 2, 2, output_size=size1)
+        return self.head(x)
+
+
+def test_max_unpool_module_and_call_replaced(fused_everywhere):
+    model = _randomise_batch_norms(ToySegNet())
+    fast, report = fastseg.convert(model)
+    assert isinstance(fast.unpool, fastseg.nn.MaxUnpool2d) and isinstance(model.unpool, nn.MaxUnpool2d)
+    counts = report.counts()
+    assert counts == {"max_unpool2d": 1, "F.max_unpool2d": 1, "conv+bn+relu": 3}, counts
+    x = torch.randn(2, 3, 18, 22)
+    with torch.no_grad():
+        _assert_close_to_scale(fast(x), model(x))
+    assert "fastseg.max_unpool2d" in str(report)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow (torch.fx cannot trace it) around a traceable child."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.block(x)
+        if y.mean() > 0:
+            y = y * 2
+        return F.relu(self.bn(self.conv(y)))
+
+
+def test_module_level_fallback_where_tracing_fails(fused_everywhere):
+    model = _randomise_batch_norms(Untraceable())
+    fast, report = fastseg.convert(model)
+    assert [r.path for r in report.replaced] == ["block.0"] and report.traced == ["block"]
+    assert report.left[0].path == "" and "does not trace" in report.left[0].reason
+    x = torch.randn(1, 3, 10, 10)
+    with torch.no_grad():
+        _assert_close_to_scale(fast(x), model(x))
+
+
+# --- torch.compile and torch.export ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compile_and_export(fused_everywhere):
+    model = _randomise_batch_norms(_tv("deeplabv3_resnet50"))
+    fast, _ = fastseg.convert(model)
+    x = torch.randn(1, 3, 33, 33, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = _out(model(x))
+        _assert_close_to_scale(_out(torch.compile(fast, fullgraph=True)(x)), ref)
+        exported = torch.export.export(fast, (x,))
+        targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+        assert any("fastseg.atrous_conv2d" in t for t in targets), sorted(targets)[:10]
+        _assert_close_to_scale(_out(exported.module()(x)), ref)
+
+
+# --- bad arguments ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    (("model",), {}, TypeError, "model must be a torch.nn.Module, got str"),
+    ((nn.Conv2d(1, 1, 1),), dict(inplace="yes"), TypeError, "inplace must be True or False, got 'yes'"),
+    ((nn.Conv2d(1, 1, 1),), dict(report=1), TypeError, "report must be True or False, got 1"),
+])
+def test_bad_arguments(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastseg.convert(*args, **kwargs)
+
+
+def test_converting_twice_changes_nothing_more():
+    model = _randomise_batch_norms(ToySegNet())
+    fast = fastseg.convert(model, report=False)
+    again, report = fastseg.convert(fast)
+    assert report.replaced == [] and type(again) is type(fast)
