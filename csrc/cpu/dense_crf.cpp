@@ -14,6 +14,8 @@
 //    the compatibilities, add the unary, exp-and-normalise, and splat the new Q into this thread's
 //    own splat buffer (no atomics; Q itself is never stored until the last iteration). Between
 //    passes the buffers are summed and blurred, in parallel over lattice points.
+//  * The passes visit the pixels in 32x32 tiles (tile_order): a pixel's index inside the pass and
+//    the lattice is its position in that order, translated back only to read and write planes.
 //  * All buffers are allocated before the first iteration.
 #include <ATen/Parallel.h>
 #include <sys/mman.h>
@@ -301,7 +303,8 @@ FASTSEG_ALWAYS_INLINE void vertex_key(const int32_t* rem0, const uint8_t* rank, 
 
 // Phase 1 of the build for pixels [begin, end): see build_lattice_impl.
 FASTSEG_ALWAYS_INLINE void locate_pixels_impl(Lattice& lat, const float* features, int64_t stride, int d,
-                                              const float* scale, int64_t begin, int64_t end, bool& bad) {
+                                              const float* scale, const int64_t* order, int64_t begin,
+                                              int64_t end, bool& bad) {
   const int d1 = d + 1;
   Buffer<int32_t>& rem0s = lat.rem0s;
   Buffer<uint8_t>& ranks = lat.ranks;
@@ -310,7 +313,7 @@ FASTSEG_ALWAYS_INLINE void locate_pixels_impl(Lattice& lat, const float* feature
     float bary[kMaxFeatures + 2];
     uint8_t rank8[kMaxFeatures];
     for (int64_t p = begin; p < end; ++p) {
-      locate(features + p, stride, d, scale, rem0, rank, bary, bad);
+      locate(features + (order ? order[p] : p), stride, d, scale, rem0, rank, bary, bad);
       if (bad) break;
       bool same = p > begin;  // neighbouring pixels often share their simplex: no hashing then
       for (int i = 0; i < d; ++i) {
@@ -332,22 +335,23 @@ FASTSEG_ALWAYS_INLINE void locate_pixels_impl(Lattice& lat, const float* feature
     }
 }
 void locate_pixels_base(Lattice& lat, const float* features, int64_t stride, int d, const float* scale,
-                        int64_t begin, int64_t end, bool& bad) {
-  locate_pixels_impl(lat, features, stride, d, scale, begin, end, bad);
+                        const int64_t* order, int64_t begin, int64_t end, bool& bad) {
+  locate_pixels_impl(lat, features, stride, d, scale, order, begin, end, bad);
 }
 #if FASTSEG_HAVE_AVX2_CLONE
 // AVX2 without FMA: inline rounding instructions instead of libm's ceil and floor, and the same
 // IEEE rounding of every step as the reference (no contraction).
 __attribute__((target("avx2"))) void locate_pixels_avx2(Lattice& lat, const float* features, int64_t stride,
-                                                        int d, const float* scale, int64_t begin,
-                                                        int64_t end, bool& bad) {
-  locate_pixels_impl(lat, features, stride, d, scale, begin, end, bad);
+                                                        int d, const float* scale, const int64_t* order,
+                                                        int64_t begin, int64_t end, bool& bad) {
+  locate_pixels_impl(lat, features, stride, d, scale, order, begin, end, bad);
 }
 #endif
 
 // Builds the lattice of features (d planes of N floats, plane stride `stride`), numbering its
-// points with `owners` threads.
-void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, int64_t N, int owners) {
+// points with `owners` threads. Lattice pixel i is feature pixel order[i] (i without an order).
+void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, int64_t N, int owners,
+                   const int64_t* order = nullptr) {
   TORCH_CHECK_VALUE(d >= 1 && d <= kMaxFeatures, "dense_crf: a kernel needs 1 to ", kMaxFeatures,
                     " features, got ", d);
   lat.d = d;
@@ -375,12 +379,12 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
     bool bad = false;
 #if FASTSEG_HAVE_AVX2_CLONE
     if (cpu_has_avx2()) {
-      locate_pixels_avx2(lat, features, stride, d, scale, begin, end, bad);
+      locate_pixels_avx2(lat, features, stride, d, scale, order, begin, end, bad);
     } else {
-      locate_pixels_base(lat, features, stride, d, scale, begin, end, bad);
+      locate_pixels_base(lat, features, stride, d, scale, order, begin, end, bad);
     }
 #else
-    locate_pixels_base(lat, features, stride, d, scale, begin, end, bad);
+    locate_pixels_base(lat, features, stride, d, scale, order, begin, end, bad);
 #endif
     if (bad) out_of_range = true;
   });
@@ -539,9 +543,10 @@ struct PassArgs {
   int64_t N;
   int L, lanes, kernels;
   const PassKernel* k;
-  const float* unary;  // N x lanes energies
-  const float* init;   // L planes of N: Q to start from (first pass only), or null
-  float* out;          // L planes of N: where the last pass writes Q, or null
+  const float* unary;    // N x lanes energies, in pass order
+  const float* init;     // L planes of N: Q to start from (first pass only), or null
+  float* out;            // L planes of N: where the last pass writes Q, or null
+  const int64_t* order;  // pass position -> pixel of init and out (null: the same)
 };
 
 // Pixels [p0, p1) of one pass: E = U + sum_k C_k (post_k * slice_k), Q = softmax(-E), then Q is
@@ -599,9 +604,10 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
       }
       const int64_t pq = p + q;
       if (from_init) {
+        const int64_t pixel = a.order ? a.order[pq] : pq;
         for (int v = 0; v < nv; ++v) {
           for (int i = 0; i < W; ++i) {
-            eq[v][i] = v * W + i < L ? a.init[int64_t(v * W + i) * a.N + pq] : 0.0f;
+            eq[v][i] = v * W + i < L ? a.init[int64_t(v * W + i) * a.N + pixel] : 0.0f;
           }
         }
         continue;
@@ -669,7 +675,8 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
       const int64_t pq = p + q;
       const V* eq = e[q];
       if (a.out != nullptr) {
-        for (int l = 0; l < L; ++l) a.out[int64_t(l) * a.N + pq] = eq[l / W][l % W];
+        const int64_t pixel = a.order ? a.order[pq] : pq;
+        for (int l = 0; l < L; ++l) a.out[int64_t(l) * a.N + pixel] = eq[l / W][l % W];
         continue;
       }
       for (int k = 0; k < a.kernels; ++k) {
@@ -945,6 +952,36 @@ struct Workspace {
   Buffer<float> rows;
 };
 
+// Pixel orders of the last image size, kept like the workspace (but apart from it: every thread
+// of a batch reads the calling thread's).
+struct PixelOrder {
+  Buffer<int64_t> order;
+  int64_t h = -1, w = -1;
+};
+
+// The mean-field passes visit the pixels tile by tile (kTile x kTile, row by row inside a tile):
+// nearby pixels share lattice points, and a tile's points fit in L2 where a raster row's do not
+// (simulated on the 500x375 benchmark, 512 KiB LRU: 6% of the row accesses miss instead of 13%).
+constexpr int64_t kTile = 32;
+const int64_t* tile_order(PixelOrder& ws, int64_t H, int64_t W) {
+  if (H <= kTile || W <= kTile) return nullptr;  // one band of tiles: raster order is as good
+  if (ws.h != H || ws.w != W) {
+    ws.h = ws.w = -1;
+    ws.order.resize(H * W);
+    int64_t i = 0;
+    for (int64_t ty = 0; ty < H; ty += kTile) {
+      for (int64_t tx = 0; tx < W; tx += kTile) {
+        for (int64_t y = ty; y < std::min(H, ty + kTile); ++y) {
+          for (int64_t x = tx; x < std::min(W, tx + kTile); ++x) ws.order.data[i++] = y * W + x;
+        }
+      }
+    }
+    ws.h = H;
+    ws.w = W;
+  }
+  return ws.order.data;
+}
+
 Workspace& thread_workspace() {
   static thread_local Workspace workspace;
   return workspace;
@@ -955,13 +992,13 @@ constexpr int64_t kKeepWorkspacePixels = int64_t(4) << 20;
 
 void mean_field_image(const float* unary, float unary_scale, const float* init, float* out, int64_t N, int L,
                       std::vector<KernelSpec>& specs, int64_t iterations,
-                      std::vector<KernelState>& states, Buffer<float>& unary_rows) {
+                      std::vector<KernelState>& states, Buffer<float>& unary_rows, const int64_t* order) {
   const int64_t chunks = pixel_chunks(N);
   const int lanes = int(lanes_for_labels(L));
   const int K = int(specs.size());
   states.resize(K);
   for (int k = 0; k < K; ++k) {
-    build_lattice(states[k].lattice, specs[k].features, N, specs[k].d, N, int(chunks));
+    build_lattice(states[k].lattice, specs[k].features, N, specs[k].d, N, int(chunks), order);
     normalisers(states[k].lattice, specs[k].normalization, chunks, states[k].pre, states[k].post,
                 states[k].norm_buffers);
     states[k].buffers.allocate(states[k].lattice, lanes, chunks);
@@ -973,7 +1010,8 @@ void mean_field_image(const float* unary, float unary_scale, const float* init, 
   at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       float* row = unary_rows.data + p * lanes;
-      for (int l = 0; l < lanes; ++l) row[l] = l < L ? unary_scale * unary[int64_t(l) * N + p] : 0.0f;
+      const int64_t pixel = order ? order[p] : p;
+      for (int l = 0; l < lanes; ++l) row[l] = l < L ? unary_scale * unary[int64_t(l) * N + pixel] : 0.0f;
     }
   });
 
@@ -984,7 +1022,7 @@ void mean_field_image(const float* unary, float unary_scale, const float* init, 
                          s.post.data, nullptr, s.buffers.splat_ptrs.data(), specs[k].diagonal,
                          specs[k].compat.data()};
   }
-  PassArgs args{N, L, lanes, K, pass.data(), unary_rows.data, init, nullptr};
+  PassArgs args{N, L, lanes, K, pass.data(), unary_rows.data, init, nullptr, order};
   auto run_pass = [&]() {
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
@@ -1093,6 +1131,8 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::T
   std::vector<at::Tensor> feats;
   for (const auto& f : features) feats.push_back(f.contiguous());
   const std::vector<KernelSpec> prototype = kernel_specs(features, compat, normalization, L);
+  static thread_local PixelOrder pixel_order;
+  const int64_t* order = tile_order(pixel_order, unary.size(2), unary.size(3));
 
   auto image = [&](int64_t b, std::vector<KernelState>& states, Buffer<float>& rows) {
     std::vector<KernelSpec> specs = prototype;
@@ -1102,7 +1142,7 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::T
     }
     mean_field_image(U.const_data_ptr<float>() + b * L * N, float(unary_scale),
                      Q0.defined() ? Q0.const_data_ptr<float>() + b * L * N : nullptr,
-                     out.mutable_data_ptr<float>() + b * L * N, N, int(L), specs, iterations, states, rows);
+                     out.mutable_data_ptr<float>() + b * L * N, N, int(L), specs, iterations, states, rows, order);
   };
   rethrow_bad_alloc("running dense_crf", N, [&] {
     const int threads = at::get_num_threads();
@@ -1118,6 +1158,7 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::T
       for (int64_t b = 0; b < B; ++b) image(b, ws.states, ws.rows);
       if (N > kKeepWorkspacePixels) ws = Workspace();
     }
+    if (N > kKeepWorkspacePixels) pixel_order = PixelOrder();
     return 0;
   });
   return out;
