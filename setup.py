@@ -84,7 +84,8 @@ setup(
     package_dir={"fastseg.kernels": "kernels", "fastseg.benchmarks": "benchmarks"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "torchvision", "pydensecrf2", "pillow"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "torchvision", "pydensecrf2", "pillow",
+                 "segmentation-models-pytorch"],
         "bench": ["pytest", "pytest-benchmark", "matplotlib", "pydensecrf2"],
     },
     entry_points={"console_scripts": ["fastseg = fastseg.cli:main"]},
