@@ -64,6 +64,16 @@ TORCH_LIBRARY(fastseg, m) {
   m.def(
       "gcn_conv2d(Tensor input, Tensor w_l1, Tensor w_l2, Tensor w_r1, Tensor w_r2, Tensor? b_l1, "
       "Tensor? b_l2, Tensor? b_r1, Tensor? b_r2, int dilation, str algorithm=\"auto\") -> Tensor");
+
+  // Max-unpooling followed by a stride-1 atrous convolution with the fused epilogue (SegNet's
+  // decoder, Badrinarayanan et al. 2017): atrous_conv2d(max_unpool2d(values, indices, kernel_size,
+  // stride, pool_padding, output_size), weight, padding, dilation) with scale, shift, residual and
+  // ReLU, without the unpooled map ever existing in full. values/indices (B, C, h, w), weight
+  // (O, C, kH, kW). band_rows: output rows per band of the CPU kernel (0: chosen by size; tests).
+  m.def(
+      "unpool_conv2d(Tensor values, Tensor indices, Tensor weight, Tensor? scale, Tensor? shift, "
+      "Tensor? residual, int[2] kernel_size, int[2] stride, int[2] pool_padding, SymInt[2] output_size, "
+      "int[2] padding, int[2] dilation, bool relu, int band_rows=0) -> Tensor");
 }
 
 }  // namespace fastseg
