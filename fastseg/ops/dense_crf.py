@@ -7,11 +7,18 @@ High-Dimensional Filtering Using the Permutohedral Lattice", Eurographics 2010).
 those of the reference densecrf implementation (and of pydensecrf, whose drop-in replacement is
 ``fastseg.crf``): same features, same kernel normalisations, same compatibility conventions, and the
 same lattice, so the results agree to float precision.
+
+Mean field is differentiable (with respect to the scores and the compatibilities, hence the
+kernel weights): the backward replays the iterations in reverse with the lattice filter's exact
+transpose, as CRF-as-RNN does (Zheng et al., "Conditional Random Fields as Recurrent Neural
+Networks", ICCV 2015); ``fastseg.nn.DenseCRF(learnable=True)`` is that layer.
 """
 import math
 import numbers
+from typing import List, Optional
 
 import torch
+from torch import Tensor
 
 from .. import _backends
 from .._checks import FLOAT_DTYPES, check_tensor
@@ -38,6 +45,7 @@ def dense_crf(
     bilateral=dict(sxy=80, srgb=13, compat=10),
     unary="logits",
     clip=1e-5,
+    checkpoint=False,
     backend="auto",
 ):
     """Dense-CRF mean-field inference: refine per-pixel label scores with an image.
@@ -70,11 +78,24 @@ def dense_crf(
         normalization (in either dict): 'symmetric' (default), 'before', 'after' or 'none' (or
             densecrf's codes 3, 1, 2, 0).
         clip: the smallest probability ``unary='probs'`` takes the log of.
+        checkpoint: how the backward gets the iterates Q_0 .. Q_T it needs. False (default): the
+            forward keeps them all, (iterations + 1) x B x L x H x W floats until backward. True:
+            only the inputs and Q are kept and the backward recomputes the iterates (as
+            torch.utils.checkpoint trades compute for memory). Either way the gradients are the
+            same; with no gradient needed the forward is the one fused mean-field call.
         backend: 'auto' ('cpp' on CPU; 'reference' elsewhere, until the GPU kernel lands),
             'reference' or 'cpp'.
 
     Returns:
-        Q, float32 marginals of scores' shape and device (not differentiable).
+        Q, float32 marginals of scores' shape and device (float64 for float64 scores on the
+        reference backend, the oracle of the gradient checks).
+
+    Gradients: Q is differentiable with respect to ``scores`` (every ``unary`` mode) and every
+    ``compat`` given as a tensor (a 0-d tensor is the kernel's Potts weight, so kernel weights are
+    learnable too; see ``fastseg.nn.DenseCRF(learnable=True)``). The backward runs the mean-field
+    iterations in reverse (Zheng et al., ICCV 2015), one transposed lattice filter per kernel and
+    iteration. The image and the kernel widths (sxy, srgb) are constants: an image that requires
+    grad is an error (pass ``image.detach()``).
 
     Example:
         >>> logits = model(images)                       # (B, 21, H, W)
@@ -100,7 +121,11 @@ def dense_crf(
         _check_image(image, scores)
     elif image is not None:
         _check_image(image, scores)
+    if not isinstance(checkpoint, bool):
+        raise TypeError(f"{OP}: checkpoint must be a bool, got {type(checkpoint).__name__}")
     impl = _backends.select(OP, backend, scores.device, implemented=_IMPLEMENTED)
+    # float64 stays float64 on the reference (gradcheck's oracle); the C++ kernel is float32.
+    dtype = reference.compute_dtype(scores.dtype) if impl == "reference" else torch.float32
 
     if not torch.compiler.is_compiling():
         if not bool(torch.isfinite(scores).all()):
@@ -114,7 +139,7 @@ def dense_crf(
     if not batched:
         scores = scores.unsqueeze(0)
         image = image.unsqueeze(0) if image is not None else None
-    scores = scores.to(torch.float32)
+    scores = scores.to(dtype)
     # Energies U, or for logits -logits: it differs from U = -log_softmax(logits) by a per-pixel
     # constant, which mean field never sees (every update is a softmax over the labels).
     if unary == "probs":
@@ -126,45 +151,52 @@ def dense_crf(
     if gaussian is not None:
         sx, sy = _pair("gaussian['sxy']", gaussian.get("sxy", 3))
         features.append(position_features(H, W, sx, sy, device=scores.device).unsqueeze(0))
-        compats.append(compat_matrix("gaussian['compat']", gaussian.get("compat", 3), L, scores.device))
+        compats.append(compat_matrix("gaussian['compat']", gaussian.get("compat", 3), L, scores.device, dtype))
         norms.append(normalization_code("gaussian['normalization']", gaussian.get("normalization", "symmetric")))
     if bilateral is not None:
         sx, sy = _pair("bilateral['sxy']", bilateral.get("sxy", 80))
         srgb = _per_channel("bilateral['srgb']", bilateral.get("srgb", 13), image.shape[1])
         features.append(bilateral_features(image, sx, sy, srgb))
-        compats.append(compat_matrix("bilateral['compat']", bilateral.get("compat", 10), L, scores.device))
+        compats.append(compat_matrix("bilateral['compat']", bilateral.get("compat", 10), L, scores.device, dtype))
         norms.append(normalization_code("bilateral['normalization']", bilateral.get("normalization", "symmetric")))
-    Q = mean_field(U.contiguous(), features, compats, norms, iterations, impl=impl, unary_scale=sign)
+    Q = mean_field(U.contiguous(), features, compats, norms, iterations, impl=impl, unary_scale=sign,
+                   checkpoint=checkpoint)
     return Q if batched else Q.squeeze(0)
 
 
-def mean_field(unary, features, compats, normalizations, iterations, init=None, *, impl="cpp", unary_scale=1.0):
+def mean_field(unary, features, compats, normalizations, iterations, init=None, *, impl="cpp", unary_scale=1.0,
+               checkpoint=False):
     """The op behind :func:`dense_crf`, without argument checks: energies unary_scale * unary
-    (B, L, H, W) float32; per kernel features (B or 1, D, H, W) float32 (divided by their standard
-    deviations), an (L, L) compatibility and a normalisation code; optional init Q (B, L, H, W)."""
-    if impl == "reference":
-        if unary_scale != 1.0:
-            unary = unary * unary_scale
-        B, L, H, W = unary.shape
-        out = []
-        for b in range(B):
-            feats = [f[b if f.shape[0] > 1 else 0].reshape(f.shape[1], -1) for f in features]
-            start = init[b].reshape(L, -1) if init is not None else None
-            Q = reference.mean_field(unary[b].reshape(L, -1), feats, compats, normalizations, iterations, start)
-            out.append(Q.reshape(L, H, W))
-        return torch.stack(out)
-    return torch.ops.fastseg.dense_crf(
-        unary, [f.contiguous() for f in features], [c.to(torch.float32) for c in compats],
-        list(normalizations), int(iterations), init.contiguous() if init is not None else None,
-        float(unary_scale),
+    (B, L, H, W) float32 (or float64 on the reference); per kernel features (B or 1, D, H, W)
+    float32 (divided by their standard deviations), an (L, L) compatibility and a normalisation
+    code; optional init Q (B, L, H, W). Differentiable with respect to unary, compats and init."""
+    dtype = reference.compute_dtype(unary.dtype) if impl == "reference" else torch.float32
+    args = (
+        unary.to(dtype).contiguous(), [f.to(torch.float32).contiguous() for f in features],
+        [c.to(dtype) for c in compats], [int(n) for n in normalizations], int(iterations),
+        init.to(dtype).contiguous() if init is not None else None, float(unary_scale),
     )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (unary, init, *compats))
+    if needs_grad and not checkpoint:
+        # Every iterate comes out of the forward and is kept for the backward.
+        return torch.ops.fastseg.dense_crf_iterates(*args, impl)[-1]
+    if impl == "reference":
+        return torch.ops.fastseg.dense_crf_reference(*args)
+    return torch.ops.fastseg.dense_crf(*args)
 
 
-def permutohedral_filter(values, features, normalization="symmetric", *, backend="auto"):
+def permutohedral_filter(values, features, normalization="symmetric", *, transpose=False, backend="auto"):
     """The normalised Gaussian filter one dense-CRF kernel applies: for values (B, C, *) and
     features (B or 1, D, *) (already divided by their standard deviations), approximately
     ``sum_j exp(-|f_i - f_j|^2 / 2) v_j`` normalised as ``normalization`` says, on the
-    permutohedral lattice (Adams, Baek & Davis 2010). float32 result of values' shape."""
+    permutohedral lattice (Adams, Baek & Davis 2010). float32 result of values' shape (float64
+    for float64 values on the reference backend); differentiable with respect to values.
+
+    ``transpose=True`` applies the exact transpose of that linear map, pre * F^T(post * v): the
+    lattice's blur does not commute across its directions and the normalisations 'before' and
+    'after' are not symmetric, so F^T differs from F; <F(x), y> == <x, F^T(y)>.
+    """
     op = "permutohedral_filter"
     check_tensor(op, "values", values, dtypes=FLOAT_DTYPES)
     check_tensor(op, "features", features, dtypes=FLOAT_DTYPES)
@@ -173,17 +205,14 @@ def permutohedral_filter(values, features, normalization="symmetric", *, backend
         raise ValueError(f"{op}: values (B, C, *) and features (B or 1, D, *) must agree, got shapes "
                          f"{tuple(values.shape)} and {tuple(features.shape)}")
     code = normalization_code("normalization", normalization)
+    if not isinstance(transpose, bool):
+        raise TypeError(f"{op}: transpose must be a bool, got {type(transpose).__name__}")
     impl = _backends.select(op, backend, values.device, implemented=_IMPLEMENTED)
-    values, features = values.to(torch.float32), features.to(torch.float32)
+    dtype = reference.compute_dtype(values.dtype) if impl == "reference" else torch.float32
+    values, features = values.to(dtype).contiguous(), features.to(torch.float32).contiguous()
     if impl == "reference":
-        B, C = values.shape[:2]
-        out = []
-        for b in range(B):
-            f = features[b if features.shape[0] > 1 else 0]
-            out.append(reference.filter_lattice(values[b].reshape(C, -1).t(), f.reshape(f.shape[0], -1).t(), code)
-                       .t().reshape(values.shape[1:]))
-        return torch.stack(out)
-    return torch.ops.fastseg.permutohedral_filter(values.contiguous(), features.contiguous(), code)
+        return torch.ops.fastseg.permutohedral_filter_reference(values, features, code, transpose)
+    return torch.ops.fastseg.permutohedral_filter(values, features, code, transpose)
 
 
 # --- features and parameters ---------------------------------------------------------------------
@@ -204,25 +233,26 @@ def bilateral_features(image, sx, sy, srgb):
     return torch.cat([pos, image.to(torch.float32) / scale], 1)
 
 
-def compat_matrix(name, compat, L, device=None):
-    """densecrf's label compatibility as an (L, L) float32 matrix C (energy adds C F(Q)):
-    a number w is Potts (-w I), a vector w the diagonal diag(w), a matrix itself."""
+def compat_matrix(name, compat, L, device=None, dtype=torch.float32):
+    """densecrf's label compatibility as an (L, L) matrix C (energy adds C F(Q)): a number w is
+    Potts (-w I), a vector w the diagonal diag(w), a matrix itself. A tensor keeps its autograd
+    history (a 0-d tensor is a learnable Potts weight)."""
     if isinstance(compat, numbers.Real) and not isinstance(compat, bool):
         if not math.isfinite(compat):
             raise ValueError(f"{OP}: {name} must be finite, got {compat!r}")
-        return -float(compat) * torch.eye(L, dtype=torch.float32, device=device)
+        return -float(compat) * torch.eye(L, dtype=dtype, device=device)
     try:
-        c = torch.as_tensor(compat, dtype=torch.float32, device=device)
+        c = torch.as_tensor(compat, dtype=dtype, device=device)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{OP}: {name} must be a number, a vector of L={L} or an (L, L) = ({L}, {L}) "
                         f"matrix, got {type(compat).__name__}") from None
-    if c.dim() == 0:
-        return compat_matrix(name, float(c), L, device)
-    if c.shape not in ((L,), (L, L)):
+    if c.dim() != 0 and c.shape not in ((L,), (L, L)):
         raise ValueError(f"{OP}: {name} must be a number, a vector of L={L} or an (L, L) = ({L}, {L}) "
                          f"matrix, got shape {tuple(c.shape)}")
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(c).all()):
         raise ValueError(f"{OP}: {name} must be finite")
+    if c.dim() == 0:
+        return -c * torch.eye(L, dtype=dtype, device=device)
     return torch.diag(c) if c.dim() == 1 else c
 
 
@@ -296,9 +326,95 @@ def _check_image(image, scores):
         raise ValueError(f"{OP}: scores is on {scores.device} but image is on {image.device}")
     if image.is_floating_point() and not torch.compiler.is_compiling() and not bool(torch.isfinite(image).all()):
         raise ValueError(f"{OP}: image contains non-finite values (nan or inf); a float image must be finite")
+    # An integer image cannot require grad (torch refuses); a float one could, but the CRF has no
+    # gradient with respect to its features: say so rather than silently return none.
+    if image.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{OP}: image requires grad, but the dense CRF is not differentiable with respect to "
+                         "the image (its bilateral features are constants); pass image.detach()")
 
 
-# --- custom ops: fake kernels --------------------------------------------------------------------
+# --- custom ops: the reference as ops, every iterate, fake kernels --------------------------------
+# The reference gets ops of the C++ ops' schemas so that one autograd formula serves both backends
+# and torch.compile sees each as one opaque call (the Python lattice's unique() has a
+# data-dependent size that cannot be traced).
+
+
+def _per_image(tensor, b):
+    return tensor[b if tensor.shape[0] > 1 else 0]
+
+
+def _reference_mean_field(unary, features, compat, normalization, iterations, init, unary_scale, iterates):
+    B, L, H, W = unary.shape
+    if unary_scale != 1.0:
+        unary = unary * unary_scale
+    out = []
+    for b in range(B):
+        feats = [_per_image(f, b).reshape(f.shape[1], -1) for f in features]
+        start = init[b].reshape(L, -1) if init is not None else None
+        Q = reference.mean_field(unary[b].reshape(L, -1), feats, compat, normalization, iterations, start,
+                                 iterates=iterates)
+        out.append(Q.reshape(*Q.shape[:-1], H, W))
+    return torch.stack(out, 1 if iterates else 0)
+
+
+@torch.library.custom_op("fastseg::dense_crf_reference", mutates_args=())
+def _dense_crf_reference(
+    unary: Tensor, features: List[Tensor], compat: List[Tensor], normalization: List[int], iterations: int,
+    init: Optional[Tensor] = None, unary_scale: float = 1.0,
+) -> Tensor:
+    return _reference_mean_field(unary, features, compat, normalization, iterations, init, unary_scale, False)
+
+
+@torch.library.custom_op("fastseg::permutohedral_filter_reference", mutates_args=())
+def _permutohedral_filter_reference(values: Tensor, features: Tensor, normalization: int,
+                                    transpose: bool = False) -> Tensor:
+    B, C = values.shape[:2]
+    out = []
+    for b in range(B):
+        f = _per_image(features, b)
+        v = reference.filter_lattice(values[b].reshape(C, -1).t(), f.reshape(f.shape[0], -1).t(), normalization,
+                                     transpose=transpose)
+        out.append(v.t().reshape(values.shape[1:]))
+    return torch.stack(out)
+
+
+@torch.library.custom_op("fastseg::dense_crf_iterates", mutates_args=())
+def _dense_crf_iterates(
+    unary: Tensor, features: List[Tensor], compat: List[Tensor], normalization: List[int], iterations: int,
+    init: Optional[Tensor], unary_scale: float, impl: str,
+) -> Tensor:
+    """Every mean-field iterate Q_0 (the start), ..., Q_iterations: (iterations + 1, B, L, H, W)."""
+    if impl == "reference":
+        return _reference_mean_field(unary, features, compat, normalization, iterations, init, unary_scale, True)
+    # The fused C++ op returns only its last Q, so this takes one call per iteration, each
+    # rebuilding the lattices: iterations x (lattice builds + one pass) instead of builds + passes.
+    out = unary.new_empty((iterations + 1, *unary.shape), dtype=torch.float32)
+    if init is not None:
+        out[0] = init
+    else:
+        out[0] = torch.softmax(unary * -unary_scale, 1)
+    for t in range(1, iterations + 1):
+        # The first step starts from the op's own softmax(-U), as the fused call does.
+        start = out[t - 1] if (t > 1 or init is not None) else None
+        out[t] = torch.ops.fastseg.dense_crf(unary, features, compat, normalization, 1, start, unary_scale)
+    return out
+
+
+@_dense_crf_reference.register_fake
+def _fake_dense_crf_reference(unary, features, compat, normalization, iterations, init=None, unary_scale=1.0):
+    return torch.empty(unary.shape, dtype=reference.compute_dtype(unary.dtype), device=unary.device)
+
+
+@_permutohedral_filter_reference.register_fake
+def _fake_permutohedral_filter_reference(values, features, normalization, transpose=False):
+    return torch.empty(values.shape, dtype=reference.compute_dtype(values.dtype), device=values.device)
+
+
+@_dense_crf_iterates.register_fake
+def _fake_dense_crf_iterates(unary, features, compat, normalization, iterations, init, unary_scale, impl):
+    dtype = reference.compute_dtype(unary.dtype) if impl == "reference" else torch.float32
+    return torch.empty((iterations + 1, *unary.shape), dtype=dtype, device=unary.device)
+
 
 if _backends.EXTENSION_LOADED:
 
@@ -309,3 +425,118 @@ if _backends.EXTENSION_LOADED:
     @torch.library.register_fake("fastseg::permutohedral_filter")
     def _fake_permutohedral_filter(values, features, normalization, transpose=False):
         return torch.empty(values.shape, dtype=torch.float32, device=values.device)
+
+
+# --- autograd: mean field in reverse -------------------------------------------------------------
+#
+# Forward, per kernel m with Cs_m = (C_m + C_m^T) / 2 and F_m its normalised filter over pixels:
+#   Q_0 = softmax(-s U) (or init);  E_t = s U + sum_m Cs_m F_m(Q_{t-1});  Q_t = softmax(-E_t).
+# Reverse sweep, t = T .. 1, from gQ_T (plus whatever reaches an iterate directly):
+#   gE_t = Q_t * (<gQ_t, Q_t> - gQ_t)        (softmax backward, through the minus sign)
+#   R_m = F_m^T(gE_t)                          (one transposed filter per kernel and iteration)
+#   gQ_{t-1} += Cs_m^T R_m,  gCs_m += sum over pixels and images of R_m Q_{t-1}^T,  gU += s gE_t,
+# from <gE, Cs F(Q)> = <F^T(Cs^T gE), Q> with F^T acting on pixels and Cs on labels (they commute),
+# so each step needs L channels of F^T, not L^2. Then gU += s gE_0 through Q_0 = softmax(-s U), or
+# g_init = gQ_0. The lattice is rebuilt by every filter call: T x K builds per backward.
+
+
+def _softmax_of_negative_backward(grad, q):
+    return q * ((grad * q).sum(1, keepdim=True) - grad)
+
+
+def _mean_field_backward(grad_iterates, iterates, features, compat, normalization, unary_scale, has_init, impl):
+    """Gradients (unary, compat list, init) from (T+1, B, L, H, W) iterates and their gradients."""
+    transpose_filter = (torch.ops.fastseg.permutohedral_filter_reference if impl == "reference"
+                        else torch.ops.fastseg.permutohedral_filter)
+    dtype = iterates.dtype
+    sym = [0.5 * (c + c.t()).to(dtype) for c in compat]
+    T = iterates.shape[0] - 1
+    grad_q = grad_iterates[T]
+    grad_energy_sum = torch.zeros_like(iterates[0])
+    grad_sym = [torch.zeros_like(c) for c in sym]
+    for t in range(T, 0, -1):
+        grad_energy = _softmax_of_negative_backward(grad_q, iterates[t]).contiguous()
+        grad_energy_sum += grad_energy
+        grad_q = grad_iterates[t - 1].clone()
+        for m, (f, code) in enumerate(zip(features, normalization)):
+            r = transpose_filter(grad_energy, f, code, True).to(dtype)
+            grad_q += torch.einsum("lk,blhw->bkhw", sym[m], r)
+            grad_sym[m] += torch.einsum("blhw,bkhw->lk", r, iterates[t - 1])
+    grad_init = grad_q if has_init else None
+    if not has_init:
+        grad_energy_sum += _softmax_of_negative_backward(grad_q, iterates[0])
+    grad_compat = [(0.5 * (g + g.t())).to(c.dtype) for g, c in zip(grad_sym, compat)]
+    return grad_energy_sum * unary_scale, grad_compat, grad_init
+
+
+def _setup_mean_field(ctx, inputs, output):
+    unary, features, compat, normalization, iterations, init, unary_scale = inputs[:7]
+    ctx.save_for_backward(unary, init, output, *features, *compat)
+    ctx.shape = (len(features), list(normalization), iterations, unary_scale, init is not None)
+    ctx.impl = inputs[7] if len(inputs) > 7 else None
+
+
+def _saved(ctx):
+    unary, init, output, *rest = ctx.saved_tensors
+    K = ctx.shape[0]
+    return unary, init, output, rest[:K], rest[K:]
+
+
+def _grads(ctx, grad_unary, grad_compat, grad_init, n_extra=0):
+    # One gradient per positional input, the Tensor[] ones as lists (None for every feature map).
+    # needs_input_grad may be shorter: the dispatcher drops trailing arguments left at their default.
+    needs = ctx.needs_input_grad
+    return (grad_unary if needs[0] else None, [None] * ctx.shape[0], grad_compat, None, None,
+            grad_init if len(needs) > 5 and needs[5] else None, None) + (None,) * n_extra
+
+
+def _make_checkpointed_backward(impl):
+    def backward(ctx, grad_q):
+        # Only the inputs and Q_T were kept: recompute Q_0 .. Q_{T-1} (held only while this runs).
+        unary, init, output, features, compat = _saved(ctx)
+        _, normalization, iterations, unary_scale, has_init = ctx.shape
+        if iterations > 0:
+            iterates = torch.ops.fastseg.dense_crf_iterates(
+                unary, features, compat, normalization, iterations - 1, init, unary_scale, impl)
+            iterates = torch.cat([iterates, output.unsqueeze(0)])
+        else:
+            iterates = output.unsqueeze(0)
+        grad_iterates = torch.zeros_like(iterates)
+        grad_iterates[-1] = grad_q
+        return _grads(ctx, *_mean_field_backward(grad_iterates, iterates, features, compat, normalization,
+                                                 unary_scale, has_init, impl))
+    return backward
+
+
+def _iterates_backward(ctx, grad_iterates):
+    unary, init, iterates, features, compat = _saved(ctx)
+    _, normalization, _, unary_scale, has_init = ctx.shape
+    return _grads(ctx, *_mean_field_backward(grad_iterates, iterates, features, compat, normalization,
+                                             unary_scale, has_init, ctx.impl), n_extra=1)
+
+
+def _setup_filter(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.normalization, ctx.transpose = inputs[2], inputs[3] if len(inputs) > 3 else False
+
+
+def _make_filter_backward(op):
+    def backward(ctx, grad):
+        # The filter is linear in values: its gradient is the transposed filter of grad.
+        (features,) = ctx.saved_tensors
+        return op(grad.contiguous(), features, ctx.normalization, not ctx.transpose), None, None, None
+    return backward
+
+
+torch.library.register_autograd("fastseg::dense_crf_reference", _make_checkpointed_backward("reference"),
+                                setup_context=_setup_mean_field)
+torch.library.register_autograd("fastseg::dense_crf_iterates", _iterates_backward, setup_context=_setup_mean_field)
+torch.library.register_autograd("fastseg::permutohedral_filter_reference",
+                                _make_filter_backward(torch.ops.fastseg.permutohedral_filter_reference),
+                                setup_context=_setup_filter)
+if _backends.EXTENSION_LOADED:
+    torch.library.register_autograd("fastseg::dense_crf", _make_checkpointed_backward("cpp"),
+                                    setup_context=_setup_mean_field)
+    torch.library.register_autograd("fastseg::permutohedral_filter",
+                                    _make_filter_backward(torch.ops.fastseg.permutohedral_filter),
+                                    setup_context=_setup_filter)

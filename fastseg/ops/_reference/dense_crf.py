@@ -8,7 +8,8 @@ Two references, both on any device:
 * :func:`mean_field` filters with the permutohedral lattice of Adams, Baek & Davis, "Fast
   High-Dimensional Filtering Using the Permutohedral Lattice" (Eurographics 2010), exactly as the
   C++ kernel (csrc/cpu/dense_crf.cpp) does: same lattice, same blur, same order of blur
-  directions, float32. The C++ kernel matches it to float tolerance; it is also the fallback.
+  directions, float32 (float64 for float64 values: the oracle of the gradient checks). The C++
+  kernel matches it to float tolerance; it is also the fallback.
 
 Conventions shared by every backend (those of the reference densecrf implementation):
 
@@ -21,6 +22,11 @@ Conventions shared by every backend (those of the reference densecrf implementat
   and a matrix is used symmetrised, (C + C^T) / 2.
 * Normalisations, with n = F(1): 0 none (the raw filter), 1 ``before`` (F(v / n)), 2 ``after``
   (F(v) / n), 3 ``symmetric`` (F(v / sqrt n) / sqrt n, the default).
+* The lattice filter is S^T B_d ... B_0 S (splat, one blur per direction, slice). Each B_j is
+  symmetric, but they do not commute on the sparse lattice (a missing neighbour counts as zero), so
+  the filter's exact transpose blurs in the reverse order: ``transpose=True``. The normalised
+  filter post * F(pre * v) has the transpose pre * F^T(post * v) (pre and post from the forward's
+  n = F(1)); mean-field backward applies it to the energies' gradients.
 """
 import math
 
@@ -44,6 +50,9 @@ class PermutohedralLattice:
         neighbours: (d+1, M, 2) int64, the two blur neighbours of every lattice point along every
             direction, or M (a zero row) where the neighbour does not exist.
         size: M, the number of lattice points.
+
+    The lattice is built in float32 from float32 features, as the C++ kernel builds it; splat, blur
+    and slice run in the values' dtype.
     """
 
     def __init__(self, features):
@@ -123,12 +132,14 @@ class PermutohedralLattice:
         """(N, C) -> (M, C): each value spread onto its simplex's vertices."""
         C = values.shape[1]
         out = values.new_zeros(self.size, C)
-        contributions = (self.weights.unsqueeze(2) * values.unsqueeze(1)).reshape(-1, C)
+        weights = self.weights.to(values.dtype)
+        contributions = (weights.unsqueeze(2) * values.unsqueeze(1)).reshape(-1, C)
         return out.index_add_(0, self.offsets.reshape(-1), contributions)
 
-    def blur(self, lattice_values):
-        """(M, C) -> (M, C): (1/2, 1, 1/2) along each of the d+1 lattice directions in turn."""
-        for j in range(self.d + 1):
+    def blur(self, lattice_values, reverse=False):
+        """(M, C) -> (M, C): (1/2, 1, 1/2) along each of the d+1 lattice directions in turn,
+        0..d, or d..0 with ``reverse`` (the transpose of the forward blur)."""
+        for j in (reversed(range(self.d + 1)) if reverse else range(self.d + 1)):
             padded = torch.cat([lattice_values, lattice_values.new_zeros(1, lattice_values.shape[1])])
             n = self.neighbours[j]
             lattice_values = lattice_values + 0.5 * (padded[n[:, 0]] + padded[n[:, 1]])
@@ -137,11 +148,12 @@ class PermutohedralLattice:
     def slice(self, lattice_values):
         """(M, C) -> (N, C): each feature's value interpolated from its simplex's vertices."""
         gathered = lattice_values[self.offsets]  # (N, d+1, C)
-        return self.alpha * (self.weights.unsqueeze(2) * gathered).sum(1)
+        return self.alpha * (self.weights.to(lattice_values.dtype).unsqueeze(2) * gathered).sum(1)
 
-    def filter(self, values):
-        """Approximately sum_j exp(-|f_i - f_j|^2 / 2) values_j, for (N, C) values."""
-        return self.slice(self.blur(self.splat(values)))
+    def filter(self, values, transpose=False):
+        """Approximately sum_j exp(-|f_i - f_j|^2 / 2) values_j, for (N, C) values; ``transpose``
+        applies the exact transpose of that linear map (blur directions in reverse order)."""
+        return self.slice(self.blur(self.splat(values), reverse=transpose))
 
 
 def _normalisers(raw_norm, normalization):
@@ -169,19 +181,29 @@ def filter_bruteforce(values, features, normalization=NORMALIZE_SYMMETRIC):
     return (post * (kernel @ (pre * values.to(torch.float64)))).to(values.dtype)
 
 
-def filter_lattice(values, features, normalization=NORMALIZE_SYMMETRIC, lattice=None):
-    """The lattice's normalised filter: values (N, C), features (N, D) -> (N, C)."""
+def compute_dtype(dtype):
+    """The dtype the reference computes in for values of ``dtype``: float64 stays (gradient
+    checks), everything else runs in float32 as the C++ kernel does."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def filter_lattice(values, features, normalization=NORMALIZE_SYMMETRIC, lattice=None, transpose=False):
+    """The lattice's normalised filter: values (N, C), features (N, D) -> (N, C); ``transpose``
+    applies its exact transpose, pre * F^T(post * v)."""
+    dtype = compute_dtype(values.dtype)
     lattice = lattice if lattice is not None else PermutohedralLattice(features)
-    raw_norm = lattice.filter(torch.ones_like(values[:, :1], dtype=torch.float32))
+    raw_norm = lattice.filter(torch.ones_like(values[:, :1], dtype=dtype))
     pre, post = _normalisers(raw_norm, normalization)
-    return post * lattice.filter(pre * values.to(torch.float32))
+    if transpose:
+        pre, post = post, pre
+    return post * lattice.filter(pre * values.to(dtype), transpose=transpose)
 
 
 def _symmetrised(compat):
     return 0.5 * (compat + compat.transpose(0, 1))
 
 
-def mean_field(unary, features, compats, normalizations, iterations, init=None):
+def mean_field(unary, features, compats, normalizations, iterations, init=None, *, iterates=False):
     """Mean-field inference with lattice filtering, one image.
 
     Args:
@@ -191,23 +213,30 @@ def mean_field(unary, features, compats, normalizations, iterations, init=None):
         normalizations: list of ints, 0 none, 1 before, 2 after, 3 symmetric.
         iterations: number of mean-field updates.
         init: optional (L, N) starting Q; softmax(-unary) by default.
+        iterates: return every iterate Q_0 (the start), ..., Q_iterations, stacked.
 
     Returns:
-        Q, (L, N) float32 marginals.
+        Q, (L, N) marginals (or (iterations + 1, L, N) with ``iterates``), float32, or float64
+        for a float64 unary.
     """
-    U = unary.to(torch.float32).t()  # (N, L)
+    dtype = compute_dtype(unary.dtype)
+    U = unary.to(dtype).t()  # (N, L)
     filters = []
     for f, compat, normalization in zip(features, compats, normalizations):
         lattice = PermutohedralLattice(f.t())
-        raw_norm = lattice.filter(torch.ones(U.shape[0], 1, dtype=torch.float32, device=U.device))
+        raw_norm = lattice.filter(torch.ones(U.shape[0], 1, dtype=dtype, device=U.device))
         pre, post = _normalisers(raw_norm, normalization)
-        filters.append((lattice, pre, post, _symmetrised(compat.to(torch.float32))))
-    Q = torch.softmax(-U, 1) if init is None else init.to(torch.float32).t()
+        filters.append((lattice, pre, post, _symmetrised(compat.to(dtype))))
+    Q = torch.softmax(-U, 1) if init is None else init.to(dtype).t()
+    history = [Q]
     for _ in range(iterations):
         energy = U.clone()
         for lattice, pre, post, compat in filters:
             energy += (post * lattice.filter(pre * Q)) @ compat.t()
         Q = torch.softmax(-energy, 1)
+        history.append(Q)
+    if iterates:
+        return torch.stack(history).transpose(1, 2).contiguous()
     return Q.t().contiguous()
 
 
