@@ -186,19 +186,23 @@ def convert(model, *, inplace=False, report=True):
     Args:
         model: an nn.Module (CPU or CUDA; its first parameter's device picks the speed rules).
         inplace: False (default) converts a deep copy and leaves ``model`` untouched. True rewrites
-            ``model``'s submodules in place and shares its parameters; use the returned model, which
-            is a new ``torch.fx.GraphModule`` when ``model`` itself traces.
+            ``model`` itself and returns it.
         report: True (default) returns ``(converted, ConversionReport)``; False returns the model.
 
     Returns:
         The converted model (same inputs and outputs as ``model``; fp32 outputs equal up to rounding),
-        and with ``report=True`` a :class:`ConversionReport` listing what was replaced and what was
-        left and why.
+        the same object as ``model`` with ``inplace=True``. A module rewritten through torch.fx keeps
+        its attributes, submodules and state dict; its class becomes a subclass whose forward is the
+        rewritten graph, and the fused layers (sharing the original weights, adding no state-dict
+        entries) live in its ``fastseg_fused`` ModuleDict. A replaced ASPP block's state-dict keys
+        become fastseg.nn.ASPP's. Save the converted model's state dict, not the pickled module (its
+        subclasses are made at conversion time). With ``report=True`` also a :class:`ConversionReport`
+        listing what was replaced and what was left and why.
 
     Example:
         >>> tv = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None).eval()
         >>> fast, rep = fastseg.convert(tv)
-        >>> print(rep)                                    # 'replaced 1 x aspp', 'replaced 52 x conv+bn+...'
+        >>> print(rep)                       # 'replaced 1 x aspp', 'replaced 34 x conv+bn+relu', ...
         >>> fast(torch.randn(1, 3, 512, 512))["out"].shape
         torch.Size([1, 21, 512, 512])
     """
@@ -468,7 +472,8 @@ def _rewrite(root, graph, path, rep, allowed):
         changed = True
     if changed:
         if "fastseg_fused" in root._modules:
-            raise ValueError(f"convert: {path or '<model>'} already has a submodule 'fastseg_fused': was it converted twice?")
+            raise ValueError(f"convert: {path or '<model>'} already has a submodule 'fastseg_fused' "
+                             "(converted twice?)")
         root.fastseg_fused = fused_layers.train(root.training)  # new modules start in training mode
         graph.lint()
     return changed
