@@ -8,6 +8,12 @@ the pixels whose tap lands in the zero padding, and multiplies it on tensor core
 accumulation) with a (BLOCK_K, BLOCK_N) tile of the weights packed as (kH, kW, C / groups, O).
 The epilogue (scale, shift, residual, ReLU) is applied to the accumulator before the one store,
 into the output in the input's memory format.
+
+With UNPOOL the input is a max-unpooled map that is never stored (``fastseg.unpool_conv2d``, the
+launcher in kernels/unpool_conv.py): x_ptr holds the pooled values (B, Hp, Wp, C) NHWC and idx_ptr
+their indices, and the loader rebuilds the unpooled pixel (ih, iw) from the one pooled cell whose
+non-overlapping window holds it, (ph, pw) = ((ih + upH) // usH, (iw + upW) // usW): its value where
+its index names (ih, iw), zero elsewhere.
 """
 import os
 
@@ -33,14 +39,16 @@ else:
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "Cg", "Og", "kH", "kW", "IS_FP64"])
+@triton.autotune(configs=_CONFIGS, key=["M", "Cg", "Og", "kH", "kW", "IS_FP64", "UNPOOL"])
 @triton.jit
 def _atrous_conv_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, res_ptr,
     M, H, W, C, Ho, Wo, O, Cg, Og, kH, kW, sH, sW, pH, pW, dH, dW,
     out_sb, out_so, out_sp,
+    idx_ptr, Hp, Wp, usH, usW, upH, upW,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    IS_FP64: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IS_FP64: tl.constexpr, UPCAST: tl.constexpr, UNPOOL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -62,11 +70,21 @@ def _atrous_conv_kernel(
         ih = oh * sH - pH + i * dH
         iw = ow * sW - pW + j * dW
         inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        row = ((b * H + ih) * W + iw) * C + g * Cg
+        if UNPOOL:
+            ph = (ih + upH) // usH
+            pw = (iw + upW) // usW
+            inside = inside & (ph < Hp) & (pw < Wp)  # rows/cols past the last window stay zero
+            row = ((b * Hp + ph) * Wp + pw) * C + g * Cg
+            target = ih * W + iw
+        else:
+            row = ((b * H + ih) * W + iw) * C + g * Cg
         for k0 in range(0, Cg, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < Cg
             a = tl.load(x_ptr + row[:, None] + offs_k[None, :], mask=inside[:, None] & k_ok[None, :], other=0.0)
+            if UNPOOL:
+                at = tl.load(idx_ptr + row[:, None] + offs_k[None, :], mask=inside[:, None] & k_ok[None, :], other=-1)
+                a = tl.where(at == target[:, None], a, tl.zeros_like(a))
             wk = tl.load(
                 w_ptr + (tap * Cg + offs_k)[:, None].to(tl.int64) * O + o[None, :],
                 mask=k_ok[:, None] & n_ok[None, :], other=0.0,
@@ -116,7 +134,8 @@ def atrous_conv2d(input, weight, scale, shift, residual, stride, padding, dilati
     _atrous_conv_kernel[grid](
         x, w, out, scale if scale is not None else dummy, shift if shift is not None else dummy, res,
         M, H, W, C, Ho, Wo, O, Cg, Og, kH, kW, sH, sW, pH, pW, dH, dW, out_sb, out_so, out_sp,
+        dummy, 1, 1, 1, 1, 0, 0,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None, RELU=relu,
-        IS_FP64=input.dtype == torch.float64, UPCAST=_INTERPRETED and input.dtype == torch.bfloat16,
+        IS_FP64=input.dtype == torch.float64, UPCAST=_INTERPRETED and input.dtype == torch.bfloat16, UNPOOL=False,
     )
     return out
