@@ -4,8 +4,10 @@ Architecture for Image Segmentation" (TPAMI 2017).
 The encoder is VGG-16's 13 convolutions with BatchNorm (no fully connected layers); each 2x2 max
 pool keeps its indices, and the mirrored decoder upsamples with them (``fastseg.nn.MaxUnpool2d``,
 Sec. 3: "the decoder upsamples its input using the memorized max-pooling indices") before its own
-conv-BN-ReLU stack. The last decoder convolution gives the class scores (no BN/ReLU), as in the
-authors' Caffe model. Unpooling restores each pool's exact input size, so odd sizes work.
+conv-BN-ReLU stack; each stage's unpooling and first conv-BN-ReLU are one
+``fastseg.nn.UnpoolConvBNReLU``, which in eval mode never builds the unpooled map. The last
+decoder convolution gives the class scores (no BN/ReLU), as in the authors' Caffe model.
+Unpooling restores each pool's exact input size, so odd sizes work.
 """
 from torch import nn
 
@@ -33,27 +35,30 @@ class SegNet(SegmentationModel):
         super().__init__()
         self.backbone = VGG(batch_norm=True, pools=[nn.MaxPool2d(2, 2, return_indices=True) for _ in range(5)])
         self.unpool = fnn.MaxUnpool2d(2)
-        decoders = []
+        decoders, unpool_convs = [], []
         for stage, widths in reversed(list(enumerate(VGG16_STAGES))):
             # Decoder stage mirrors encoder stage: its convolutions in reverse, ending at the width
             # that enters the encoder stage (num_classes for the first stage's mirror).
             outs = list(reversed(widths))[1:] + [VGG16_STAGES[stage - 1][-1] if stage else num_classes]
-            layers, channels = [], widths[-1]
-            for i, width in enumerate(outs):
+            # Every stage starts with a conv-BN-ReLU (VGG-16's stages have at least two convolutions).
+            unpool_convs.append(fnn.UnpoolConvBNReLU(widths[-1], outs[0], 3, unpool=self.unpool))
+            layers, channels = [], outs[0]
+            for i, width in enumerate(outs[1:], 1):
                 if stage == 0 and i == len(outs) - 1:
                     layers.append(nn.Conv2d(channels, width, 3, padding=1))
                 else:
                     layers += _conv_bn_relu(channels, width)
                 channels = width
             decoders.append(nn.Sequential(*layers))
-        self.decoders = nn.ModuleList(decoders)  # decoders[0] mirrors encoder stage 5
+        self.unpool_convs = nn.ModuleList(unpool_convs)  # unpool_convs[0] and decoders[0] mirror encoder stage 5
+        self.decoders = nn.ModuleList(decoders)
 
     def _forward(self, x):
         features = self.backbone(x)
         h = features["pool5"]
-        for i, decoder in enumerate(self.decoders):
+        for i, (unpool_conv, decoder) in enumerate(zip(self.unpool_convs, self.decoders)):
             stage = 5 - i
-            h = self.unpool(h, features[f"indices{stage}"], output_size=features[f"size{stage}"])
+            h = unpool_conv(h, features[f"indices{stage}"], output_size=features[f"size{stage}"])
             h = decoder(h)
         return {"out": h}
 

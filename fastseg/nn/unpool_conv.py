@@ -1,0 +1,65 @@
+"""SegNet's decoder step as one layer: ``UnpoolConvBNReLU`` (Badrinarayanan, Kendall & Cipolla,
+TPAMI 2017): max-unpooling with the encoder's indices, then Conv2d -> BatchNorm2d -> ReLU.
+
+In training mode it runs MaxUnpool2d, nn.Conv2d, nn.BatchNorm2d and F.relu, so BatchNorm keeps its
+exact semantics (batch statistics, running-stat updates). In eval mode BatchNorm is folded into
+``fastseg.unpool_conv2d``'s epilogue and the unpooled map is never built in full.
+"""
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.atrous import _padding
+from ..ops.unpool_conv import unpool_conv2d
+from .atrous import fold_batch_norm
+from .unpool import MaxUnpool2d
+
+__all__ = ["UnpoolConvBNReLU"]
+
+
+class UnpoolConvBNReLU(nn.Module):
+    """MaxUnpool2d -> Conv2d (stride 1, any dilation) -> BatchNorm2d -> (+ residual) -> ReLU, fused
+    in eval mode.
+
+    ``unpool``: the unpooling, a ``fastseg.nn.MaxUnpool2d`` (shared with others if wanted) or its
+    kernel_size (stride = kernel_size, no padding). ``forward(values, indices, output_size=None,
+    residual=None)``: pooled values and indices (B, in_channels, h, w) -> (B, out_channels, Ho, Wo),
+    output_size being the unpooled (H, W) as for MaxUnpool2d. State-dict keys are those of a plain
+    ``conv`` + ``bn`` pair.
+
+    Example:
+        >>> layer = fastseg.nn.UnpoolConvBNReLU(64, 64, 3, unpool=2).eval()
+        >>> x = torch.randn(1, 64, 45, 61)
+        >>> pooled, idx = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
+        >>> layer(pooled, idx, output_size=x.shape).shape
+        torch.Size([1, 64, 45, 61])
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, *, unpool=2, dilation=1, padding="same", bias=False,
+                 relu=True, eps=1e-5, momentum=0.1, backend="auto"):
+        super().__init__()
+        self.unpool = unpool if isinstance(unpool, MaxUnpool2d) else MaxUnpool2d(unpool, backend=backend)
+        if isinstance(padding, str):
+            k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+            d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+            padding = _padding(padding, k, d)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, 1, padding, dilation, bias=bias)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        self.relu = relu
+        self.backend = backend
+
+    def forward(self, values, indices, output_size=None, residual=None):
+        if self.training or not self.bn.track_running_stats:
+            y = self.bn(self.conv(self.unpool(values, indices, output_size)))
+            if residual is not None:
+                y = y + residual
+            return F.relu(y) if self.relu else y
+        scale, shift = fold_batch_norm(self.bn, values.dtype)
+        u, c = self.unpool, self.conv
+        return unpool_conv2d(
+            values, indices, c.weight, c.bias, kernel_size=u.kernel_size, stride=u.stride, pool_padding=u.padding,
+            output_size=output_size, padding=c.padding, dilation=c.dilation, scale=scale, shift=shift,
+            residual=residual, activation="relu" if self.relu else None, backend=self.backend,
+        )
+
+    def extra_repr(self):
+        return f"relu={self.relu}"
