@@ -78,3 +78,40 @@ def test_dense_crf(bench, case, impl):
     fn()  # warm up (first-call allocations) outside the timing
     out = bench(f"dense_crf {name} it{iterations} cpu", impl, fn)
     assert len(out) == B
+
+
+# --- backward: forward+backward against the forward alone (issue 4) -------------------------------
+# The learnable layer (CRF-as-RNN) on the same inputs, gradients for the scores, both kernel weights
+# and the shared compatibility: 'forward' is the fused no-grad call; 'forward (grad)' keeps every
+# iterate (one C++ call per iteration, lattices rebuilt each time); '+backward' adds the reverse
+# sweep (one transposed lattice filter per kernel and iteration, lattice rebuilt per call);
+# 'checkpoint' runs the fused forward and recomputes the iterates in backward.
+BACKWARD_CASES = shapes(
+    [("500x375 L21 default", 1, 375, 500, 21, 5, DEFAULT)],
+    [("smoke", 2, 24, 32, 3, 2, DEFAULT)],
+)
+BACKWARD_IMPLS = ["forward", "forward (grad)", "forward+backward", "forward+backward checkpoint"]
+
+
+@pytest.mark.parametrize("impl", BACKWARD_IMPLS)
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: f"{c[0].replace(' ', '-')}-it{c[5]}")
+def test_dense_crf_backward(bench, case, impl):
+    name, B, H, W, L, iterations, (gaussian, bilateral) = case
+    unary, image = _inputs(B, H, W, L)
+    crf = fastseg.nn.DenseCRF(iterations, gaussian, bilateral, unary="energy", num_labels=L, learnable=True,
+                              checkpoint=impl.endswith("checkpoint"))
+    weights = torch.randn(unary.shape, generator=torch.Generator().manual_seed(1))
+    scores = unary.clone().requires_grad_(impl != "forward")
+
+    def fn():
+        if impl == "forward":
+            with torch.no_grad():
+                return crf(scores, image)
+        q = crf(scores, image)
+        if impl.startswith("forward+backward"):
+            (q * weights).sum().backward()
+        return q
+
+    fn()  # warm up outside the timing
+    out = bench(f"dense_crf backward {name} it{iterations} cpu", impl, fn)
+    assert out.shape == unary.shape
