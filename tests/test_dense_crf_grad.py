@@ -433,3 +433,27 @@ def test_bad_input():
         fastseg.nn.DenseCRF(num_labels=4, learnable=True)(S, I)
     with pytest.raises(ValueError, match=r"gaussian\['compat'\] must be finite"):
         fastseg.dense_crf(S, I, gaussian=dict(sxy=3, compat=torch.tensor(float("nan"), requires_grad=True)))
+
+
+def test_learnable_layer_under_ddp(tmp_path):
+    # One-process gloo DDP: the layer's parameters are ordinary ones, so DDP registers, reduces
+    # and steps them like any other (the issue asks for DDP).
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        L, H, W = 3, 7, 6
+        image = _image(H, W, seed=14, B=2)
+        logits = _scores(2, L, H, W, seed=14, dtype=torch.float32)
+        crf = fastseg.nn.DenseCRF(2, num_labels=L, learnable=True, bilateral=dict(sxy=3, srgb=30, compat=5))
+        plain = fastseg.nn.DenseCRF(2, num_labels=L, learnable=True, bilateral=dict(sxy=3, srgb=30, compat=5))
+        model = torch.nn.parallel.DistributedDataParallel(crf)
+        target = torch.randint(0, L, (2, H, W), generator=torch.Generator().manual_seed(14))
+        for module in (model, plain):
+            torch.nn.functional.nll_loss(torch.log(module(logits, image) + 1e-6), target).backward()
+        for (name, p), q in zip(crf.named_parameters(), plain.parameters()):
+            assert p.grad is not None and torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-8), name
+    finally:
+        dist.destroy_process_group()
