@@ -132,75 +132,80 @@ FASTSEG_ALWAYS_INLINE bool same_key(const int32_t* a, const int32_t* b, int d) {
 }
 
 // Open-addressing table of the lattice points one thread owns: keys (d int32 each) numbered in
-// order of first appearance.
+// order of first appearance. A slot holds (hash << 32 | number), so a probe reads the key only
+// when the full hash matches: one random access per lookup instead of slot, hash and key.
 class KeyTable {
  public:
   void reset(int d, int64_t expected) {
     d_ = d;
+    size_ = 0;
     keys_.clear();
-    hashes_.clear();
     keys_.reserve(size_t(expected) * d);
-    hashes_.reserve(size_t(expected));
     uint64_t capacity = 64;
     while (capacity < uint64_t(expected) * 2) capacity *= 2;
-    slots_.assign(capacity, -1);
+    slots_.assign(capacity, kEmpty);
     mask_ = capacity - 1;
   }
 
-  int64_t size() const { return int64_t(hashes_.size()); }
+  int64_t size() const { return size_; }
   const int32_t* key(int64_t i) const { return keys_.data() + i * d_; }
+  void prefetch(uint32_t h) const { __builtin_prefetch(slots_.data() + (h & mask_)); }
 
   int32_t find(const int32_t* key, uint32_t h) const {
+    const uint64_t tag = uint64_t(h) << 32;
     for (uint64_t s = h & mask_;; s = (s + 1) & mask_) {
-      const int32_t e = slots_[s];
-      if (e < 0) return -1;
-      if (hashes_[e] == h && same_key(keys_.data() + int64_t(e) * d_, key, d_)) {
-        return e;
+      const uint64_t e = slots_[s];
+      if (e == kEmpty) return -1;
+      if ((e & kHashBits) == tag && same_key(keys_.data() + (e & kIndexBits) * d_, key, d_)) {
+        return int32_t(e & kIndexBits);
       }
     }
   }
 
   int32_t insert(const int32_t* key, uint32_t h) {
+    const uint64_t tag = uint64_t(h) << 32;
     for (uint64_t s = h & mask_;; s = (s + 1) & mask_) {
-      const int32_t e = slots_[s];
-      if (e < 0) {
-        TORCH_CHECK(hashes_.size() < size_t(INT32_MAX) / 2,
-                    "dense_crf: the lattice has more than 2^30 points");
-        const int32_t index = int32_t(hashes_.size());
-        slots_[s] = index;
-        hashes_.push_back(h);
+      const uint64_t e = slots_[s];
+      if (e == kEmpty) {
+        TORCH_CHECK(size_ < int64_t(INT32_MAX) / 2, "dense_crf: the lattice has more than 2^30 points");
+        const int32_t index = int32_t(size_++);
+        slots_[s] = tag | uint64_t(index);
         keys_.insert(keys_.end(), key, key + d_);
-        if (uint64_t(hashes_.size()) * 2 > mask_ + 1) grow();
+        if (uint64_t(size_) * 2 > mask_ + 1) grow();
         return index;
       }
-      if (hashes_[e] == h && same_key(keys_.data() + int64_t(e) * d_, key, d_)) {
-        return e;
+      if ((e & kHashBits) == tag && same_key(keys_.data() + (e & kIndexBits) * d_, key, d_)) {
+        return int32_t(e & kIndexBits);
       }
     }
   }
 
   void release() {
     std::vector<int32_t>().swap(keys_);
-    std::vector<uint32_t>().swap(hashes_);
-    std::vector<int32_t>().swap(slots_);
+    std::vector<uint64_t>().swap(slots_);
   }
 
  private:
+  static constexpr uint64_t kEmpty = ~uint64_t(0);  // no point has number 2^32 - 1
+  static constexpr uint64_t kHashBits = ~uint64_t(0) << 32;
+  static constexpr uint64_t kIndexBits = ~kHashBits;
+
   void grow() {
-    const uint64_t capacity = (mask_ + 1) * 2;
-    slots_.assign(capacity, -1);
-    mask_ = capacity - 1;
-    for (size_t e = 0; e < hashes_.size(); ++e) {
-      uint64_t s = hashes_[e] & mask_;
-      while (slots_[s] >= 0) s = (s + 1) & mask_;
-      slots_[s] = int32_t(e);
+    std::vector<uint64_t> old(uint64_t(mask_ + 1) * 2, kEmpty);
+    old.swap(slots_);
+    mask_ = slots_.size() - 1;
+    for (const uint64_t e : old) {
+      if (e == kEmpty) continue;
+      uint64_t s = (e >> 32) & mask_;
+      while (slots_[s] != kEmpty) s = (s + 1) & mask_;
+      slots_[s] = e;
     }
   }
 
   int d_ = 0;
+  int64_t size_ = 0;
   std::vector<int32_t> keys_;
-  std::vector<uint32_t> hashes_;
-  std::vector<int32_t> slots_;
+  std::vector<uint64_t> slots_;
   uint64_t mask_ = 0;
 };
 
@@ -434,24 +439,47 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
   // 4. Blur neighbours: key -/+ (-1, .., d, .., -1), d at the direction's coordinate (all -1 for
   //    direction d, whose coordinate is the implied one).
   lat.neighbours.resize(int64_t(d1) * M * 2);
+  //    The lookups miss the cache (the tables outgrow L2): the hashes of a block of points are
+  //    computed and their slots prefetched before any of the block is looked up.
+  constexpr int64_t kBlock = 8;
   at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
     int32_t n1[kMaxFeatures], n2[kMaxFeatures];
+    uint32_t hashes_of[kBlock][2 * (kMaxFeatures + 1)];
+    auto neighbour_keys = [&](const int32_t* key, int j) {
+      for (int i = 0; i < d; ++i) {
+        const int32_t step = i == j ? d : -1;
+        n1[i] = key[i] - step;
+        n2[i] = key[i] + step;
+      }
+    };
     int t = int(std::upper_bound(base.begin(), base.end(), begin) - base.begin()) - 1;
-    for (int64_t m = begin; m < end; ++m) {
-      while (m >= base[t + 1]) ++t;
-      const int32_t* key = tables[t].key(m - base[t]);
-      for (int j = 0; j < d1; ++j) {
-        for (int i = 0; i < d; ++i) {
-          const int32_t step = i == j ? d : -1;
-          n1[i] = key[i] - step;
-          n2[i] = key[i] + step;
+    for (int64_t m0 = begin; m0 < end; m0 += kBlock) {
+      const int64_t m1 = std::min(end, m0 + kBlock);
+      int tb = t;
+      for (int64_t m = m0; m < m1; ++m) {
+        while (m >= base[tb + 1]) ++tb;
+        const int32_t* key = tables[tb].key(m - base[tb]);
+        uint32_t* h = hashes_of[m - m0];
+        for (int j = 0; j < d1; ++j) {
+          neighbour_keys(key, j);
+          h[2 * j] = hash_key(n1, d);
+          h[2 * j + 1] = hash_key(n2, d);
+          tables[owner_of(h[2 * j], owners)].prefetch(h[2 * j]);
+          tables[owner_of(h[2 * j + 1], owners)].prefetch(h[2 * j + 1]);
         }
-        int32_t* out = lat.neighbours.data + (int64_t(j) * M + m) * 2;
-        const uint32_t h1 = hash_key(n1, d), h2 = hash_key(n2, d);
-        const int o1 = owner_of(h1, owners), o2 = owner_of(h2, owners);
-        const int32_t f1 = tables[o1].find(n1, h1), f2 = tables[o2].find(n2, h2);
-        out[0] = f1 < 0 ? int32_t(M) : int32_t(base[o1] + f1);
-        out[1] = f2 < 0 ? int32_t(M) : int32_t(base[o2] + f2);
+      }
+      for (int64_t m = m0; m < m1; ++m) {
+        while (m >= base[t + 1]) ++t;
+        const int32_t* key = tables[t].key(m - base[t]);
+        const uint32_t* h = hashes_of[m - m0];
+        for (int j = 0; j < d1; ++j) {
+          neighbour_keys(key, j);
+          int32_t* out = lat.neighbours.data + (int64_t(j) * M + m) * 2;
+          const int o1 = owner_of(h[2 * j], owners), o2 = owner_of(h[2 * j + 1], owners);
+          const int32_t f1 = tables[o1].find(n1, h[2 * j]), f2 = tables[o2].find(n2, h[2 * j + 1]);
+          out[0] = f1 < 0 ? int32_t(M) : int32_t(base[o1] + f1);
+          out[1] = f2 < 0 ? int32_t(M) : int32_t(base[o2] + f2);
+        }
       }
     }
   });
