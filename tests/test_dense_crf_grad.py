@@ -199,10 +199,14 @@ def _run(backend, unary, checkpoint, scores0, image, compat0, normalization=3, i
     return q.detach(), scores.grad, potts.grad, compat.grad, weight.grad
 
 
+# Every unary mode x stored/checkpoint with the default normalisation, every normalisation once.
+CPP_CASES = sorted({(u, c, 3) for u in crf_ops.UNARIES for c in (False, True)}
+                   | {("logits", False, n) for n in NORMALIZATIONS})
+
+
 @needs_cpp
-@pytest.mark.parametrize("normalization", NORMALIZATIONS)
-@pytest.mark.parametrize("checkpoint", [False, True], ids=["stored", "checkpoint"])
-@pytest.mark.parametrize("unary", crf_ops.UNARIES)
+@pytest.mark.parametrize("unary,checkpoint,normalization", CPP_CASES,
+                         ids=[f"{u}-{'checkpoint' if c else 'stored'}-{n}" for u, c, n in CPP_CASES])
 def test_cpp_gradients_match_reference(unary, checkpoint, normalization, poison):
     # The C++ forward is float32: its gradients against the float64 reference's, to float32
     # tolerance (Q, scores, the Potts weight, the compatibility matrix).
