@@ -445,7 +445,8 @@ def _softmax_of_negative_backward(grad, q):
 
 
 def _mean_field_backward(grad_iterates, iterates, features, compat, normalization, unary_scale, has_init, impl):
-    """Gradients (unary, compat list, init) from (T+1, B, L, H, W) iterates and their gradients."""
+    """Gradients (unary, compat list, init) from (T+1, B, L, H, W) iterates and their gradients
+    (a (T+1, ...) tensor, or a list of T+1 with None where no gradient reaches an iterate)."""
     transpose_filter = (torch.ops.fastseg.permutohedral_filter_reference if impl == "reference"
                         else torch.ops.fastseg.permutohedral_filter)
     dtype = iterates.dtype
@@ -457,7 +458,7 @@ def _mean_field_backward(grad_iterates, iterates, features, compat, normalizatio
     for t in range(T, 0, -1):
         grad_energy = _softmax_of_negative_backward(grad_q, iterates[t]).contiguous()
         grad_energy_sum += grad_energy
-        grad_q = grad_iterates[t - 1].clone()
+        grad_q = torch.zeros_like(grad_energy) if grad_iterates[t - 1] is None else grad_iterates[t - 1].clone()
         for m, (f, code) in enumerate(zip(features, normalization)):
             r = transpose_filter(grad_energy, f, code, True).to(dtype)
             grad_q += torch.einsum("lk,blhw->bkhw", sym[m], r)
@@ -501,8 +502,7 @@ def _make_checkpointed_backward(impl):
             iterates = torch.cat([iterates, output.unsqueeze(0)])
         else:
             iterates = output.unsqueeze(0)
-        grad_iterates = torch.zeros_like(iterates)
-        grad_iterates[-1] = grad_q
+        grad_iterates = [None] * (iterates.shape[0] - 1) + [grad_q]
         return _grads(ctx, *_mean_field_backward(grad_iterates, iterates, features, compat, normalization,
                                                  unary_scale, has_init, impl))
     return backward
