@@ -473,13 +473,13 @@ def _mean_field_backward(grad_iterates, iterates, features, compat, normalizatio
 def _setup_mean_field(ctx, inputs, output):
     unary, features, compat, normalization, iterations, init, unary_scale = inputs[:7]
     ctx.save_for_backward(unary, init, output, *features, *compat)
-    ctx.shape = (len(features), list(normalization), iterations, unary_scale, init is not None)
+    ctx.meta = (len(features), list(normalization), iterations, unary_scale, init is not None)  # K, ..., has_init
     ctx.impl = inputs[7] if len(inputs) > 7 else None
 
 
 def _saved(ctx):
     unary, init, output, *rest = ctx.saved_tensors
-    K = ctx.shape[0]
+    K = ctx.meta[0]
     return unary, init, output, rest[:K], rest[K:]
 
 
@@ -487,7 +487,7 @@ def _grads(ctx, grad_unary, grad_compat, grad_init, n_extra=0):
     # One gradient per positional input, the Tensor[] ones as lists (None for every feature map).
     # needs_input_grad may be shorter: the dispatcher drops trailing arguments left at their default.
     needs = ctx.needs_input_grad
-    return (grad_unary if needs[0] else None, [None] * ctx.shape[0], grad_compat, None, None,
+    return (grad_unary if needs[0] else None, [None] * ctx.meta[0], grad_compat, None, None,
             grad_init if len(needs) > 5 and needs[5] else None, None) + (None,) * n_extra
 
 
@@ -495,7 +495,7 @@ def _make_checkpointed_backward(impl):
     def backward(ctx, grad_q):
         # Only the inputs and Q_T were kept: recompute Q_0 .. Q_{T-1} (held only while this runs).
         unary, init, output, features, compat = _saved(ctx)
-        _, normalization, iterations, unary_scale, has_init = ctx.shape
+        _, normalization, iterations, unary_scale, has_init = ctx.meta
         if iterations > 0:
             iterates = torch.ops.fastseg.dense_crf_iterates(
                 unary, features, compat, normalization, iterations - 1, init, unary_scale, impl)
@@ -510,7 +510,7 @@ def _make_checkpointed_backward(impl):
 
 def _iterates_backward(ctx, grad_iterates):
     unary, init, iterates, features, compat = _saved(ctx)
-    _, normalization, _, unary_scale, has_init = ctx.shape
+    _, normalization, _, unary_scale, has_init = ctx.meta
     return _grads(ctx, *_mean_field_backward(grad_iterates, iterates, features, compat, normalization,
                                              unary_scale, has_init, ctx.impl), n_extra=1)
 
