@@ -33,6 +33,8 @@ from torch import nn
 from . import nn as fnn
 from .nn.atrous import fold_batch_norm
 from .ops.atrous import atrous_conv2d, atrous_output_size
+from .ops.dense_crf import dense_crf
+from .ops.gcn import gcn_conv2d
 from .ops.unpool import max_unpool2d
 
 __all__ = ["convert", "ConversionReport", "FusedConv2d", "NOT_SLOWER"]
@@ -315,10 +317,14 @@ def _foldable(bn):
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.nn's leaves, plus fastseg's own layers (their forward passes check shapes in Python)."""
+    """torch.nn's leaves, plus fastseg's own layers and ops (their Python argument checks cannot
+    take Proxies), which stay single calls in the graph."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=(atrous_conv2d, max_unpool2d, gcn_conv2d, dense_crf))
 
     def is_leaf_module(self, m, qualname):
-        return (type(m).__module__.startswith("fastseg.") or isinstance(m, FusedConv2d)
+        return (type(m).__module__.startswith("fastseg.nn") or isinstance(m, FusedConv2d)
                 or super().is_leaf_module(m, qualname))
 
 
@@ -331,11 +337,19 @@ def _fuse(module, path, rep, allowed):
     inner submodule directly still runs it as before."""
     if _Tracer().is_leaf_module(module, path):
         return module  # a torch.nn or fastseg layer: nothing inside to rewrite
+    if "fastseg_fused" in module._modules:
+        rep.left.append(Left(path, type(module).__name__, "already converted"))
+        return module
     try:
         graph = _Tracer().trace(module)
     except Exception as error:  # noqa: BLE001 - any tracing failure means module-level replacement
         graph = None
         why = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    if graph is not None:
+        unsound = _tuple_used_as_tensor(module, graph)
+        if unsound:
+            graph, why = None, (f"{path + '.' if path else ''}{unsound} returns (values, indices) but the traced graph uses it whole: its "
+                                "forward branches on the Python type of a result, which torch.fx cannot follow")
     if graph is not None:
         if _rewrite(module, graph, path, rep, allowed):
             forward = type(torch.fx.GraphModule(module, graph)).forward  # the graph's generated code
@@ -346,13 +360,27 @@ def _fuse(module, path, rep, allowed):
             })
             rep.traced.append(path)
         return module
-    if _has_own_chains(module):
+    if _has_own_chains(module) or "returns (values, indices)" in why:
         rep.left.append(Left(path, type(module).__name__,
                              f"does not trace with torch.fx ({why}): conv/BN/ReLU calls in its own forward are "
                              "left; its children are converted one by one"))
     for name, child in list(module.named_children()):
         _fuse(child, f"{path}.{name}" if path else name, rep, allowed)
     return module
+
+
+def _tuple_used_as_tensor(root, graph):
+    """The path of a pooling with ``return_indices=True`` whose traced output is used other than by
+    indexing: the code took a branch written for tensors (e.g. ``if isinstance(x, tuple)`` sees a
+    Proxy), so the graph would not compute what the module does."""
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = root.get_submodule(node.target)
+        if getattr(m, "return_indices", False) and any(
+                u.op != "call_function" or u.target is not operator.getitem for u in node.users):
+            return node.target
+    return None
 
 
 def _has_own_chains(module):
@@ -471,9 +499,6 @@ def _rewrite(root, graph, path, rep, allowed):
         rep.replaced.append(Replacement(where, pattern, f"FusedConv2d {target}"))
         changed = True
     if changed:
-        if "fastseg_fused" in root._modules:
-            raise ValueError(f"convert: {path or '<model>'} already has a submodule 'fastseg_fused' "
-                             "(converted twice?)")
         root.fastseg_fused = fused_layers.train(root.training)  # new modules start in training mode
         graph.lint()
     return changed

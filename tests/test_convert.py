@@ -245,6 +245,32 @@ def test_module_level_fallback_where_tracing_fails(fused_everywhere):
         _assert_close_to_scale(fast(x), model(x))
 
 
+class BranchesOnType(nn.Module):
+    """A forward that branches on the Python type of a pooling's result (as fastseg's VGG does):
+    torch.fx would take the wrong branch, so convert must not use the traced graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        y = self.pool(x)
+        if isinstance(y, tuple):
+            y = y[0]
+        return self.block(y)
+
+
+def test_type_branches_are_not_traced(fused_everywhere):
+    model = _randomise_batch_norms(BranchesOnType())
+    fast, report = fastseg.convert(model)
+    assert "returns (values, indices)" in report.left[0].reason and report.left[0].path == ""
+    assert [r.path for r in report.replaced] == ["block.0"]
+    x = torch.randn(1, 3, 10, 10)
+    with torch.no_grad():
+        _assert_close_to_scale(fast(x), model(x))
+
+
 # --- torch.compile and torch.export ---------------------------------------------------------------
 
 @pytest.mark.slow
@@ -278,3 +304,4 @@ def test_converting_twice_changes_nothing_more():
     fast = fastseg.convert(model, report=False)
     again, report = fastseg.convert(fast)
     assert report.replaced == [] and type(again) is type(fast)
+    assert [(item.path, item.reason) for item in report.left] == [("", "already converted")]
