@@ -1018,6 +1018,53 @@ Workspace& thread_workspace() {
 // Large images would pin their (large) workspace for the rest of the process.
 constexpr int64_t kKeepWorkspacePixels = int64_t(4) << 20;
 
+// gather_and_blur of every kernel, the kernels side by side in each parallel region (one region
+// for the gathers, one per blur direction): fewer OpenMP barriers than one kernel at a time, and
+// on a loaded machine every barrier can be a wait for a preempted thread.
+void gather_and_blur_kernels(std::vector<KernelState>& states, int K, std::vector<PassKernel>& pass) {
+  int64_t lanes = 1;
+  int directions = 0;
+  std::vector<float*> src(K), dst(K);
+  for (int k = 0; k < K; ++k) {
+    lanes = std::max(lanes, states[k].buffers.lanes);
+    directions = std::max(directions, states[k].lattice.d + 1);
+    src[k] = states[k].buffers.x.data;
+    dst[k] = states[k].buffers.y.data;
+  }
+  const int64_t grain = std::max<int64_t>(256, 65536 / lanes);
+  // fn(k, b, e) over rows [begin, end) of the active kernels' rows laid end to end.
+  auto for_rows = [&](auto&& active, auto&& fn) {
+    int64_t rows = 0;
+    for (int k = 0; k < K; ++k) rows += active(k) ? states[k].lattice.M : 0;
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      int64_t first = 0;
+      for (int k = 0; k < K && first < end; ++k) {
+        if (!active(k)) continue;
+        const int64_t M = states[k].lattice.M;
+        const int64_t b = std::max(begin, first), e = std::min(end, first + M);
+        if (b < e) fn(k, b - first, e - first);
+        first += M;
+      }
+    });
+  };
+  for_rows([](int) { return true; }, [&](int k, int64_t b, int64_t e) {
+    FilterBuffers& f = states[k].buffers;
+    run_gather_rows(f.splat_ptrs.data(), f.chunks, f.x.data, int(f.lanes), b, e);
+  });
+  for (int j = 0; j < directions; ++j) {
+    auto active = [&](int k) { return states[k].lattice.d >= j; };
+    for_rows(active, [&](int k, int64_t b, int64_t e) {
+      const Lattice& lat = states[k].lattice;
+      run_blur_rows(src[k], dst[k], lat.neighbours.data + int64_t(j) * lat.M * 2,
+                    int(states[k].buffers.lanes), b, e);
+    });
+    for (int k = 0; k < K; ++k) {
+      if (active(k)) std::swap(src[k], dst[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) pass[k].sliced = src[k];
+}
+
 void mean_field_image(const float* unary, float unary_scale, const float* init, float* out, int64_t N, int L,
                       std::vector<KernelSpec>& specs, int64_t iterations,
                       std::vector<KernelState>& states, Buffer<float>& unary_rows, const int64_t* order) {
@@ -1063,7 +1110,7 @@ void mean_field_image(const float* unary, float unary_scale, const float* init, 
   run_pass();
   args.init = nullptr;
   for (int64_t it = 0; it < iterations; ++it) {
-    for (int k = 0; k < K; ++k) pass[k].sliced = states[k].buffers.gather_and_blur(states[k].lattice);
+    gather_and_blur_kernels(states, K, pass);
     if (it == iterations - 1) args.out = out;
     run_pass();
   }
