@@ -11,8 +11,17 @@ kernels do the per-call work on it, each over a block of rows x a block of chann
 * slice: every pixel gathers its d+1 vertices, weighted, times the lattice's alpha.
 
 The blur directions run 0..d, or d..0 for the exact transpose (see the reference module), and the
-normalisations are the reference's. Not yet wired to a backend: the mean-field loop on the device
-is the next step of issue 4. float32.
+normalisations are the reference's. float32.
+
+The 'triton' backend of ``fastseg.dense_crf`` and ``fastseg.permutohedral_filter`` runs on
+:class:`BatchLattice`: every image's lattice is built once per call (the reference's sort/unique
+on the device) and the B lattices are concatenated, vertex numbers offset by the lattices before
+them and every missing neighbour pointed at one shared zero row, so a filter of the whole batch is
+one splat, d+1 blurs and one slice launch, whatever B. Mean field keeps Q pixel-major, (B*N, L):
+the splat scales by the normalisation's ``pre`` and the slice by ``post`` as they load and store;
+the compatibility mixing (one addmm per kernel) and the softmax are torch ops. Labels are blocked
+(BLOCK_C columns per program), so L is unbounded at compile time. Indexing is int64 (row and
+vertex numbers times channels can pass 2^31 on large batches).
 """
 import torch
 import triton
@@ -24,13 +33,15 @@ BLOCK_ROWS = 64
 
 
 @triton.jit
-def _splat_kernel(values_ptr, offsets_ptr, weights_ptr, lattice_ptr, N, C, D1,
-                  BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _splat_kernel(values_ptr, scale_ptr, offsets_ptr, weights_ptr, lattice_ptr, N, C, D1,
+                  HAS_SCALE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_mask = rows < N
     mask = row_mask[:, None] & (cols < C)[None, :]
     v = tl.load(values_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    if HAS_SCALE:  # the normalisation's per-pixel pre-scale, applied as the values load
+        v = v * tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
     for k in range(D1):
         vertex = tl.load(offsets_ptr + rows * D1 + k, mask=row_mask, other=0)
         w = tl.load(weights_ptr + rows * D1 + k, mask=row_mask, other=0.0)
@@ -52,8 +63,8 @@ def _blur_kernel(src_ptr, neighbours_ptr, dst_ptr, M, C, BLOCK_ROWS: tl.constexp
 
 
 @triton.jit
-def _slice_kernel(lattice_ptr, offsets_ptr, weights_ptr, out_ptr, N, C, D1, alpha,
-                  BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _slice_kernel(lattice_ptr, offsets_ptr, weights_ptr, scale_ptr, out_ptr, N, C, D1, alpha,
+                  HAS_SCALE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_mask = rows < N
@@ -63,34 +74,41 @@ def _slice_kernel(lattice_ptr, offsets_ptr, weights_ptr, out_ptr, N, C, D1, alph
         vertex = tl.load(offsets_ptr + rows * D1 + k, mask=row_mask, other=0)
         w = tl.load(weights_ptr + rows * D1 + k, mask=row_mask, other=0.0)
         acc += w[:, None] * tl.load(lattice_ptr + vertex[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + rows[:, None] * C + cols[None, :], alpha * acc, mask=mask)
+    acc = alpha * acc
+    if HAS_SCALE:  # the normalisation's per-pixel post-scale
+        acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], acc, mask=mask)
 
 
 def _grid(rows, C, block_c):
     return (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(C, block_c))
 
 
-def lattice_filter(values, lattice, transpose=False):
+def lattice_filter(values, lattice, transpose=False, pre=None, post=None):
     """The raw lattice filter S^T B S of values (N, C) float32 on a built ``PermutohedralLattice``
-    (``transpose``: blur directions d..0, the exact transpose). Returns (N, C) float32."""
+    or :class:`BatchLattice` (``transpose``: blur directions d..0, the exact transpose); ``pre``
+    and ``post`` (N,) float32 scale the rows on the way in and out. Returns (N, C) float32."""
     values = values.to(torch.float32).contiguous()
     N, C = values.shape
     M, D1 = lattice.size, lattice.d + 1
     block_c = min(triton.next_power_of_2(C), 64)
     offsets = lattice.offsets.contiguous()
     weights = lattice.weights.to(torch.float32).contiguous()
+    pre = pre.contiguous() if pre is not None else None
+    post = post.contiguous() if post is not None else None
     # Row M stays zero in both buffers: the missing-neighbour target of the blur.
     src = values.new_zeros(M + 1, C)
     dst = values.new_zeros(M + 1, C)
-    _splat_kernel[_grid(N, C, block_c)](values, offsets, weights, src, N, C, D1, BLOCK_ROWS=BLOCK_ROWS,
-                                        BLOCK_C=block_c)
+    _splat_kernel[_grid(N, C, block_c)](values, pre if pre is not None else values, offsets, weights, src, N, C,
+                                        D1, HAS_SCALE=pre is not None, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=block_c)
     for j in (reversed(range(D1)) if transpose else range(D1)):
         neighbours = lattice.neighbours[j].contiguous()
         _blur_kernel[_grid(M, C, block_c)](src, neighbours, dst, M, C, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=block_c)
         src, dst = dst, src
     out = torch.empty_like(values)
-    _slice_kernel[_grid(N, C, block_c)](src, offsets, weights, out, N, C, D1, float(lattice.alpha),
-                                        BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=block_c)
+    _slice_kernel[_grid(N, C, block_c)](src, offsets, weights, post if post is not None else values, out, N, C, D1,
+                                        float(lattice.alpha), HAS_SCALE=post is not None, BLOCK_ROWS=BLOCK_ROWS,
+                                        BLOCK_C=block_c)
     return out
 
 
@@ -102,4 +120,99 @@ def filter_lattice(values, features, normalization=reference.NORMALIZE_SYMMETRIC
     pre, post = reference._normalisers(lattice_filter(ones, lattice), normalization)
     if transpose:
         pre, post = post, pre
-    return post * lattice_filter(pre * values.to(torch.float32), lattice, transpose=transpose)
+    return lattice_filter(values, lattice, transpose=transpose, pre=pre.reshape(-1), post=post.reshape(-1))
+
+
+class BatchLattice:
+    """The lattices of a batch's B images as one: features (B or 1, D, *) float32 -> a lattice
+    over B * N points (image-major) with ``offsets``, ``weights``, ``neighbours``, ``size``, ``d``
+    and ``alpha`` as ``PermutohedralLattice`` has them, so one launch filters every image.
+
+    Each distinct image's lattice is built once, on the features' device, by the reference's
+    sort/unique (its unique() calls are the only host syncs); features shared by the batch (B=1,
+    as the gaussian kernel's positions) build one lattice, repeated with offset vertex numbers.
+    """
+
+    def __init__(self, features, batch):
+        features = features.to(torch.float32)
+        D = features.shape[1]
+        flat = features.reshape(features.shape[0], D, -1).transpose(1, 2)  # (B or 1, N, D)
+        lattices = [reference.PermutohedralLattice(f) for f in flat]
+        if len(lattices) == 1:
+            lattices = lattices * batch
+        self.d, self.alpha = D, lattices[0].alpha
+        self.size = sum(lattice.size for lattice in lattices)
+        offsets, neighbours, base = [], [], 0
+        for lattice in lattices:
+            offsets.append(lattice.offsets + base)
+            n = lattice.neighbours
+            # An image's missing neighbour (its own row M_b) becomes the batch's one zero row.
+            neighbours.append(torch.where(n == lattice.size, self.size, n + base))
+            base += lattice.size
+        self.offsets = torch.cat(offsets)
+        self.weights = torch.cat([lattice.weights for lattice in lattices]).to(torch.float32)
+        self.neighbours = torch.cat(neighbours, 1)
+
+
+class NormalisedFilter:
+    """One dense-CRF kernel on a :class:`BatchLattice`: post * F(pre * v) on (B * N, C) rows,
+    and its exact transpose; n = F(1) is computed once, here."""
+
+    def __init__(self, features, batch, normalization):
+        self.lattice = BatchLattice(features, batch)
+        ones = torch.ones(self.lattice.offsets.shape[0], 1, dtype=torch.float32, device=features.device)
+        pre, post = reference._normalisers(lattice_filter(ones, self.lattice), normalization)
+        self.pre, self.post = pre.reshape(-1).contiguous(), post.reshape(-1).contiguous()
+
+    def __call__(self, values, transpose=False):
+        pre, post = (self.post, self.pre) if transpose else (self.pre, self.post)
+        return lattice_filter(values, self.lattice, transpose=transpose, pre=pre, post=post)
+
+
+def to_rows(x):
+    """(B, C, *) -> (B * N, C) float32, pixel-major: the kernels' layout."""
+    B, C = x.shape[:2]
+    return x.to(torch.float32).reshape(B, C, -1).transpose(1, 2).reshape(-1, C).contiguous()
+
+
+def from_rows(rows, shape):
+    """(B * N, C) -> (B, C, *) of ``shape``, contiguous."""
+    B, C = shape[:2]
+    return rows.reshape(B, -1, C).transpose(1, 2).reshape(shape).contiguous()
+
+
+def permutohedral_filter(values, features, normalization, transpose=False):
+    """values (B, C, *), features (B or 1, D, *) -> the normalised filter of each image, (B, C, *)
+    float32, the whole batch in one set of launches."""
+    return from_rows(NormalisedFilter(features, values.shape[0], normalization)(to_rows(values), transpose),
+                     values.shape)
+
+
+def build_filters(features, batch, normalizations):
+    """One :class:`NormalisedFilter` per kernel: the lattices of a mean-field call, built once."""
+    return [NormalisedFilter(f, batch, code) for f, code in zip(features, normalizations)]
+
+
+def mean_field(unary, features, compats, normalizations, iterations, init=None, unary_scale=1.0, iterates=False,
+               filters=None):
+    """Mean field as the reference's, on the whole batch: energies unary_scale * unary (B, L, *),
+    per kernel features (B or 1, D, *), (L, L) compatibilities, normalisation codes; optional
+    init (B, L, *). Returns Q (B, L, *) float32, or every iterate (iterations + 1, B, L, *)."""
+    B = unary.shape[0]
+    filters = filters if filters is not None else build_filters(features, B, normalizations)
+    U = to_rows(unary)
+    if unary_scale != 1.0:
+        U = U * unary_scale
+    # energy += F(Q) @ Cs^T, Cs the symmetrised compatibility.
+    mixing = [(0.5 * (c + c.t())).t().to(torch.float32).contiguous() for c in compats]
+    Q = torch.softmax(-U, 1) if init is None else to_rows(init)
+    history = [Q]
+    for _ in range(iterations):
+        energy = U.clone()
+        for kernel_filter, mix in zip(filters, mixing):
+            energy.addmm_(kernel_filter(Q), mix)
+        Q = torch.softmax(energy.neg_(), 1)
+        history.append(Q)
+    if iterates:
+        return torch.stack([from_rows(q, unary.shape) for q in history])
+    return from_rows(Q, unary.shape)

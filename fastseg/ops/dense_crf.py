@@ -13,6 +13,7 @@ kernel weights): the backward replays the iterations in reverse with the lattice
 transpose, as CRF-as-RNN does (Zheng et al., "Conditional Random Fields as Recurrent Neural
 Networks", ICCV 2015); ``fastseg.nn.DenseCRF(learnable=True)`` is that layer.
 """
+import functools
 import math
 import numbers
 from typing import List, Optional
@@ -31,7 +32,7 @@ OP = "dense_crf"
 #: Normalisation names and their densecrf codes.
 NORMALIZATIONS = {"none": 0, "before": 1, "after": 2, "symmetric": 3}
 UNARIES = ("logits", "energy", "probs")
-_IMPLEMENTED = ("reference", "cpp")
+_IMPLEMENTED = ("reference", "cpp", "triton")
 _GAUSSIAN_KEYS = {"sxy", "compat", "normalization"}
 _BILATERAL_KEYS = {"sxy", "srgb", "compat", "normalization"}
 
@@ -83,8 +84,9 @@ def dense_crf(
             only the inputs and Q are kept and the backward recomputes the iterates (as
             torch.utils.checkpoint trades compute for memory). Either way the gradients are the
             same; with no gradient needed the forward is the one fused mean-field call.
-        backend: 'auto' ('cpp' on CPU; 'reference' elsewhere, until the GPU kernel lands),
-            'reference' or 'cpp'.
+        backend: 'auto' ('cpp' on CPU, 'triton' on CUDA), 'reference', 'cpp' or 'triton' (CUDA
+            tensors; CPU tensors under TRITON_INTERPRET=1, for tests). The triton backend builds
+            each image's lattices once per call and filters the whole batch in one set of launches.
 
     Returns:
         Q, float32 marginals of scores' shape and device (float64 for float64 scores on the
@@ -124,7 +126,7 @@ def dense_crf(
     if not isinstance(checkpoint, bool):
         raise TypeError(f"{OP}: checkpoint must be a bool, got {type(checkpoint).__name__}")
     impl = _backends.select(OP, backend, scores.device, implemented=_IMPLEMENTED)
-    # float64 stays float64 on the reference (gradcheck's oracle); the C++ kernel is float32.
+    # float64 stays float64 on the reference (gradcheck's oracle); the C++ and Triton kernels are float32.
     dtype = reference.compute_dtype(scores.dtype) if impl == "reference" else torch.float32
 
     if not torch.compiler.is_compiling():
@@ -183,6 +185,8 @@ def mean_field(unary, features, compats, normalizations, iterations, init=None, 
         return torch.ops.fastseg.dense_crf_iterates(*args, impl)[-1]
     if impl == "reference":
         return torch.ops.fastseg.dense_crf_reference(*args)
+    if impl == "triton":
+        return torch.ops.fastseg.dense_crf_triton(*args)
     return torch.ops.fastseg.dense_crf(*args)
 
 
@@ -212,6 +216,8 @@ def permutohedral_filter(values, features, normalization="symmetric", *, transpo
     values, features = values.to(dtype).contiguous(), features.to(torch.float32).contiguous()
     if impl == "reference":
         return torch.ops.fastseg.permutohedral_filter_reference(values, features, code, transpose)
+    if impl == "triton":
+        return torch.ops.fastseg.permutohedral_filter_triton(values, features, code, transpose)
     return torch.ops.fastseg.permutohedral_filter(values, features, code, transpose)
 
 
@@ -386,6 +392,10 @@ def _dense_crf_iterates(
     """Every mean-field iterate Q_0 (the start), ..., Q_iterations: (iterations + 1, B, L, H, W)."""
     if impl == "reference":
         return _reference_mean_field(unary, features, compat, normalization, iterations, init, unary_scale, True)
+    if impl == "triton":  # the lattices are built once for every iteration
+        from ..kernels import dense_crf as kernels
+
+        return kernels.mean_field(unary, features, compat, normalization, iterations, init, unary_scale, True)
     # The fused C++ op returns only its last Q, so this takes one call per iteration, each
     # rebuilding the lattices: iterations x (lattice builds + one pass) instead of builds + passes.
     out = unary.new_empty((iterations + 1, *unary.shape), dtype=torch.float32)
@@ -400,6 +410,55 @@ def _dense_crf_iterates(
     return out
 
 
+@torch.library.custom_op("fastseg::dense_crf_triton", mutates_args=())
+def _dense_crf_triton(
+    unary: Tensor, features: List[Tensor], compat: List[Tensor], normalization: List[int], iterations: int,
+    init: Optional[Tensor] = None, unary_scale: float = 1.0,
+) -> Tensor:
+    from ..kernels import dense_crf as kernels
+
+    return kernels.mean_field(unary, features, compat, normalization, iterations, init, unary_scale)
+
+
+@torch.library.custom_op("fastseg::permutohedral_filter_triton", mutates_args=())
+def _permutohedral_filter_triton(values: Tensor, features: Tensor, normalization: int,
+                                 transpose: bool = False) -> Tensor:
+    from ..kernels import dense_crf as kernels
+
+    return kernels.permutohedral_filter(values, features, normalization, transpose)
+
+
+@torch.library.custom_op("fastseg::dense_crf_backward_triton", mutates_args=())
+def _dense_crf_backward_triton(
+    grad: Tensor, iterates: Tensor, unary: Tensor, features: List[Tensor], compat: List[Tensor],
+    normalization: List[int], iterations: int, init: Optional[Tensor], unary_scale: float,
+) -> List[Tensor]:
+    """The triton backend's whole reverse sweep on lattices built once: grad and iterates are
+    (iterations + 1, B, L, H, W), or (1, B, L, H, W) for the last iterate alone (checkpoint: the
+    others are recomputed here, on the same lattices). Returns [grad unary, grad init (empty
+    without init), grad compat for each kernel]."""
+    from ..kernels import dense_crf as kernels
+
+    B = unary.shape[0]
+    filters = kernels.build_filters(features, B, normalization)
+    if iterates.shape[0] == 1 and iterations > 0:
+        earlier = kernels.mean_field(unary, features, compat, normalization, iterations - 1, init, unary_scale,
+                                     True, filters=filters)
+        iterates = torch.cat([earlier, iterates])
+        grad_iterates = [None] * iterations + [grad[0]]
+    else:
+        grad_iterates = grad
+
+    def transposed(kernel_filter):
+        return lambda g: kernels.from_rows(kernel_filter(kernels.to_rows(g), transpose=True), g.shape)
+
+    grad_unary, grad_compat, grad_init = _reverse_sweep(
+        grad_iterates, iterates, [transposed(f) for f in filters], compat, unary_scale, init is not None)
+    # With no iteration the gradient of init is grad itself: an output may not alias an input.
+    grad_init = grad_init.clone() if grad_init is not None else unary.new_empty(0, dtype=torch.float32)
+    return [grad_unary, grad_init] + grad_compat
+
+
 @_dense_crf_reference.register_fake
 def _fake_dense_crf_reference(unary, features, compat, normalization, iterations, init=None, unary_scale=1.0):
     return torch.empty(unary.shape, dtype=reference.compute_dtype(unary.dtype), device=unary.device)
@@ -408,6 +467,24 @@ def _fake_dense_crf_reference(unary, features, compat, normalization, iterations
 @_permutohedral_filter_reference.register_fake
 def _fake_permutohedral_filter_reference(values, features, normalization, transpose=False):
     return torch.empty(values.shape, dtype=reference.compute_dtype(values.dtype), device=values.device)
+
+
+@_dense_crf_triton.register_fake
+def _fake_dense_crf_triton(unary, features, compat, normalization, iterations, init=None, unary_scale=1.0):
+    return torch.empty(unary.shape, dtype=torch.float32, device=unary.device)
+
+
+@_permutohedral_filter_triton.register_fake
+def _fake_permutohedral_filter_triton(values, features, normalization, transpose=False):
+    return torch.empty(values.shape, dtype=torch.float32, device=values.device)
+
+
+@_dense_crf_backward_triton.register_fake
+def _fake_dense_crf_backward_triton(grad, iterates, unary, features, compat, normalization, iterations, init,
+                                    unary_scale):
+    grad_init = torch.empty(init.shape if init is not None else (0,), dtype=torch.float32, device=unary.device)
+    return [torch.empty(unary.shape, dtype=torch.float32, device=unary.device), grad_init] + [
+        torch.empty(c.shape, dtype=c.dtype, device=c.device) for c in compat]
 
 
 @_dense_crf_iterates.register_fake
@@ -437,7 +514,8 @@ if _backends.EXTENSION_LOADED:
 #   gQ_{t-1} += Cs_m^T R_m,  gCs_m += sum over pixels and images of R_m Q_{t-1}^T,  gU += s gE_t,
 # from <gE, Cs F(Q)> = <F^T(Cs^T gE), Q> with F^T acting on pixels and Cs on labels (they commute),
 # so each step needs L channels of F^T, not L^2. Then gU += s gE_0 through Q_0 = softmax(-s U), or
-# g_init = gQ_0. The lattice is rebuilt by every filter call: T x K builds per backward.
+# g_init = gQ_0. On the reference and cpp backends the lattice is rebuilt by every filter call
+# (T x K builds per backward); the triton backend builds its K lattices once per backward.
 
 
 def _softmax_of_negative_backward(grad, q):
@@ -449,6 +527,13 @@ def _mean_field_backward(grad_iterates, iterates, features, compat, normalizatio
     (a (T+1, ...) tensor, or a list of T+1 with None where no gradient reaches an iterate)."""
     transpose_filter = (torch.ops.fastseg.permutohedral_filter_reference if impl == "reference"
                         else torch.ops.fastseg.permutohedral_filter)
+    filters = [functools.partial(lambda g, f, code: transpose_filter(g, f, code, True), f=f, code=code)
+               for f, code in zip(features, normalization)]
+    return _reverse_sweep(grad_iterates, iterates, filters, compat, unary_scale, has_init)
+
+
+def _reverse_sweep(grad_iterates, iterates, transpose_filters, compat, unary_scale, has_init):
+    """The sweep above, with one transposed filter (a callable on (B, L, H, W)) per kernel."""
     dtype = iterates.dtype
     sym = [0.5 * (c + c.t()).to(dtype) for c in compat]
     T = iterates.shape[0] - 1
@@ -459,8 +544,8 @@ def _mean_field_backward(grad_iterates, iterates, features, compat, normalizatio
         grad_energy = _softmax_of_negative_backward(grad_q, iterates[t]).contiguous()
         grad_energy_sum += grad_energy
         grad_q = torch.zeros_like(grad_energy) if grad_iterates[t - 1] is None else grad_iterates[t - 1].clone()
-        for m, (f, code) in enumerate(zip(features, normalization)):
-            r = transpose_filter(grad_energy, f, code, True).to(dtype)
+        for m, transpose_filter in enumerate(transpose_filters):
+            r = transpose_filter(grad_energy).to(dtype)
             grad_q += torch.einsum("lk,blhw->bkhw", sym[m], r)
             grad_sym[m] += torch.einsum("blhw,bkhw->lk", r, iterates[t - 1])
     grad_init = grad_q if has_init else None
@@ -491,11 +576,24 @@ def _grads(ctx, grad_unary, grad_compat, grad_init, n_extra=0):
             grad_init if len(needs) > 5 and needs[5] else None, None) + (None,) * n_extra
 
 
+def _triton_grads(ctx, grad, iterates, n_extra=0):
+    # The triton backend's sweep is one op (its lattices built once per backward).
+    unary, init, _, features, compat = _saved(ctx)
+    _, normalization, iterations, unary_scale, has_init = ctx.meta
+    grad_unary, grad_init, *grad_compat = torch.ops.fastseg.dense_crf_backward_triton(
+        grad.contiguous(), iterates.contiguous(), unary, features, compat, normalization, iterations, init,
+        unary_scale)
+    grad_compat = [g.to(c.dtype) for g, c in zip(grad_compat, compat)]
+    return _grads(ctx, grad_unary, grad_compat, grad_init if has_init else None, n_extra)
+
+
 def _make_checkpointed_backward(impl):
     def backward(ctx, grad_q):
         # Only the inputs and Q_T were kept: recompute Q_0 .. Q_{T-1} (held only while this runs).
         unary, init, output, features, compat = _saved(ctx)
         _, normalization, iterations, unary_scale, has_init = ctx.meta
+        if impl == "triton":
+            return _triton_grads(ctx, grad_q.unsqueeze(0), output.unsqueeze(0))
         if iterations > 0:
             iterates = torch.ops.fastseg.dense_crf_iterates(
                 unary, features, compat, normalization, iterations - 1, init, unary_scale, impl)
@@ -510,6 +608,8 @@ def _make_checkpointed_backward(impl):
 
 def _iterates_backward(ctx, grad_iterates):
     unary, init, iterates, features, compat = _saved(ctx)
+    if ctx.impl == "triton":
+        return _triton_grads(ctx, grad_iterates, iterates, n_extra=1)
     _, normalization, _, unary_scale, has_init = ctx.meta
     return _grads(ctx, *_mean_field_backward(grad_iterates, iterates, features, compat, normalization,
                                              unary_scale, has_init, ctx.impl), n_extra=1)
@@ -531,6 +631,11 @@ def _make_filter_backward(op):
 torch.library.register_autograd("fastseg::dense_crf_reference", _make_checkpointed_backward("reference"),
                                 setup_context=_setup_mean_field)
 torch.library.register_autograd("fastseg::dense_crf_iterates", _iterates_backward, setup_context=_setup_mean_field)
+torch.library.register_autograd("fastseg::dense_crf_triton", _make_checkpointed_backward("triton"),
+                                setup_context=_setup_mean_field)
+torch.library.register_autograd("fastseg::permutohedral_filter_triton",
+                                _make_filter_backward(torch.ops.fastseg.permutohedral_filter_triton),
+                                setup_context=_setup_filter)
 torch.library.register_autograd("fastseg::permutohedral_filter_reference",
                                 _make_filter_backward(torch.ops.fastseg.permutohedral_filter_reference),
                                 setup_context=_setup_filter)
