@@ -23,7 +23,9 @@ model's device (:data:`NOT_SLOWER`); elsewhere it is left and the report says wh
 """
 import copy
 import dataclasses
+import math
 import operator
+import sys
 
 import torch
 import torch.fx
@@ -321,7 +323,10 @@ class _Tracer(torch.fx.Tracer):
     take Proxies), which stay single calls in the graph."""
 
     def __init__(self):
-        super().__init__(autowrap_functions=(atrous_conv2d, max_unpool2d, gcn_conv2d, dense_crf))
+        # The package namespaces too, so that calls spelled fastseg.max_unpool2d(...) are wrapped.
+        packages = (math, sys.modules[__package__], sys.modules[f"{__package__}.ops"])
+        super().__init__(autowrap_modules=packages,
+                         autowrap_functions=(atrous_conv2d, max_unpool2d, gcn_conv2d, dense_crf))
 
     def is_leaf_module(self, m, qualname):
         return (type(m).__module__.startswith("fastseg.nn") or isinstance(m, FusedConv2d)

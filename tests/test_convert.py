@@ -271,6 +271,28 @@ def test_type_branches_are_not_traced(fused_everywhere):
         _assert_close_to_scale(fast(x), model(x))
 
 
+class CallsFastsegOps(nn.Module):
+    """A model that already calls a fastseg op: traced, the op stays one call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y, i = F.max_pool2d(x, 2, return_indices=True)
+        return torch.relu(self.bn(self.conv(fastseg.max_unpool2d(y, i, 2))))
+
+
+def test_fastseg_op_calls_trace(fused_everywhere):
+    model = _randomise_batch_norms(CallsFastsegOps())
+    fast, report = fastseg.convert(model)
+    assert report.traced == [""] and report.counts() == {"conv+bn+relu": 1} and report.left == []
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        _assert_close_to_scale(fast(x), model(x))
+
+
 # --- torch.compile and torch.export ---------------------------------------------------------------
 
 @pytest.mark.slow
