@@ -353,8 +353,9 @@ def _fuse(module, path, rep, allowed):
     if graph is not None:
         unsound = _tuple_used_as_tensor(module, graph)
         if unsound:
-            graph, why = None, (f"{path + '.' if path else ''}{unsound} returns (values, indices) but the traced graph uses it whole: its "
-                                "forward branches on the Python type of a result, which torch.fx cannot follow")
+            where = f"{path}.{unsound}" if path else unsound
+            graph, why = None, (f"{where} returns (values, indices) but the traced graph uses it whole: its forward "
+                                "branches on the Python type of a result, which torch.fx cannot follow")
     if graph is not None:
         if _rewrite(module, graph, path, rep, allowed):
             forward = type(torch.fx.GraphModule(module, graph)).forward  # the graph's generated code
