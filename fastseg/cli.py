@@ -50,6 +50,7 @@ BENCH_OPS = {
     "atrous": ("test_bench_atrous.py", "not aspp"),
     "aspp": ("test_bench_atrous.py", "aspp"),
     "gcn": ("test_bench_gcn.py", None),
+    "unpool_conv": ("test_bench_unpool_conv.py", None),
     "models": ("test_bench_models.py", None),
 }
 
