@@ -265,7 +265,7 @@ def test_layer_matches_plain_pytorch(training):
     residual = torch.randn(3, 5, 9, 11)
     out = layer(values, indices, output_size=x.shape, residual=residual)
     expected = F.relu(bn(conv(F.max_unpool2d(values, indices, 2, output_size=x.shape[-2:]))) + residual)
-    assert_relative_close(out, expected, torch.float32)
+    assert_relative_close(out.detach(), expected.detach(), torch.float32)
     if training:  # running statistics updated exactly as nn.BatchNorm2d does
         assert torch.equal(layer.bn.running_mean, bn.running_mean)
         assert torch.equal(layer.bn.num_batches_tracked, bn.num_batches_tracked)
