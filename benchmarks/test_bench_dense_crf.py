@@ -5,7 +5,8 @@ lattice builds included: pydensecrf2 one image at a time (it has no batch), fast
 Cases: a VOC-sized image (500x375, 21 labels) with densecrf's default kernels (gaussian sxy=3
 compat=3, bilateral sxy=80 srgb=13 compat=10) at 5 and 10 iterations; the same with DeepLab-v2's
 VOC kernels (bilateral sxy=67 srgb=3 compat=4, gaussian compat=3: a ~10x larger lattice); 1024x1024;
-and a batch of 8 at 512x512.
+and a batch of 8 at 512x512. On a GPU (``fastseg bench --device cuda --ops crf``) the triton backend
+runs at issue 4's shapes beside the CPU path and pydensecrf2, forward and forward+backward.
 """
 import functools
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import fastseg
-from conftest import FASTSEG, shapes
+from conftest import DEVICES, FASTSEG, shapes
 
 DEFAULT = (dict(sxy=3, compat=3), dict(sxy=80, srgb=13, compat=10))
 VOC = (dict(sxy=3, compat=3), dict(sxy=67, srgb=3, compat=4))
@@ -115,4 +116,69 @@ def test_dense_crf_backward(bench, case, impl):
 
     fn()  # warm up outside the timing
     out = bench(f"dense_crf backward {name} it{iterations} cpu", impl, fn)
+    assert out.shape == unary.shape
+
+
+# --- GPU: the triton backend against the CPU path and pydensecrf2 (issue 4) ------------------------
+# Issue 4's shapes: B = 1 and 16, 500x375 and 512x512, L = 21, 5 and 10 iterations. 'fastseg' is the
+# triton backend on CUDA tensors, end to end (lattice builds included); 'cpu' the cpp backend on the
+# same inputs on the CPU; pydensecrf2 one image at a time. Forward is the no-grad call;
+# forward+backward is the learnable layer's training step (gradients for the scores and both
+# kernels' weights), stored or checkpointed iterates, on either backend.
+GPU_CASES = shapes(
+    [(f"{B}x{W}x{H} L21", B, H, W, 21, it, DEFAULT)
+     for B in (1, 16) for (W, H) in ((500, 375), (512, 512)) for it in (5, 10)],
+    [("smoke", 2, 24, 32, 3, 2, DEFAULT)],
+)
+needs_cuda = pytest.mark.skipif("cuda" not in DEVICES or not torch.cuda.is_available(),
+                                reason="the GPU dense CRF cases need a CUDA device (fastseg bench --device cuda)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", [FASTSEG, "cpu", "pydensecrf2"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0].replace(' ', '-')}-it{c[5]}")
+def test_dense_crf_gpu(bench, case, impl):
+    name, B, H, W, L, iterations, (gaussian, bilateral) = case
+    unary, image = _inputs(B, H, W, L)
+    device = "cuda" if impl == FASTSEG else "cpu"
+    if impl == "pydensecrf2":
+        fn = _pydensecrf(unary, image, iterations, gaussian, bilateral)
+    else:
+        u, im = unary.to(device), image.to(device)
+
+        def fn():
+            return fastseg.dense_crf(u, im, iterations=iterations, gaussian=gaussian, bilateral=bilateral,
+                                     unary="energy", backend="triton" if impl == FASTSEG else "cpp")
+    fn()  # warm up: Triton compiles its kernels on the first call
+    out = bench(f"dense_crf gpu {name} it{iterations} forward", impl, fn, device=device)
+    assert len(out) == B
+
+
+GPU_BACKWARD_IMPLS = [FASTSEG, f"{FASTSEG} checkpoint", f"{FASTSEG} forward only", "cpu", "cpu checkpoint"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", GPU_BACKWARD_IMPLS)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0].replace(' ', '-')}-it{c[5]}")
+def test_dense_crf_gpu_backward(bench, case, impl):
+    name, B, H, W, L, iterations, (gaussian, bilateral) = case
+    unary, image = _inputs(B, H, W, L)
+    device = "cpu" if impl.startswith("cpu") else "cuda"
+    crf = fastseg.nn.DenseCRF(iterations, gaussian, bilateral, unary="energy", num_labels=L, learnable=True,
+                              checkpoint=impl.endswith("checkpoint"),
+                              backend="cpp" if device == "cpu" else "triton").to(device)
+    weights = torch.randn(unary.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    scores = unary.to(device).clone().requires_grad_()
+    im = image.to(device)
+
+    def fn():
+        if impl.endswith("forward only"):
+            with torch.no_grad():
+                return crf(scores, im)
+        q = crf(scores, im)
+        (q * weights).sum().backward()
+        return q
+
+    fn()  # warm up outside the timing
+    out = bench(f"dense_crf gpu {name} it{iterations} forward+backward", impl, fn, device=device)
     assert out.shape == unary.shape
