@@ -129,8 +129,10 @@ class BatchLattice:
     and ``alpha`` as ``PermutohedralLattice`` has them, so one launch filters every image.
 
     Each distinct image's lattice is built once, on the features' device, by the reference's
-    sort/unique (its unique() calls are the only host syncs); features shared by the batch (B=1,
-    as the gaussian kernel's positions) build one lattice, repeated with offset vertex numbers.
+    sort/unique (two unique() calls and one max() are its host syncs, per build; one build for the
+    whole batch would need a batch-index key column in the reference's keys); features shared by
+    the batch (B=1, as the gaussian kernel's positions) build one lattice, repeated with offset
+    vertex numbers.
     """
 
     def __init__(self, features, batch):
