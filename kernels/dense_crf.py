@@ -19,7 +19,9 @@ on the device) and the B lattices are concatenated, vertex numbers offset by the
 them and every missing neighbour pointed at one shared zero row, so a filter of the whole batch is
 one splat, d+1 blurs and one slice launch, whatever B. Mean field keeps Q pixel-major, (B*N, L):
 the splat scales by the normalisation's ``pre`` and the slice by ``post`` as they load and store;
-the compatibility mixing (one addmm per kernel) and the softmax are torch ops. Labels are blocked
+the slices of every kernel land side by side in one buffer, and one kernel does the compatibility
+mixing (a blocked fp32 matmul), the unary add and the exp-normalise (online softmax over label
+blocks). Labels are blocked
 (BLOCK_C columns per program), so L is unbounded at compile time. Indexing is int64 (row and
 vertex numbers times channels can pass 2^31 on large batches).
 """
@@ -63,7 +65,7 @@ def _blur_kernel(src_ptr, neighbours_ptr, dst_ptr, M, C, BLOCK_ROWS: tl.constexp
 
 
 @triton.jit
-def _slice_kernel(lattice_ptr, offsets_ptr, weights_ptr, scale_ptr, out_ptr, N, C, D1, alpha,
+def _slice_kernel(lattice_ptr, offsets_ptr, weights_ptr, scale_ptr, out_ptr, N, C, D1, alpha, out_stride,
                   HAS_SCALE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -77,17 +79,59 @@ def _slice_kernel(lattice_ptr, offsets_ptr, weights_ptr, scale_ptr, out_ptr, N, 
     acc = alpha * acc
     if HAS_SCALE:  # the normalisation's per-pixel post-scale
         acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * C + cols[None, :], acc, mask=mask)
+    tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _mix_softmax_kernel(filtered_ptr, mix_ptr, unary_ptr, out_ptr, N, KL, L, unary_scale,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+    # Q = softmax(-(s U + filtered @ mix)) over the labels, for a block of rows: the compatibility
+    # mixing of every kernel at once (filtered is (N, K*L), the kernels' filters side by side; mix
+    # the stacked (K*L, L) Cs_m^T), then the exp-normalise, blocked over labels so L is unbounded:
+    # pass 1 writes the negated energies and keeps a running max and sum (online softmax), pass 2
+    # normalises them in place.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < N
+    running_max = tl.full([BLOCK_ROWS], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        labels = l0 + tl.arange(0, BLOCK_L)
+        label_mask = labels < L
+        acc = tl.zeros([BLOCK_ROWS, BLOCK_L], dtype=tl.float32)
+        for k0 in range(0, KL, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < KL
+            a = tl.load(filtered_ptr + rows[:, None] * KL + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            b = tl.load(mix_ptr + ks[:, None] * L + labels[None, :], mask=k_mask[:, None] & label_mask[None, :],
+                        other=0.0)
+            acc += tl.dot(a, b, input_precision="ieee")  # fp32 products: the 1e-5 tolerance holds
+        mask = row_mask[:, None] & label_mask[None, :]
+        u = tl.load(unary_ptr + rows[:, None] * L + labels[None, :], mask=mask, other=0.0)
+        x = tl.where(mask, -(unary_scale * u + acc), float("-inf"))
+        tl.store(out_ptr + rows[:, None] * L + labels[None, :], x, mask=mask)
+        new_max = tl.maximum(running_max, tl.max(x, 1))
+        new_max = tl.where(row_mask, new_max, 0.0)  # rows past N: keep exp() finite
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), 1)
+        running_max = new_max
+    running_sum = tl.where(row_mask, running_sum, 1.0)
+    for l0 in range(0, L, BLOCK_L):
+        labels = l0 + tl.arange(0, BLOCK_L)
+        mask = row_mask[:, None] & (labels < L)[None, :]
+        x = tl.load(out_ptr + rows[:, None] * L + labels[None, :], mask=mask, other=0.0)
+        q = tl.exp(x - running_max[:, None]) / running_sum[:, None]
+        tl.store(out_ptr + rows[:, None] * L + labels[None, :], q, mask=mask)
 
 
 def _grid(rows, C, block_c):
     return (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(C, block_c))
 
 
-def lattice_filter(values, lattice, transpose=False, pre=None, post=None):
+def lattice_filter(values, lattice, transpose=False, pre=None, post=None, out=None):
     """The raw lattice filter S^T B S of values (N, C) float32 on a built ``PermutohedralLattice``
     or :class:`BatchLattice` (``transpose``: blur directions d..0, the exact transpose); ``pre``
-    and ``post`` (N,) float32 scale the rows on the way in and out. Returns (N, C) float32."""
+    and ``post`` (N,) float32 scale the rows on the way in and out. Returns (N, C) float32, in
+    ``out`` if given (an (N, C) view with unit column stride, e.g. columns of a wider buffer)."""
     values = values.to(torch.float32).contiguous()
     N, C = values.shape
     M, D1 = lattice.size, lattice.d + 1
@@ -105,10 +149,11 @@ def lattice_filter(values, lattice, transpose=False, pre=None, post=None):
         neighbours = lattice.neighbours[j].contiguous()
         _blur_kernel[_grid(M, C, block_c)](src, neighbours, dst, M, C, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=block_c)
         src, dst = dst, src
-    out = torch.empty_like(values)
+    out = torch.empty_like(values) if out is None else out
+    assert out.shape == (N, C) and out.stride(1) == 1
     _slice_kernel[_grid(N, C, block_c)](src, offsets, weights, post if post is not None else values, out, N, C, D1,
-                                        float(lattice.alpha), HAS_SCALE=post is not None, BLOCK_ROWS=BLOCK_ROWS,
-                                        BLOCK_C=block_c)
+                                        float(lattice.alpha), out.stride(0), HAS_SCALE=post is not None,
+                                        BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=block_c)
     return out
 
 
@@ -166,9 +211,9 @@ class NormalisedFilter:
         pre, post = reference._normalisers(lattice_filter(ones, self.lattice), normalization)
         self.pre, self.post = pre.reshape(-1).contiguous(), post.reshape(-1).contiguous()
 
-    def __call__(self, values, transpose=False):
+    def __call__(self, values, transpose=False, out=None):
         pre, post = (self.post, self.pre) if transpose else (self.pre, self.post)
-        return lattice_filter(values, self.lattice, transpose=transpose, pre=pre, post=post)
+        return lattice_filter(values, self.lattice, transpose=transpose, pre=pre, post=post, out=out)
 
 
 def to_rows(x):
@@ -200,20 +245,25 @@ def mean_field(unary, features, compats, normalizations, iterations, init=None, 
     """Mean field as the reference's, on the whole batch: energies unary_scale * unary (B, L, *),
     per kernel features (B or 1, D, *), (L, L) compatibilities, normalisation codes; optional
     init (B, L, *). Returns Q (B, L, *) float32, or every iterate (iterations + 1, B, L, *)."""
-    B = unary.shape[0]
+    B, L = unary.shape[:2]
     filters = filters if filters is not None else build_filters(features, B, normalizations)
     U = to_rows(unary)
-    if unary_scale != 1.0:
-        U = U * unary_scale
-    # energy += F(Q) @ Cs^T, Cs the symmetrised compatibility.
-    mixing = [(0.5 * (c + c.t())).t().to(torch.float32).contiguous() for c in compats]
-    Q = torch.softmax(-U, 1) if init is None else to_rows(init)
+    # energy = s U + sum_m F_m(Q) @ Cs_m^T, Cs the symmetrised compatibility: the kernels' filters
+    # are sliced side by side into one (B*N, K*L) buffer and mixed by the stacked Cs_m^T at once.
+    mix = torch.cat([(0.5 * (c + c.t())).t().to(torch.float32) for c in compats] or [U.new_zeros(0, L)])
+    Q = torch.softmax(U * -unary_scale, 1) if init is None else to_rows(init)
+    filtered = U.new_empty(U.shape[0], len(filters) * L)
     history = [Q]
     for _ in range(iterations):
-        energy = U.clone()
-        for kernel_filter, mix in zip(filters, mixing):
-            energy.addmm_(kernel_filter(Q), mix)
-        Q = torch.softmax(energy.neg_(), 1)
+        for m, kernel_filter in enumerate(filters):
+            kernel_filter(Q, out=filtered[:, m * L:(m + 1) * L])
+        Q = torch.empty_like(U)
+        if filters:
+            _mix_softmax_kernel[(triton.cdiv(U.shape[0], BLOCK_ROWS),)](
+                filtered, mix, U, Q, U.shape[0], filtered.shape[1], L, float(unary_scale), BLOCK_ROWS=BLOCK_ROWS,
+                BLOCK_K=32, BLOCK_L=32)
+        else:
+            Q = torch.softmax(U * -unary_scale, 1)
         history.append(Q)
     if iterates:
         return torch.stack([from_rows(q, unary.shape) for q in history])

@@ -323,3 +323,12 @@ def test_torch_compile_training_step(checkpoint):
         results.append((loss.detach(), x.grad, crf.compat.grad.clone(), crf.gaussian_weight.grad.clone()))
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", _device_params())
+def test_no_kernel_is_softmax(device, request):
+    # With both kernels off mean field never moves: Q = softmax(scores) for logits.
+    _poison_on_cpu(device, request)
+    scores = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(16))
+    q = fastseg.dense_crf(scores.to(device), None, gaussian=None, bilateral=None, iterations=2, backend="triton")
+    assert relative_error(q.cpu(), torch.softmax(scores.double(), 1)) <= 1e-6
