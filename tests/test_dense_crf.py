@@ -214,6 +214,20 @@ def test_cpp_matches_reference_lattice(C, compat, normalization):
     assert (out - ref).abs().mean() <= 1e-5
 
 
+@pytest.mark.parametrize("L", [2, 5, 8, 9, 21, 64, 65, 72, 100, 131])
+def test_cpp_every_label_row_width(L, poison):
+    # Each label-row width has its own code path (4, 8, multiples of 8 up to 64, and the generic
+    # heap-backed one above); rows over 64 labels once crashed intermittently (misaligned heap rows).
+    H, W, B = 7, 5, 3
+    logits = _smooth_logits(L, H, W, seed=L, batch=B)
+    image = torch.stack([_random_image(H, W, seed=s) for s in range(B)])
+    ref = fastseg.dense_crf(logits, image, iterations=3, backend="reference")
+    for _ in range(3):  # an alignment fault depends on where the allocator puts the rows
+        q = fastseg.dense_crf(logits, image, iterations=3, backend="cpp")
+        assert torch.isfinite(q).all()
+        assert (q - ref).norm() / ref.norm() <= 1e-5
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_backends_agree(backend, device):
     H, W, L, B = 19, 26, 4, 2

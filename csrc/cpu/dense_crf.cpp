@@ -597,12 +597,20 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
   constexpr int P = 2;
   constexpr int kStack = LP > 0 ? LP / W : 1;
   V e_stack[P][kStack], s_stack[kStack], pad_stack[kStack], keep_stack[kStack];
-  std::vector<V> heap(LP > 0 ? 0 : (P + 3) * size_t(nv));
+  // Rows wider than the fixed instantiations live on the heap, 64-byte aligned by hand: a
+  // std::vector<V> of these 32-byte vector-extension values was not reliably 32-byte aligned (the
+  // AVX2 clone's aligned stores then faulted, intermittently, for L > 64).
+  Buffer<V> heap_buffer;
+  if (LP == 0) {
+    heap_buffer.resize((P + 3) * int64_t(nv));
+    std::memset(static_cast<void*>(heap_buffer.data), 0, sizeof(V) * (P + 3) * size_t(nv));
+  }
+  V* heap = heap_buffer.data;
   V* e[P];
-  for (int q = 0; q < P; ++q) e[q] = LP > 0 ? e_stack[q] : heap.data() + (3 + q) * nv;
-  V* s = LP > 0 ? s_stack : heap.data();
-  V* pad = LP > 0 ? pad_stack : heap.data() + nv;       // +inf on padding lanes, else 0
-  V* keep = LP > 0 ? keep_stack : heap.data() + 2 * nv;  // 0 on padding lanes, else 1
+  for (int q = 0; q < P; ++q) e[q] = LP > 0 ? e_stack[q] : heap + (3 + q) * nv;
+  V* s = LP > 0 ? s_stack : heap;
+  V* pad = LP > 0 ? pad_stack : heap + nv;       // +inf on padding lanes, else 0
+  V* keep = LP > 0 ? keep_stack : heap + 2 * nv;  // 0 on padding lanes, else 1
   for (int v = 0; v < nv; ++v) {
     for (int i = 0; i < W; ++i) {
       pad[v][i] = v * W + i < L ? 0.0f : INFINITY;
