@@ -19,11 +19,12 @@ def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def check_same_dtype_device(op, name, t, x):
-    """``t`` (argument ``name``) must share the dtype and device of the input ``x``."""
+def check_same_dtype_device(op, name, t, x, x_name="x"):
+    """``t`` (argument ``name``) must share the dtype and device of the input ``x`` (argument
+    ``x_name``)."""
     if t.dtype != x.dtype:
-        raise TypeError(f"{op}: {name} has dtype {dtype_name(t.dtype)} but x has dtype {dtype_name(x.dtype)}")
-    check_same_device(op, x=x, **{name: t})
+        raise TypeError(f"{op}: {name} has dtype {dtype_name(t.dtype)} but {x_name} has dtype {dtype_name(x.dtype)}")
+    check_same_device(op, **{x_name: x, name: t})
 
 
 def check_same_device(op, **tensors):

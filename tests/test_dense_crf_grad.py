@@ -269,7 +269,10 @@ def test_opcheck(case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["stored", "checkpoint"])
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "reference"])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "reference", pytest.param("triton", marks=[
+    pytest.mark.triton_interpreter,
+    pytest.mark.skipif(_backends.unavailable_reason("triton", "cpu") is not None,
+                       reason=str(_backends.unavailable_reason("triton", "cpu")))])])
 def test_torch_compile_training_step(backend, checkpoint):
     # fullgraph through AOTAutograd: the backward is traced too (fake kernels, opaque ops).
     B, L, H, W = 2, 3, 8, 7

@@ -297,34 +297,6 @@ def test_image_on_another_device():
         fastseg.dense_crf(scores.cuda(), image, backend="triton")
 
 
-@pytest.mark.slow
-@pytest.mark.triton_interpreter
-@pytest.mark.skipif(_backends.unavailable_reason("triton", "cpu") is not None,
-                    reason=str(_backends.unavailable_reason("triton", "cpu")))
-@pytest.mark.parametrize("checkpoint", [False, True], ids=["stored", "checkpoint"])
-def test_torch_compile_training_step(checkpoint):
-    # The learnable layer on the triton backend, fullgraph through AOTAutograd (opaque custom ops,
-    # fake kernels): the same loss and gradients as eager.
-    B, L, H, W = 2, 3, 5, 4
-    scores, image = _crf_inputs(B, L, H, W, seed=15)
-    target = torch.randint(0, L, (B, H, W), generator=torch.Generator().manual_seed(15))
-    crf = fastseg.nn.DenseCRF(iterations=2, bilateral=dict(sxy=3, srgb=30, compat=5), num_labels=L,
-                              learnable=True, checkpoint=checkpoint, backend="triton")
-
-    def loss_fn(x, img):
-        return torch.nn.functional.nll_loss(torch.log(crf(x * 2, img) + 1e-6), target)
-
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
-        x = scores.clone().requires_grad_()
-        crf.zero_grad()
-        loss = fn(x, image)
-        loss.backward()
-        results.append((loss.detach(), x.grad, crf.compat.grad.clone(), crf.gaussian_weight.grad.clone()))
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
-
-
 @pytest.mark.parametrize("device", _device_params())
 def test_no_kernel_is_softmax(device, request):
     # With both kernels off mean field never moves: Q = softmax(scores) for logits.

@@ -91,21 +91,8 @@ def atrous_conv2d(
     kernel = tuple(weight.shape[2:])
     padding = _padding(padding, kernel, dilation)
     out_hw = atrous_output_size(x.shape[-2:], kernel, stride, padding, dilation)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{OP}: activation must be None or 'relu', got {activation!r}")
-    for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
-        if t is not None:
-            check_tensor(OP, name, t, dtypes=FLOAT_DTYPES)
-            if t.shape != (O,):
-                raise ValueError(f"{OP}: {name} has shape {tuple(t.shape)}, expecting ({O},): one per output channel")
-            check_same_dtype_device(OP, name, t, x)
+    check_epilogue(OP, "x", x, O, out_hw, bias, scale, shift, activation, residual)
     batched = x.dim() == 4
-    if residual is not None:
-        check_tensor(OP, "residual", residual, dtypes=FLOAT_DTYPES)
-        expected = (*x.shape[:-3], O, *out_hw)
-        if residual.shape != expected:
-            raise ValueError(f"{OP}: residual has shape {tuple(residual.shape)}, expecting the output's {expected}")
-        check_same_dtype_device(OP, "residual", residual, x)
     impl = _backends.select(OP, backend, x.device, _IMPLEMENTED)
 
     if bias is not None:  # scale * (conv + bias) + shift = scale * conv + (shift + scale * bias)
@@ -139,6 +126,26 @@ def atrous_output_size(input_hw, kernel_size, stride, padding, dilation):
             f"smaller than the dilated kernel ({', '.join(str(d * (k - 1) + 1) for k, d in zip(kernel_size, dilation))})"
         )
     return size
+
+
+def check_epilogue(op, x_name, x, O, out_hw, bias, scale, shift, activation, residual):
+    """Checks the fused epilogue's arguments (shared by the convolution ops): bias, scale and shift
+    of shape (O,), a residual of the output's shape (batch of ``x``, O, *out_hw), all of ``x``'s
+    dtype and device, and the activation's name."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
+    for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
+        if t is not None:
+            check_tensor(op, name, t, dtypes=FLOAT_DTYPES)
+            if t.shape != (O,):
+                raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expecting ({O},): one per output channel")
+            check_same_dtype_device(op, name, t, x, x_name)
+    if residual is not None:
+        check_tensor(op, "residual", residual, dtypes=FLOAT_DTYPES)
+        expected = (*x.shape[:-3], O, *out_hw)
+        if residual.shape != expected:
+            raise ValueError(f"{op}: residual has shape {tuple(residual.shape)}, expecting the output's {expected}")
+        check_same_dtype_device(op, "residual", residual, x, x_name)
 
 
 def _padding(padding, kernel, dilation):

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from .. import _backends
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, to_pair
+from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype_device, check_tensor, to_pair
 from .._layout import output_memory_format
 from ._reference import unpool as reference_unpool
 from ._reference import unpool_conv as reference
-from .atrous import ACTIVATIONS, _padding, atrous_output_size
+from .atrous import _padding, atrous_output_size, check_epilogue
 from .unpool import _ReferenceMaxUnpool2d, unpool_output_size
 
 __all__ = ["unpool_conv2d"]
@@ -84,9 +84,7 @@ def unpool_conv2d(
     if values.shape[-1] == 0 or values.shape[-2] == 0:
         raise ValueError(f"{OP}: values has an empty spatial dimension: shape {tuple(values.shape)}")
     check_tensor(OP, "weight", weight, ndims=(4,), dtypes=FLOAT_DTYPES)
-    if weight.dtype != values.dtype:
-        raise TypeError(f"{OP}: weight has dtype {str(weight.dtype)[6:]} but values has dtype {str(values.dtype)[6:]}")
-    check_same_device(OP, values=values, weight=weight)
+    check_same_dtype_device(OP, "weight", weight, values, "values")
     C, O = values.shape[-3], weight.shape[0]
     if weight.shape[1] != C:
         raise ValueError(f"{OP}: weight has shape {tuple(weight.shape)}, expecting (O, {C}, kH, kW) for values "
@@ -101,21 +99,8 @@ def unpool_conv2d(
     kernel = tuple(weight.shape[2:])
     padding = _as_op(_padding, padding, kernel, dilation)
     out_hw = _as_op(atrous_output_size, unpooled_hw, kernel, (1, 1), padding, dilation)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{OP}: activation must be None or 'relu', got {activation!r}")
-    for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
-        if t is not None:
-            check_tensor(OP, name, t, dtypes=FLOAT_DTYPES)
-            if t.shape != (O,):
-                raise ValueError(f"{OP}: {name} has shape {tuple(t.shape)}, expecting ({O},): one per output channel")
-            _check_like_values(name, t, values)
+    check_epilogue(OP, "values", values, O, out_hw, bias, scale, shift, activation, residual)
     batched = values.dim() == 4
-    if residual is not None:
-        check_tensor(OP, "residual", residual, dtypes=FLOAT_DTYPES)
-        expected = (*values.shape[:-3], O, *out_hw)
-        if residual.shape != expected:
-            raise ValueError(f"{OP}: residual has shape {tuple(residual.shape)}, expecting the output's {expected}")
-        _check_like_values("residual", residual, values)
     impl = _backends.select(OP, backend, values.device, _IMPLEMENTED)
 
     if bias is not None:  # scale * (conv + bias) + shift = scale * conv + (shift + scale * bias)
@@ -134,13 +119,6 @@ def unpool_conv2d(
     else:
         out = torch.ops.fastseg.unpool_conv2d(*args)
     return out if batched else out.squeeze(0)
-
-
-def _check_like_values(name, t, values):
-    # check_same_dtype_device's messages call the input x; here it is values.
-    if t.dtype != values.dtype:
-        raise TypeError(f"{OP}: {name} has dtype {str(t.dtype)[6:]} but values has dtype {str(values.dtype)[6:]}")
-    check_same_device(OP, values=values, **{name: t})
 
 
 def _as_op(fn, *args):
