@@ -118,6 +118,28 @@ def test_cpp_every_band_split(case, band_rows, layout, poison):
     assert_relative_close(out, _expected(pr, case, torch.float64), torch.float64)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", [(2, 384, 384, 11, 14, 2, 2, 0, 3, "same", 1), (1, 384, 352, 9, 8, 2, 2, 0, 3, "same", 2)],
+                         ids=["384ch-odd", "384to352-dil2"])
+def test_cpp_wide_layer_route(case, layout, poison):
+    """Weights over 4 MiB take the unpool-then-atrous-conv route; forced bands give the same result."""
+    pr = _problem(case, seed=2)
+    B, C, O, H, W, pk, ps, pp, k, p, d = case
+    assert pr["w"].to(torch.float32).nbytes > 4 << 20
+    pr["bias"] = torch.zeros_like(pr["bias"])
+    expected = _expected(pr, case, torch.float32)
+    for band_rows in (0, 3):  # 0: auto (unpool + atrous_conv2d here); 3: bands
+        out = torch.ops.fastseg.unpool_conv2d(
+            *(_layout(pr[n].float() if pr[n].is_floating_point() else pr[n], layout) for n in ("values", "indices")),
+            pr["w"].float(), pr["scale"].float(), pr["shift"].float(), _layout(pr["residual"].float(), layout),
+            list(_pair(pk)), list(_pair(ps)), list(_pair(pp)), [H, W], list(_conv_padding(case)), list(_pair(d)),
+            True, band_rows,
+        )
+        assert_relative_close(out, expected, torch.float32)
+        if layout == "channels_last":
+            assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def _scrambled_indices(values, H, W, seed):
     """Indices anywhere in the plane, many repeated: max_unpool2d's later-entry-wins semantics."""
     gen = torch.Generator().manual_seed(seed)

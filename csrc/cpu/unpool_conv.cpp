@@ -7,7 +7,9 @@
 // rows where the band reaches into the padding) are built in a small channels_last buffer from the
 // pooled values and their indices, convolved by at::convolution (oneDNN), and the epilogue writes
 // the band's result into the output once. The unpooled map never exists in full: peak memory is the
-// output plus one band (input and convolution) per thread.
+// output plus one band (input and convolution) per thread. Layers whose weights exceed 4 MiB (512
+// channels) instead unpool and convolve whole (see unpool_conv2d_cpu: there the weights, not the
+// small map, dominate the traffic).
 //
 // The bands run in one parallel region, each thread taking the next band and doing all of its
 // steps, with oneDNN single-threaded inside: measured on this 2-core VM under load, that was
@@ -21,6 +23,7 @@
 // (zero-fill and scatter in flat order, the later of two entries winning, like max_unpool2d), then
 // one convolution and the same epilogue.
 #include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -41,6 +44,8 @@ namespace {
 // 32-row bands were within ~15% of each other at 64-256 channels, all ahead of eager.
 constexpr int64_t kBandBytes = 1 << 20;
 constexpr int64_t kMinBandRows = 4;
+// Weights above this size go through the whole-map route (see unpool_conv2d_cpu).
+constexpr int64_t kWholeMapWeightBytes = 4 << 20;
 
 struct UnpoolConvGeometry {
   UnpoolGeometry pool;  // pooled h x w (pool.H, pool.W) -> unpooled H x W (pool.Ho, pool.Wo)
@@ -314,8 +319,6 @@ at::Tensor unpool_conv2d_cpu(const at::Tensor& values, const at::Tensor& indices
   const at::Tensor sc = scale.has_value() ? scale->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor sh = shift.has_value() ? shift->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor res = residual.has_value() ? residual->contiguous(format) : at::Tensor();
-  // In the bands' memory format: at::convolution would otherwise copy it to that format per band.
-  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
 
   UnpoolStatus status = kInWindow;
   if (x.numel() > 0) {
@@ -328,6 +331,30 @@ at::Tensor unpool_conv2d_cpu(const at::Tensor& values, const at::Tensor& indices
   // Bands (and their convolutions) are channels_last for either input format: oneDNN's fast layout
   // (an NCHW float32 convolution took 2-4x as long here); the epilogue writes the output's format.
   const auto band_options = values.options().memory_format(at::MemoryFormat::ChannelsLast);
+  // Wide layers run fastseg's max_unpool2d and then its atrous_conv2d (one multithreaded
+  // convolution in the input's layout, the same fused epilogue) instead of bands: each band's
+  // convolution streams all of the weights, and with 9 MiB of them (512 x 512 x 3 x 3) that cost
+  // more than the map's round trip saves. Measured on the idle 2-core VM, bands against this route:
+  // 0.88-0.95x at 512 channels, 1.05-1.36x at 64-256 channels (weights at most 2.25 MiB). At 512
+  // channels SegNet's maps are small (5.3 MiB at 45x60); where they are large the bands stay.
+  // band_rows > 0 forces bands (tests).
+  if (status == kInWindow && band_rows == 0 && weight.nbytes() > kWholeMapWeightBytes) {
+    static auto unpool_op = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("fastseg::max_unpool2d", "")
+                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                                  at::IntArrayRef, at::IntArrayRef, c10::SymIntArrayRef)>();
+    static auto conv_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("fastseg::atrous_conv2d", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                              at::IntArrayRef, at::IntArrayRef, int64_t, bool, c10::string_view)>();
+    at::Tensor unpooled = unpool_op.call(x, idx, kernel_size, stride, pool_padding, output_size);
+    return conv_op.call(unpooled, weight.contiguous(format), scale, shift, residual, {1, 1}, padding, dilation, 1,
+                        relu, "auto");
+  }
+  // In the bands' memory format: at::convolution would otherwise copy it to that format per band.
+  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
   if (status == kOutOfWindow) {
     at::Tensor unpooled = at::empty({g.B, g.C, H, W}, band_options);
     dispatch_by_element_size(x.element_size(), [&](auto tag) {
