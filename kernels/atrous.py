@@ -108,6 +108,13 @@ def _atrous_conv_kernel(
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def output_strides(fmt, O, Ho, Wo):
+    """(batch, channel, pixel) element strides of a (B, O, Ho, Wo) output in memory format fmt."""
+    if fmt == torch.channels_last:
+        return O * Ho * Wo, 1, O
+    return O * Ho * Wo, Ho * Wo, 1
+
+
 def atrous_conv2d(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
     """Launcher: input (B, C, H, W), weight (O, C / groups, kH, kW) -> (B, O, Ho, Wo) in input's
     memory format; scale/shift (O) or None, residual (B, O, Ho, Wo) or None."""
@@ -124,10 +131,7 @@ def atrous_conv2d(input, weight, scale, shift, residual, stride, padding, dilati
     x = input.contiguous(memory_format=torch.channels_last)  # NHWC: a pixel's channels are a K row
     w = weight.permute(2, 3, 1, 0).contiguous()  # (kH, kW, Cg, O)
     res = residual.contiguous(memory_format=fmt) if residual is not None else out
-    if fmt == torch.channels_last:
-        out_sb, out_so, out_sp = O * Ho * Wo, 1, O
-    else:
-        out_sb, out_so, out_sp = O * Ho * Wo, Ho * Wo, 1
+    out_sb, out_so, out_sp = output_strides(fmt, O, Ho, Wo)
     Og = O // groups
     dummy = out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Og, meta["BLOCK_N"]), groups)

@@ -41,3 +41,13 @@ def assert_relative_close(out, ref, dtype, tolerance=None):
     tolerance = RELATIVE_TOLERANCE[dtype] if tolerance is None else tolerance
     error = relative_error(out, ref)
     assert error <= tolerance, f"relative error {error:.3g} > {tolerance:.3g} ({dtype})"
+
+
+def skip_if_interpreter_lacks(backend, device, dtype, case=None, cases=(), interpreter_cases=()):
+    """Triton on the CPU runs under the (slow) interpreter: float32/bfloat16 only, and only the
+    cases an op's test lists in ``interpreter_cases`` (indices into ``cases``)."""
+    if backend == "triton" and device == "cpu":
+        if dtype in (torch.float16, torch.float64):
+            pytest.skip("float16/float64 run on the GPU; the interpreter covers float32 and bfloat16")
+        if case is not None and cases.index(case) not in interpreter_cases:
+            pytest.skip("a case left to the GPU run (the interpreter is slow)")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastseg
-from common import assert_relative_close, backend_params
+from common import assert_relative_close, backend_params, skip_if_interpreter_lacks
 
 BACKENDS = backend_params(("reference", "cpp", "triton"))
 COMPILED = [p for p in BACKENDS if p.values[0] != "reference"]
@@ -64,11 +64,7 @@ def _tolerance(backend, dtype):
 
 
 def _skip_unsupported(backend, device, dtype, case=None):
-    if backend == "triton" and device == "cpu":
-        if dtype in (torch.float16, torch.float64):
-            pytest.skip("float16/float64 run on the GPU; the interpreter covers float32 and bfloat16")
-        if case is not None and CASES.index(case) not in INTERPRETER_CASES:
-            pytest.skip("a case left to the GPU run (the interpreter is slow)")
+    skip_if_interpreter_lacks(backend, device, dtype, case, CASES, INTERPRETER_CASES)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

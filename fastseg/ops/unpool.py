@@ -20,6 +20,19 @@ __all__ = ["max_unpool2d", "unpool_output_size"]
 OP = "max_unpool2d"
 
 
+
+def check_pooled(op, name, values, indices):
+    """Pooled values (argument ``name``: (B, C, h, w) or (C, h, w) float, non-empty plane) and
+    their int64 indices of the same shape and device, as max_pool2d(return_indices=True) gives them."""
+    check_tensor(op, name, values, ndims=(3, 4), dtypes=FLOAT_DTYPES)
+    check_tensor(op, "indices", indices, dtypes=(torch.int64,))
+    if indices.shape != values.shape:
+        raise ValueError(f"{op}: indices has shape {tuple(indices.shape)} but {name} has shape {tuple(values.shape)}")
+    check_same_device(op, **{name: values, "indices": indices})
+    if values.shape[-1] == 0 or values.shape[-2] == 0:
+        raise ValueError(f"{op}: {name} has an empty spatial dimension: shape {tuple(values.shape)}")
+
+
 def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None, *, backend="auto"):
     """Inverse of ``max_pool2d``: scatter ``input`` to the positions in ``indices``, zeros elsewhere.
 
@@ -47,13 +60,7 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
         >>> fastseg.max_unpool2d(pooled, idx, 2).shape
         torch.Size([1, 64, 32, 32])
     """
-    check_tensor(OP, "input", input, ndims=(3, 4), dtypes=FLOAT_DTYPES)
-    check_tensor(OP, "indices", indices, dtypes=(torch.int64,))
-    if indices.shape != input.shape:
-        raise ValueError(f"{OP}: indices has shape {tuple(indices.shape)} but input has shape {tuple(input.shape)}")
-    check_same_device(OP, input=input, indices=indices)
-    if input.shape[-1] == 0 or input.shape[-2] == 0:
-        raise ValueError(f"{OP}: input has an empty spatial dimension: shape {tuple(input.shape)}")
+    check_pooled(OP, "input", input, indices)
     kernel_size = to_pair(OP, "kernel_size", kernel_size, minimum=1)
     stride = kernel_size if stride is None else to_pair(OP, "stride", stride, minimum=1)
     padding = to_pair(OP, "padding", padding, minimum=0)

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from .. import _backends
-from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype_device, check_tensor, to_pair
+from .._checks import FLOAT_DTYPES, check_same_dtype_device, check_tensor, to_pair
 from .._layout import output_memory_format
 from ._reference import unpool as reference_unpool
 from ._reference import unpool_conv as reference
 from .atrous import _padding, atrous_output_size, check_epilogue
-from .unpool import _ReferenceMaxUnpool2d, unpool_output_size
+from .unpool import _ReferenceMaxUnpool2d, check_pooled, unpool_output_size
 
 __all__ = ["unpool_conv2d"]
 
@@ -76,13 +76,7 @@ def unpool_conv2d(
         >>> y = fastseg.unpool_conv2d(pooled, idx, w, kernel_size=2, output_size=x.shape,
         ...                           activation='relu')   # (1, 64, 45, 61)
     """
-    check_tensor(OP, "values", values, ndims=(3, 4), dtypes=FLOAT_DTYPES)
-    check_tensor(OP, "indices", indices, dtypes=(torch.int64,))
-    if indices.shape != values.shape:
-        raise ValueError(f"{OP}: indices has shape {tuple(indices.shape)} but values has shape {tuple(values.shape)}")
-    check_same_device(OP, values=values, indices=indices)
-    if values.shape[-1] == 0 or values.shape[-2] == 0:
-        raise ValueError(f"{OP}: values has an empty spatial dimension: shape {tuple(values.shape)}")
+    check_pooled(OP, "values", values, indices)
     check_tensor(OP, "weight", weight, ndims=(4,), dtypes=FLOAT_DTYPES)
     check_same_dtype_device(OP, "weight", weight, values, "values")
     C, O = values.shape[-3], weight.shape[0]
