@@ -573,12 +573,13 @@ struct PassArgs {
   const PassKernel* k;
   const float* unary;    // N x lanes energies, in pass order
   const float* init;     // L planes of N: Q to start from (first pass only), or null
-  float* out;            // L planes of N: where the last pass writes Q, or null
+  float* out;            // L planes of N: where this pass writes Q, or null
+  bool splat;            // whether this pass splats Q (every pass but the last)
   const int64_t* order;  // pass position -> pixel of init and out (null: the same)
 };
 
 // Pixels [p0, p1) of one pass: E = U + sum_k C_k (post_k * slice_k), Q = softmax(-E), then Q is
-// splatted (scaled by pre_k) into chunk `chunk`'s buffers, or written out on the last pass. LP is
+// splatted (scaled by pre_k) into chunk `chunk`'s buffers and/or written out. LP is
 // the row width when it is one of the compiled ones, 0 for a wider row (then `a.lanes`).
 template <int LP_>
 FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t p0, int64_t p1) {
@@ -619,7 +620,7 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
   }
   const bool slice = a.kernels > 0 && a.k[0].sliced != nullptr;
   const bool from_init = a.init != nullptr && !slice;
-  const bool splat = a.out == nullptr;
+  const bool splat = a.splat;
   for (int64_t p = p0; p < p1; p += P) {
     const int np = int(std::min<int64_t>(P, p1 - p));
     if (p + kPrefetchAhead + P <= p1) {
@@ -713,8 +714,8 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
       if (a.out != nullptr) {
         const int64_t pixel = a.order ? a.order[pq] : pq;
         for (int l = 0; l < L; ++l) a.out[int64_t(l) * a.N + pixel] = eq[l / W][l % W];
-        continue;
       }
+      if (!splat) continue;
       for (int k = 0; k < a.kernels; ++k) {
         const PassKernel& K = a.k[k];
         float* buffer = K.splat[chunk];
@@ -1073,11 +1074,10 @@ void gather_and_blur_kernels(std::vector<KernelState>& states, int K, std::vecto
   for (int k = 0; k < K; ++k) pass[k].sliced = src[k];
 }
 
-void mean_field_image(const float* unary, float unary_scale, const float* init, float* out, int64_t N, int L,
-                      std::vector<KernelSpec>& specs, int64_t iterations,
-                      std::vector<KernelState>& states, Buffer<float>& unary_rows, const int64_t* order) {
-  const int64_t chunks = pixel_chunks(N);
-  const int lanes = int(lanes_for_labels(L));
+// Builds every kernel's lattice (pixel i of the lattice is pixel order[i], or i) and normalisers,
+// and sizes its buffers for label rows of `lanes`.
+void prepare_kernels(std::vector<KernelState>& states, const std::vector<KernelSpec>& specs, int64_t N,
+                     int64_t chunks, int lanes, const int64_t* order) {
   const int K = int(specs.size());
   states.resize(K);
   for (int k = 0; k < K; ++k) {
@@ -1086,6 +1086,16 @@ void mean_field_image(const float* unary, float unary_scale, const float* init, 
                 states[k].norm_buffers);
     states[k].buffers.allocate(states[k].lattice, lanes, chunks);
   }
+}
+
+// Mean field on prepared kernels. Writes the last Q to out or, with out_stride > 0, every Q_t
+// (t = 0 .. iterations) to out + t * out_stride.
+void run_mean_field(const float* unary, float unary_scale, const float* init, float* out, int64_t out_stride,
+                    int64_t N, int L, const std::vector<KernelSpec>& specs, int64_t iterations,
+                    std::vector<KernelState>& states, Buffer<float>& unary_rows, const int64_t* order,
+                    int64_t chunks) {
+  const int lanes = int(lanes_for_labels(L));
+  const int K = int(specs.size());
   // Unary energies as rows of `lanes` (padding 0; the softmax ignores it). unary_scale -1 makes
   // logits energies: -logits differs from -log_softmax(logits) by a per-pixel constant, which no
   // softmax sees.
@@ -1105,23 +1115,38 @@ void mean_field_image(const float* unary, float unary_scale, const float* init, 
                          s.post.data, nullptr, s.buffers.splat_ptrs.data(), specs[k].diagonal,
                          specs[k].compat.data()};
   }
-  PassArgs args{N, L, lanes, K, pass.data(), unary_rows.data, init, nullptr, order};
-  auto run_pass = [&]() {
+  PassArgs args{N, L, lanes, K, pass.data(), unary_rows.data, init, nullptr, true, order};
+  // Pass t computes Q_t (pass 0: softmax(-U) or init) and splats it for the next, but the last.
+  for (int64_t t = 0; t <= iterations; ++t) {
+    if (t > 0) gather_and_blur_kernels(states, K, pass);
+    args.splat = t < iterations;
+    args.out = out_stride > 0 ? out + t * out_stride : t == iterations ? out : nullptr;
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         run_pixel_pass(args, c, chunk_begin(N, chunks, c), chunk_begin(N, chunks, c + 1));
       }
     });
-  };
-  // Pass 0: Q0 = softmax(-U) (or init), splatted. Then one pass per iteration.
-  if (iterations == 0) args.out = out;
-  run_pass();
-  args.init = nullptr;
-  for (int64_t it = 0; it < iterations; ++it) {
-    gather_and_blur_kernels(states, K, pass);
-    if (it == iterations - 1) args.out = out;
-    run_pass();
+    args.init = nullptr;
   }
+}
+
+// out = F_n(values) (or its transpose) on a prepared kernel, for C planes of N values.
+void filter_planes(KernelState& s, const float* values, int C, bool transpose, float* out) {
+  const Lattice& lat = s.lattice;
+  const int64_t N = lat.N, chunks = s.buffers.chunks;
+  const int lanes = int(s.buffers.lanes);
+  const float* splat_scale = transpose ? s.post.data : s.pre.data;
+  const float* slice_scale = transpose ? s.pre.data : s.post.data;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      run_splat_pixels(lat, values, splat_scale, lanes, C, s.buffers.splat_ptrs[c], chunk_begin(N, chunks, c),
+                       chunk_begin(N, chunks, c + 1));
+    }
+  });
+  const float* blurred = s.buffers.gather_and_blur(lat, transpose);
+  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+    run_slice_pixels(lat, blurred, slice_scale, lanes, C, out, begin, end);
+  });
 }
 
 std::vector<KernelSpec> kernel_specs(const at::TensorList features, const at::TensorList compat,
@@ -1201,12 +1226,16 @@ auto rethrow_bad_alloc(const char* what, int64_t N, F&& f) {
   }
 }
 
-at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
-                         at::IntArrayRef normalization, int64_t iterations,
-                         const std::optional<at::Tensor>& init, double unary_scale) {
+// Mean field over the batch: Q_T as (B, L, H, W), or with every_iterate Q_0 .. Q_T as
+// (T + 1, B, L, H, W).
+at::Tensor mean_field_batch(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
+                            at::IntArrayRef normalization, int64_t iterations,
+                            const std::optional<at::Tensor>& init, double unary_scale, bool every_iterate) {
   check_dense_crf_args(unary, features, compat, normalization, iterations, init);
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2) * unary.size(3);
-  at::Tensor out = at::empty(unary.sizes(), unary.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<int64_t> sizes(unary.sizes().begin(), unary.sizes().end());
+  if (every_iterate) sizes.insert(sizes.begin(), iterations + 1);
+  at::Tensor out = at::empty(sizes, unary.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   advise_huge_pages(out);
   const at::Tensor U = unary.contiguous();
@@ -1216,6 +1245,7 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::T
   const std::vector<KernelSpec> prototype = kernel_specs(features, compat, normalization, L);
   static thread_local PixelOrder pixel_order;
   const int64_t* order = tile_order(pixel_order, unary.size(2), unary.size(3));
+  const int64_t out_stride = every_iterate ? B * L * N : 0;
 
   auto image = [&](int64_t b, std::vector<KernelState>& states, Buffer<float>& rows) {
     std::vector<KernelSpec> specs = prototype;
@@ -1223,9 +1253,12 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::T
       const int64_t fb = feats[k].size(0) == 1 ? 0 : b;
       specs[k].features = feats[k].const_data_ptr<float>() + fb * feats[k].size(1) * N;
     }
-    mean_field_image(U.const_data_ptr<float>() + b * L * N, float(unary_scale),
-                     Q0.defined() ? Q0.const_data_ptr<float>() + b * L * N : nullptr,
-                     out.mutable_data_ptr<float>() + b * L * N, N, int(L), specs, iterations, states, rows, order);
+    const int64_t chunks = pixel_chunks(N);
+    prepare_kernels(states, specs, N, chunks, int(lanes_for_labels(L)), order);
+    run_mean_field(U.const_data_ptr<float>() + b * L * N, float(unary_scale),
+                   Q0.defined() ? Q0.const_data_ptr<float>() + b * L * N : nullptr,
+                   out.mutable_data_ptr<float>() + b * L * N, out_stride, N, int(L), specs, iterations, states,
+                   rows, order, chunks);
   };
   rethrow_bad_alloc("running dense_crf", N, [&] {
     const int threads = at::get_num_threads();
@@ -1244,6 +1277,127 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::T
     if (N > kKeepWorkspacePixels) pixel_order = PixelOrder();
     return 0;
   });
+  return out;
+}
+
+at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
+                         at::IntArrayRef normalization, int64_t iterations,
+                         const std::optional<at::Tensor>& init, double unary_scale) {
+  return mean_field_batch(unary, features, compat, normalization, iterations, init, unary_scale, false);
+}
+
+at::Tensor dense_crf_iterates_cpu(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
+                                  at::IntArrayRef normalization, int64_t iterations,
+                                  const std::optional<at::Tensor>& init, double unary_scale) {
+  return mean_field_batch(unary, features, compat, normalization, iterations, init, unary_scale, true);
+}
+
+// The gradients of Q_T (or of every iterate) with respect to the unary, init and each compat,
+// image by image on lattices built once. Per kernel m, Cs_m = (C_m + C_m^T) / 2 and F_m its
+// normalised filter, the forward is
+//   Q_0 = softmax(-s U) (or init);  E_t = s U + sum_m Cs_m F_m(Q_{t-1});  Q_t = softmax(-E_t),
+// and the reverse sweep, t = T .. 1, from gQ_T (plus whatever reaches an iterate directly):
+//   gE_t = Q_t * (<gQ_t, Q_t> - gQ_t);  R_m = F_m^T(gE_t);
+//   gQ_{t-1} += Cs_m R_m;  gCs_m += R_m Q_{t-1}^T;  gU += s gE_t;
+// then gU += s gE_0 through softmax(-s U), or g_init = gQ_0. `grad` and `iterates` are
+// (T + 1, B, L, H, W), or (1, B, L, H, W) for Q_T alone: the earlier iterates are then
+// recomputed on the same lattices (checkpointing). Returns [grad unary, grad init (empty without
+// init), grad compat per kernel (symmetric)].
+std::vector<at::Tensor> dense_crf_backward_cpu(const at::Tensor& grad, const at::Tensor& iterates,
+                                               const at::Tensor& unary, at::TensorList features,
+                                               at::TensorList compat, at::IntArrayRef normalization,
+                                               int64_t iterations, const std::optional<at::Tensor>& init,
+                                               double unary_scale) {
+  check_dense_crf_args(unary, features, compat, normalization, iterations, init);
+  const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2) * unary.size(3);
+  const int64_t T = iterations, K = int64_t(features.size());
+  const bool recompute = iterates.size(0) == 1 && T > 0;
+  TORCH_CHECK_VALUE(iterates.dim() == 5 && (iterates.size(0) == T + 1 || iterates.size(0) == 1) &&
+                        iterates.sizes().slice(1) == unary.sizes() && grad.sizes() == iterates.sizes(),
+                    "dense_crf_backward: grad and iterates must both be (iterations + 1 or 1, B, L, H, W) with "
+                    "(B, L, H, W) of unary ", unary.sizes(), ", got ", grad.sizes(), " and ", iterates.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == at::kFloat && iterates.scalar_type() == at::kFloat,
+                   "dense_crf_backward: grad and iterates must be float32");
+  const at::Tensor G = grad.contiguous(), Q = iterates.contiguous(), U = unary.contiguous();
+  // The kernels side by side, so that each step is two GEMMs whatever K: gQ_{t-1} += [Cs_1 .. Cs_K]
+  // [R_1; ..; R_K] and [gCs_1; ..; gCs_K] += [R_1; ..; R_K] Q_{t-1}^T (each reads Q and R once).
+  std::vector<at::Tensor> feats, sym;
+  for (int64_t k = 0; k < K; ++k) {
+    feats.push_back(features[k].contiguous());
+    const at::Tensor c = compat[k].to(at::kFloat);
+    sym.push_back(0.5 * (c + c.t()));
+  }
+  const at::Tensor sym_row = K > 0 ? at::cat(sym, 1) : at::Tensor();  // L x K L
+  at::Tensor grad_unary = at::empty_like(U);
+  at::Tensor grad_init = init.has_value() ? at::empty_like(U) : at::empty({0}, U.options());
+  at::Tensor grad_sym = at::zeros({K * L, L}, U.options());
+  if (N == 0 || B == 0 || L == 0) {
+    grad_unary.zero_();
+    grad_init.zero_();
+  } else {
+    const std::vector<KernelSpec> prototype = kernel_specs(features, compat, normalization, L);
+    const int64_t chunks = pixel_chunks(N);
+    rethrow_bad_alloc("in the dense_crf backward", N, [&] {
+      Workspace& ws = thread_workspace();
+      at::Tensor recomputed = recompute ? at::empty({T, L, N}, U.options()) : at::Tensor();
+      const at::Tensor Q0 = init.has_value() ? init->contiguous() : at::Tensor();
+      at::Tensor filtered = at::empty({K * L, N}, U.options());
+      for (int64_t b = 0; b < B; ++b) {
+        std::vector<KernelSpec> specs = prototype;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t fb = feats[k].size(0) == 1 ? 0 : b;
+          specs[k].features = feats[k].const_data_ptr<float>() + fb * feats[k].size(1) * N;
+        }
+        // Lattices in raster order: the transposed filter reads and writes planes.
+        prepare_kernels(ws.states, specs, N, chunks, int(lanes_for_labels(L)), nullptr);
+        if (recompute) {
+          run_mean_field(U.const_data_ptr<float>() + b * L * N, float(unary_scale),
+                         Q0.defined() ? Q0.const_data_ptr<float>() + b * L * N : nullptr,
+                         recomputed.mutable_data_ptr<float>(), L * N, N, int(L), specs, T - 1, ws.states, ws.rows,
+                         nullptr, chunks);
+        }
+        auto q = [&](int64_t t) {
+          return recompute && t < T ? recomputed[t] : Q.select(0, recompute ? 0 : t).select(0, b).view({L, N});
+        };
+        auto g = [&](int64_t t) {  // the gradient reaching Q_t directly, if any
+          if (recompute && t < T) return at::Tensor();
+          return G.select(0, recompute ? 0 : t).select(0, b).view({L, N});
+        };
+        at::Tensor grad_q = g(T).clone();
+        at::Tensor grad_energy_sum = grad_unary.select(0, b).view({L, N}).zero_();
+        for (int64_t t = T; t >= 1; --t) {
+          const at::Tensor qt = q(t);
+          const at::Tensor grad_energy = qt * ((grad_q * qt).sum(0, true) - grad_q);
+          grad_energy_sum += grad_energy;
+          const at::Tensor direct = g(t - 1);
+          if (K == 0) {
+            grad_q = direct.defined() ? direct.clone() : at::zeros({L, N}, U.options());
+            continue;
+          }
+          for (int64_t k = 0; k < K; ++k) {
+            filter_planes(ws.states[k], grad_energy.const_data_ptr<float>(), int(L), true,
+                          filtered.mutable_data_ptr<float>() + k * L * N);
+          }
+          grad_q = direct.defined() ? at::addmm(direct, sym_row, filtered) : at::mm(sym_row, filtered);
+          grad_sym.addmm_(filtered, q(t - 1).t());
+        }
+        if (init.has_value()) {
+          grad_init.select(0, b).view({L, N}).copy_(grad_q);
+        } else {
+          const at::Tensor q0 = q(0);
+          grad_energy_sum += q0 * ((grad_q * q0).sum(0, true) - grad_q);
+        }
+        grad_energy_sum.mul_(unary_scale);
+      }
+      if (N > kKeepWorkspacePixels) ws = Workspace();
+      return 0;
+    });
+  }
+  std::vector<at::Tensor> out{grad_unary, grad_init};
+  for (int64_t k = 0; k < K; ++k) {
+    const at::Tensor g = grad_sym.narrow(0, k * L, L);
+    out.push_back(0.5 * (g + g.t()));
+  }
   return out;
 }
 
@@ -1276,29 +1430,15 @@ at::Tensor permutohedral_filter_cpu(const at::Tensor& values, const at::Tensor& 
   const int d = int(f.size(1));
   const int lanes = int(C == 1 ? 1 : lanes_for(C));
   rethrow_bad_alloc("filtering", N, [&] {
+    KernelState state;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t chunks = pixel_chunks(N);
-      Lattice lat;
       const int64_t fb = f.size(0) == 1 ? 0 : b;
-      build_lattice(lat, f.const_data_ptr<float>() + fb * d * N, N, d, N, int(chunks));
-      Buffer<float> pre, post;
-      FilterBuffers norm_buffers, buffers;
-      normalisers(lat, normalization, chunks, pre, post, norm_buffers);
-      buffers.allocate(lat, lanes, chunks);
-      const float* vb = v.const_data_ptr<float>() + b * C * N;
-      const float* splat_scale = transpose ? post.data : pre.data;
-      const float* slice_scale = transpose ? pre.data : post.data;
-      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          run_splat_pixels(lat, vb, splat_scale, lanes, int(C), buffers.splat_ptrs[c],
-                           chunk_begin(N, chunks, c), chunk_begin(N, chunks, c + 1));
-        }
-      });
-      const float* blurred = buffers.gather_and_blur(lat, transpose);
-      float* ob = out.mutable_data_ptr<float>() + b * C * N;
-      at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
-        run_slice_pixels(lat, blurred, slice_scale, lanes, int(C), ob, begin, end);
-      });
+      build_lattice(state.lattice, f.const_data_ptr<float>() + fb * d * N, N, d, N, int(chunks));
+      normalisers(state.lattice, normalization, chunks, state.pre, state.post, state.norm_buffers);
+      state.buffers.allocate(state.lattice, lanes, chunks);
+      filter_planes(state, v.const_data_ptr<float>() + b * C * N, int(C), transpose,
+                    out.mutable_data_ptr<float>() + b * C * N);
     }
     return 0;
   });
@@ -1310,6 +1450,8 @@ at::Tensor permutohedral_filter_cpu(const at::Tensor& values, const at::Tensor& 
 TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
   m.impl("dense_crf", &dense_crf_cpu);
   m.impl("permutohedral_filter", &permutohedral_filter_cpu);
+  m.impl("dense_crf_iterates_cpp", &dense_crf_iterates_cpu);
+  m.impl("dense_crf_backward_cpp", &dense_crf_backward_cpu);
 }
 
 }  // namespace fastseg
