@@ -765,8 +765,8 @@ struct ReverseArgs {
 // Pixels [p0, p1) of reverse step t (the forward's pass t, backwards): R_k = pre_k * slice_k of
 // F_k^T(gE_{t+1}); gQ_t = direct + sum_k C_k R_k; gE_t = Q_t * (<gQ_t, Q_t> - gQ_t), added to the
 // unary's gradient and splatted (times post_k) for step t - 1. The R_k and Q_t rows are kept for
-// the compatibilities' gradient sum_p R_k Q_t^T, one GEMM after the pass (accumulating the outer
-// products here, pixel by pixel, measured 4x slower than the rest of the pass together).
+// the compatibilities' gradient sum_p R_k Q_t^T, one GEMM after the pass: accumulating those outer
+// products here, pixel by pixel, took 200 of the backward's 490 ms (500x375, 21 labels, 5 steps).
 template <int LP_>
 FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int64_t p0, int64_t p1) {
   constexpr int LP = LP_ == 1 ? 0 : LP_;
