@@ -83,10 +83,10 @@ def test_dense_crf(bench, case, impl):
 
 # --- backward: forward+backward against the forward alone (issue 4) -------------------------------
 # The learnable layer (CRF-as-RNN) on the same inputs, gradients for the scores, both kernel weights
-# and the shared compatibility: 'forward' is the fused no-grad call; 'forward (grad)' keeps every
-# iterate (one C++ call per iteration, lattices rebuilt each time); '+backward' adds the reverse
-# sweep (one transposed lattice filter per kernel and iteration, lattice rebuilt per call);
-# 'checkpoint' runs the fused forward and recomputes the iterates in backward.
+# and the shared compatibility: 'forward' is the fused no-grad call; 'forward (grad)' the same
+# fused passes keeping every iterate; '+backward' adds the reverse sweep (one C++ call: lattices
+# built once per image, one transposed lattice filter per kernel and iteration); 'checkpoint' keeps
+# only Q_T and recomputes the others in that backward call.
 BACKWARD_CASES = shapes(
     [("500x375 L21 default", 1, 375, 500, 21, 5, DEFAULT)],
     [("smoke", 2, 24, 32, 3, 2, DEFAULT)],

@@ -40,6 +40,16 @@ TORCH_LIBRARY(fastseg, m) {
   m.def(
       "dense_crf(Tensor unary, Tensor[] features, Tensor[] compat, int[] normalization, "
       "int iterations, Tensor? init=None, float unary_scale=1.0) -> Tensor");
+  // dense_crf's every iterate Q_0 .. Q_iterations, (iterations + 1, B, L, H, W), from one call.
+  m.def(
+      "dense_crf_iterates_cpp(Tensor unary, Tensor[] features, Tensor[] compat, int[] normalization, "
+      "int iterations, Tensor? init=None, float unary_scale=1.0) -> Tensor");
+  // dense_crf's reverse sweep on lattices built once per image: grad and iterates are every
+  // iterate's (iterations + 1, B, L, H, W), or Q_T's alone (1, B, L, H, W; the others are then
+  // recomputed). Returns [grad unary, grad init (empty without init), grad compat per kernel].
+  m.def(
+      "dense_crf_backward_cpp(Tensor grad, Tensor iterates, Tensor unary, Tensor[] features, Tensor[] compat, "
+      "int[] normalization, int iterations, Tensor? init, float unary_scale) -> Tensor[]");
   // The normalised permutohedral-lattice Gaussian filter of values (B, C, *) with features
   // (B or 1, D, *): what one dense-CRF kernel applies to Q; transpose applies its exact transpose.
   m.def(

@@ -239,6 +239,55 @@ def test_checkpoint_equals_stored(backend):
         assert relative_error(a, b) <= (1e-12 if backend == "reference" else 1e-6)
 
 
+@needs_cpp
+@pytest.mark.parametrize("init", [False, True], ids=["softmax", "init"])
+@pytest.mark.parametrize("iterations", [0, 1, 4])
+def test_cpp_iterates_are_the_forward_steps(iterations, init, poison):
+    # One C++ call returns every iterate: Q_0 the start, each Q_t one fused step from Q_{t-1}, the
+    # last the plain forward's output (the same lattices, the same arithmetic).
+    B, L, H, W = 2, 5, 37, 41  # 37 x 41: more than one 32 x 32 tile, so the tiled pixel order runs
+    image = _image(H, W, seed=12, B=B)
+    g, b = (f.float() for f in _features(image))
+    unary = _scores(B, L, H, W, seed=12, dtype=torch.float32)
+    compat = [-3 * torch.eye(L), torch.randn(L, L, generator=torch.Generator().manual_seed(12))]
+    q0 = torch.softmax(torch.randn(B, L, H, W), 1) if init else None
+    args = ([g, b], compat, [3, 1])
+    every = torch.ops.fastseg.dense_crf_iterates_cpp(unary, *args, iterations, q0, -1.0)
+    assert every.shape == (iterations + 1, B, L, H, W)
+    expected0 = q0 if init else torch.softmax(unary, 1)
+    assert relative_error(every[0], expected0) <= 1e-6
+    for t in range(1, iterations + 1):
+        step = torch.ops.fastseg.dense_crf(unary, *args, 1, every[t - 1], -1.0)
+        assert relative_error(every[t], step) <= 1e-6, t
+    assert torch.equal(every[-1], torch.ops.fastseg.dense_crf(unary, *args, iterations, q0, -1.0))
+
+
+@needs_cpp
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["stored", "checkpoint"])
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+def test_cpp_gradients_with_init_match_reference(iterations, checkpoint):
+    # The fused C++ backward with a starting Q (the gradient then reaches init, not the unary
+    # through softmax), against the float64 reference's.
+    B, L, H, W = 2, 3, 9, 12
+    image = _image(H, W, seed=13, B=B)
+    g, b = _features(image)
+    unary0 = _scores(B, L, H, W, seed=13)
+    init0 = torch.softmax(_scores(B, L, H, W, seed=14), 1)
+    compat0 = torch.randn(L, L, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    grad = torch.randn(B, L, H, W, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+
+    def run(impl):
+        unary, init, compat = (t.clone().requires_grad_() for t in (unary0, init0, compat0))
+        q = crf_ops.mean_field(unary, [g.float(), b.float()], [-2 * torch.eye(L, dtype=torch.float64), compat],
+                               [3, 2], iterations, init, impl=impl, unary_scale=0.5, checkpoint=checkpoint)
+        q.backward(grad.to(q.dtype))
+        return q.detach(), unary.grad, init.grad, compat.grad
+
+    for name, a, e in zip(("Q", "unary", "init", "compat"), run("cpp"), run("reference")):
+        assert a is not None and e is not None, name
+        assert relative_error(a, e) <= 1e-5, name
+
+
 def _opcheck_cases():
     H, W, L = 6, 5, 3
     g, b = _features(_image(H, W, seed=10))
@@ -251,6 +300,15 @@ def _opcheck_cases():
         "dense_crf-init": ("dense_crf", (U, [b], C[1:], [2], 1, q0, -1.0)),
         "dense_crf_reference": ("dense_crf_reference", (U, [g, b], C, [3, 2], 2, None)),
         "dense_crf_iterates-cpp": ("dense_crf_iterates", (U, [g, b], C, [3, 0], 2, None, -1.0, "cpp")),
+        # The C++ ops behind dense_crf_iterates' cpp backend (that op carries their autograd).
+        "dense_crf_iterates_cpp": ("dense_crf_iterates_cpp", (U.detach(), [g, b], [c.detach() for c in C], [3, 0],
+                                                              2, q0.detach(), 1.0)),
+        "dense_crf_backward_cpp": ("dense_crf_backward_cpp", (
+            torch.randn(3, 1, L, H, W), torch.softmax(torch.randn(3, 1, L, H, W), 2), U.detach(), [g, b],
+            [c.detach() for c in C], [3, 1], 2, None, -1.0)),
+        "dense_crf_backward_cpp-checkpoint-init": ("dense_crf_backward_cpp", (
+            torch.randn(1, 1, L, H, W), torch.softmax(torch.randn(1, 1, L, H, W), 2), U.detach(), [b],
+            [C[1].detach()], [2], 3, q0.detach(), 1.0)),
         "dense_crf_iterates-reference": ("dense_crf_iterates", (U, [g, b], C, [3, 0], 2, q0, 1.0, "reference")),
         "permutohedral_filter": ("permutohedral_filter", (values, b, 1, True)),
         "permutohedral_filter_reference": ("permutohedral_filter_reference", (values, b, 2, True)),
@@ -261,7 +319,7 @@ def _opcheck_cases():
 @pytest.mark.parametrize("case", list(_opcheck_cases()))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
-    uses_cpp = name in ("dense_crf", "permutohedral_filter") or args[-1] == "cpp"
+    uses_cpp = name in ("dense_crf", "permutohedral_filter") or name.endswith("_cpp") or args[-1] == "cpp"
     if uses_cpp and _backends.unavailable_reason("cpp", "cpu") is not None:
         pytest.skip(str(_backends.unavailable_reason("cpp", "cpu")))
     torch.library.opcheck(getattr(torch.ops.fastseg, name).default, args)

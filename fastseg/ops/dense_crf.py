@@ -396,18 +396,8 @@ def _dense_crf_iterates(
         from ..kernels import dense_crf as kernels
 
         return kernels.mean_field(unary, features, compat, normalization, iterations, init, unary_scale, True)
-    # The fused C++ op returns only its last Q, so this takes one call per iteration, each
-    # rebuilding the lattices: iterations x (lattice builds + one pass) instead of builds + passes.
-    out = unary.new_empty((iterations + 1, *unary.shape), dtype=torch.float32)
-    if init is not None:
-        out[0] = init
-    else:
-        out[0] = torch.softmax(unary * -unary_scale, 1)
-    for t in range(1, iterations + 1):
-        # The first step starts from the op's own softmax(-U), as the fused call does.
-        start = out[t - 1] if (t > 1 or init is not None) else None
-        out[t] = torch.ops.fastseg.dense_crf(unary, features, compat, normalization, 1, start, unary_scale)
-    return out
+    return torch.ops.fastseg.dense_crf_iterates_cpp(unary, features, compat, normalization, iterations, init,
+                                                    unary_scale)
 
 
 @torch.library.custom_op("fastseg::dense_crf_triton", mutates_args=())
@@ -503,6 +493,12 @@ if _backends.EXTENSION_LOADED:
     def _fake_permutohedral_filter(values, features, normalization, transpose=False):
         return torch.empty(values.shape, dtype=torch.float32, device=values.device)
 
+    @torch.library.register_fake("fastseg::dense_crf_iterates_cpp")
+    def _fake_dense_crf_iterates_cpp(unary, features, compat, normalization, iterations, init=None, unary_scale=1.0):
+        return torch.empty((iterations + 1, *unary.shape), dtype=torch.float32, device=unary.device)
+
+    torch.library.register_fake("fastseg::dense_crf_backward_cpp")(_fake_dense_crf_backward_triton)
+
 
 # --- autograd: mean field in reverse -------------------------------------------------------------
 #
@@ -514,19 +510,20 @@ if _backends.EXTENSION_LOADED:
 #   gQ_{t-1} += Cs_m^T R_m,  gCs_m += sum over pixels and images of R_m Q_{t-1}^T,  gU += s gE_t,
 # from <gE, Cs F(Q)> = <F^T(Cs^T gE), Q> with F^T acting on pixels and Cs on labels (they commute),
 # so each step needs L channels of F^T, not L^2. Then gU += s gE_0 through Q_0 = softmax(-s U), or
-# g_init = gQ_0. On the reference and cpp backends the lattice is rebuilt by every filter call
-# (T x K builds per backward); the triton backend builds its K lattices once per backward.
+# g_init = gQ_0. The cpp and triton backends run this sweep as one op each (dense_crf_backward_cpp,
+# dense_crf_backward_triton) that builds its K lattices once; on the reference the lattice is
+# rebuilt by every filter call (T x K builds per backward).
 
 
 def _softmax_of_negative_backward(grad, q):
     return q * ((grad * q).sum(1, keepdim=True) - grad)
 
 
-def _mean_field_backward(grad_iterates, iterates, features, compat, normalization, unary_scale, has_init, impl):
-    """Gradients (unary, compat list, init) from (T+1, B, L, H, W) iterates and their gradients
-    (a (T+1, ...) tensor, or a list of T+1 with None where no gradient reaches an iterate)."""
-    transpose_filter = (torch.ops.fastseg.permutohedral_filter_reference if impl == "reference"
-                        else torch.ops.fastseg.permutohedral_filter)
+def _reference_backward(grad_iterates, iterates, features, compat, normalization, unary_scale, has_init):
+    """The reference backend's gradients (unary, compat list, init) from (T+1, B, L, H, W) iterates
+    and their gradients (a (T+1, ...) tensor, or a list of T+1 with None where no gradient reaches
+    an iterate)."""
+    transpose_filter = torch.ops.fastseg.permutohedral_filter_reference
     filters = [functools.partial(lambda g, f, code: transpose_filter(g, f, code, True), f=f, code=code)
                for f, code in zip(features, normalization)]
     return _reverse_sweep(grad_iterates, iterates, filters, compat, unary_scale, has_init)
@@ -576,15 +573,24 @@ def _grads(ctx, grad_unary, grad_compat, grad_init, n_extra=0):
             grad_init if len(needs) > 5 and needs[5] else None, None) + (None,) * n_extra
 
 
-def _triton_grads(ctx, grad, iterates, n_extra=0):
-    # The triton backend's sweep is one op (its lattices built once per backward).
+def _fused_grads(ctx, backward_op, grad, iterates, n_extra=0):
+    # The cpp and triton backends' sweep is one op (its lattices built once per backward).
     unary, init, _, features, compat = _saved(ctx)
     _, normalization, iterations, unary_scale, has_init = ctx.meta
-    grad_unary, grad_init, *grad_compat = torch.ops.fastseg.dense_crf_backward_triton(
+    grad_unary, grad_init, *grad_compat = backward_op(
         grad.contiguous(), iterates.contiguous(), unary, features, compat, normalization, iterations, init,
         unary_scale)
     grad_compat = [g.to(c.dtype) for g, c in zip(grad_compat, compat)]
     return _grads(ctx, grad_unary, grad_compat, grad_init if has_init else None, n_extra)
+
+
+def _backward_op(impl):
+    """The fused reverse-sweep op of a backend, or None (the reference runs the sweep in Python)."""
+    if impl == "triton":
+        return torch.ops.fastseg.dense_crf_backward_triton
+    if impl == "cpp":
+        return torch.ops.fastseg.dense_crf_backward_cpp
+    return None
 
 
 def _make_checkpointed_backward(impl):
@@ -592,8 +598,8 @@ def _make_checkpointed_backward(impl):
         # Only the inputs and Q_T were kept: recompute Q_0 .. Q_{T-1} (held only while this runs).
         unary, init, output, features, compat = _saved(ctx)
         _, normalization, iterations, unary_scale, has_init = ctx.meta
-        if impl == "triton":
-            return _triton_grads(ctx, grad_q.unsqueeze(0), output.unsqueeze(0))
+        if _backward_op(impl) is not None:
+            return _fused_grads(ctx, _backward_op(impl), grad_q.unsqueeze(0), output.unsqueeze(0))
         if iterations > 0:
             iterates = torch.ops.fastseg.dense_crf_iterates(
                 unary, features, compat, normalization, iterations - 1, init, unary_scale, impl)
@@ -601,18 +607,18 @@ def _make_checkpointed_backward(impl):
         else:
             iterates = output.unsqueeze(0)
         grad_iterates = [None] * (iterates.shape[0] - 1) + [grad_q]
-        return _grads(ctx, *_mean_field_backward(grad_iterates, iterates, features, compat, normalization,
-                                                 unary_scale, has_init, impl))
+        return _grads(ctx, *_reference_backward(grad_iterates, iterates, features, compat, normalization,
+                                                unary_scale, has_init))
     return backward
 
 
 def _iterates_backward(ctx, grad_iterates):
     unary, init, iterates, features, compat = _saved(ctx)
-    if ctx.impl == "triton":
-        return _triton_grads(ctx, grad_iterates, iterates, n_extra=1)
+    if _backward_op(ctx.impl) is not None:
+        return _fused_grads(ctx, _backward_op(ctx.impl), grad_iterates, iterates, n_extra=1)
     _, normalization, _, unary_scale, has_init = ctx.meta
-    return _grads(ctx, *_mean_field_backward(grad_iterates, iterates, features, compat, normalization,
-                                             unary_scale, has_init, ctx.impl), n_extra=1)
+    return _grads(ctx, *_reference_backward(grad_iterates, iterates, features, compat, normalization,
+                                            unary_scale, has_init), n_extra=1)
 
 
 def _setup_filter(ctx, inputs, output):
