@@ -284,10 +284,14 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
 
   // The "conv" route: oneDNN's four convolutions, the add in place. It wins where the per-tap products
   // outgrow the input (2 k Cmid > Cin: at 256 channels, 128x128, P is 2.5x the size of x and its
-  // write and shift-add streams cost more than the one shared read of x saves; measured 0.65x eager
-  // there, and 0.45x on a 256 -> 256 block, against 1.1-1.6x on the 2048- and 1024-channel stages;
-  // the 512-channel stage, 2 k Cmid = 630 > 512, measured level with eager either way).
-  const bool use_conv = algorithm == "conv" || (algorithm == "auto" && 2 * k * Cm > Cin);
+  // write and shift-add streams cost more than the one shared read of x saves; measured 0.55x eager
+  // there, and 0.6x on a 256 -> 256 block, against 1.3-1.6x on the 2048- and 1024-channel stages).
+  // On an NCHW input oneDNN also reorders x for each of its two first convolutions, so the GEMM
+  // still wins up to P = 1.5 x (k = 15, Cmid = 21, 64x64, NCHW, benchmarks/interleaved.py gcn, idle:
+  // Cin 512 (P = 1.23 x) 1.24x eager in two runs of three, 1.03x in the other; Cin 448 1.16x; Cin 384
+  // (1.64 x) 0.91x); on channels_last, where oneDNN reads x as it is, the 512-channel stage loses (0.87x).
+  const bool gemm_pays = channels_last ? 2 * k * Cm <= Cin : 2 * 2 * k * Cm <= 3 * Cin;
+  const bool use_conv = algorithm == "conv" || (algorithm == "auto" && !gemm_pays);
   if (use_conv) {
     const int64_t p = dilation * (k - 1) / 2;
     auto conv = [&](const at::Tensor& t, const at::Tensor& w, const std::optional<at::Tensor>& b, bool tall) {

@@ -9,8 +9,8 @@ each branch to memory; here it is one call:
 - CPU (``cpp``): both first convolutions read the same Cin-channel input, so they are ONE GEMM that
   reads x once; the middle maps are shift-and-adds of its per-tap products and the two second
   convolutions accumulate straight into the output. Where the per-tap products would outgrow the
-  input (2 k Cmid > Cin) it runs oneDNN's four convolutions instead (csrc/cpu/gcn.cpp gives the
-  rule and the measurements).
+  input (2 k Cmid > Cin; > 1.5 Cin for NCHW inputs, which oneDNN's convolutions reorder) it runs
+  oneDNN's four convolutions instead (csrc/cpu/gcn.cpp gives the rule and the measurements).
 - GPU (``triton``): four launches of the atrous-convolution implicit-GEMM kernel
   (kernels/atrous.py) with the biases in its fused epilogue, the last one adding the left branch as
   its residual, so the final add makes no pass of its own.

@@ -1,0 +1,103 @@
+"""Side-by-side checks on a shared machine: fastseg and its eager peer called alternately, call by
+call, in one process, so that both see the same load (pytest-benchmark runs each case's rounds back
+to back, and on the 2-core development VM a neighbour's burst can land on one side only). Prints
+medians and the range of the per-round ratios.
+
+    python benchmarks/interleaved.py unpool_conv --rounds 9
+    python benchmarks/interleaved.py gcn --rounds 9        # also the CPU kernel's forced routes
+    python benchmarks/interleaved.py models --rounds 7     # fastseg.models and fastseg.convert
+
+Shapes are those of test_bench_unpool_conv.py, test_bench_gcn.py and test_bench_models.py.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def compare(name, fns, rounds):
+    """fns: {label: callable}, the first being fastseg's; prints each median and speed-up."""
+    times = {label: [] for label in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()  # warm up
+        for _ in range(rounds):
+            for label, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - start)
+    ours, *peers = fns
+    parts = [f"{ours} {statistics.median(times[ours]) * 1e3:.1f} ms"]
+    for peer in peers:
+        ratios = [p / o for o, p in zip(times[ours], times[peer])]
+        parts.append(f"{peer} {statistics.median(times[peer]) * 1e3:.1f} ms "
+                     f"({statistics.median(times[peer]) / statistics.median(times[ours]):.2f}x, "
+                     f"rounds {min(ratios):.2f}-{max(ratios):.2f})")
+    print(f"{name}: " + ", ".join(parts), flush=True)
+
+
+def unpool_conv(rounds):
+    import test_bench_unpool_conv as bench
+
+    for shape in bench.SEGNET_SHAPES:
+        for layout in ("nchw", "channels_last"):
+            t = bench._problem(shape, layout, "cpu", torch.float32)
+            size = shape[2:]
+            compare(f"unpool_conv2d {'x'.join(map(str, shape))} {layout}",
+                    {"fastseg": bench._fn(bench.FASTSEG, t, size, "cpu"),
+                     "eager": bench._fn("torch eager", t, size, "cpu")}, rounds)
+
+
+def gcn(rounds):
+    import test_bench_gcn as bench
+
+    for B, Cin, H, Cm, Co, k in bench.GCN_SHAPES:
+        for layout in ("nchw", "channels_last"):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(B, Cin, H, H, generator=g)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            make = lambda *s: torch.randn(*s, generator=g) / (s[1] * k) ** 0.5  # noqa: E731
+            ws = [make(Cm, Cin, k, 1), make(Co, Cm, 1, k), make(Cm, Cin, 1, k), make(Co, Cm, k, 1)]
+            bs = [torch.randn(n, generator=g) for n in (Cm, Co, Cm, Co)]
+            fns = {"fastseg": lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, "auto"),
+                   "eager": lambda: bench._four_convs(x, *ws, *bs)}
+            for route in ("gemm", "conv"):  # the C++ kernel's two routes, forced
+                fns[f"forced {route}"] = (lambda r: lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, r))(route)
+            compare(f"gcn_conv2d {B}x{Cin}x{H}x{H} ->{Cm}->{Co} k{k} {layout}", fns, rounds)
+
+
+def models(rounds):
+    import test_bench_models as bench
+    from fastseg import models as zoo
+
+    x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+    for name in zoo.list_models():
+        model = bench._model(name, "cpu", False)
+
+        def run(flag, model=model):
+            model.set_use_kernels(flag)
+            return model(x)["out"]
+
+        compare(f"{name} 1x3x512x512", {"fastseg": lambda: run(True), "reference layers": lambda: run(False)}, rounds)
+    for name in bench.ZOO:
+        original, converted = bench._zoo_pair(name, "cpu")
+        compare(f"convert {name} 1x3x512x512", {"fastseg": lambda: converted(x), "original": lambda: original(x)},
+                rounds)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["unpool_conv", "gcn", "models"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    globals()[args.what](args.rounds)
