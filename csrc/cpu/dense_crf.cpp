@@ -554,6 +554,34 @@ FASTSEG_ALWAYS_INLINE void prefetch_row(const float* row, int lanes) {
   __builtin_prefetch(reinterpret_cast<const char*>(row) + lanes * 4 - 1, 1);
 }
 
+// Lattice rows of one pass position (its d1 vertices off[j] with barycentric weights w[j]) and a
+// label row of nv vectors: the slice out = scale * sum_j w_j row_j, and the splat row_j += scale *
+// w_j in. Shared by the forward and reverse passes.
+template <typename V, int W>
+FASTSEG_ALWAYS_INLINE void slice_row(const float* rows, const int32_t* off, const float* w, int d1, float scale,
+                                     int lanes, int nv, V* out) {
+  {
+    const float* row = rows + int64_t(off[0]) * lanes;
+    const float w0 = w[0] * scale;
+    for (int v = 0; v < nv; ++v) out[v] = w0 * vload<V>(row + v * W);
+  }
+  for (int j = 1; j < d1; ++j) {
+    const float* row = rows + int64_t(off[j]) * lanes;
+    const float wj = w[j] * scale;
+    for (int v = 0; v < nv; ++v) out[v] += wj * vload<V>(row + v * W);
+  }
+}
+
+template <typename V, int W>
+FASTSEG_ALWAYS_INLINE void splat_row(float* rows, const int32_t* off, const float* w, int d1, float scale,
+                                     int lanes, int nv, const V* in) {
+  for (int j = 0; j < d1; ++j) {
+    float* row = rows + int64_t(off[j]) * lanes;
+    const float wj = w[j] * scale;
+    for (int v = 0; v < nv; ++v) vstore(row + v * W, vload<V>(row + v * W) + wj * in[v]);
+  }
+}
+
 // One pairwise kernel as a pixel pass sees it.
 struct PassKernel {
   int d1;
@@ -654,17 +682,8 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
       if (!slice) continue;
       for (int k = 0; k < a.kernels; ++k) {
         const PassKernel& K = a.k[k];
-        const int32_t* off = K.offset + pq * K.d1;
-        const float* w = K.weight + pq * K.d1;
-        {
-          const float* row = K.sliced + int64_t(off[0]) * lanes;
-          for (int v = 0; v < nv; ++v) s[v] = w[0] * vload<V>(row + v * W);
-        }
-        for (int j = 1; j < K.d1; ++j) {
-          const float* row = K.sliced + int64_t(off[j]) * lanes;
-          const float wj = w[j];
-          for (int v = 0; v < nv; ++v) s[v] += wj * vload<V>(row + v * W);
-        }
+        // w * 1.0f is exact: the post scale multiplies the sum below instead.
+        slice_row<V, W>(K.sliced, K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, 1.0f, lanes, nv, s);
         const float scale = K.post[pq];
         if (K.diagonal) {
           for (int v = 0; v < nv; ++v) eq[v] += scale * vload<V>(K.compat + v * W) * s[v];
@@ -718,15 +737,7 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
       if (!splat) continue;
       for (int k = 0; k < a.kernels; ++k) {
         const PassKernel& K = a.k[k];
-        float* buffer = K.splat[chunk];
-        const int32_t* off = K.offset + pq * K.d1;
-        const float* w = K.weight + pq * K.d1;
-        const float scale = K.pre[pq];
-        for (int j = 0; j < K.d1; ++j) {
-          float* row = buffer + int64_t(off[j]) * lanes;
-          const float wj = w[j] * scale;
-          for (int v = 0; v < nv; ++v) vstore(row + v * W, vload<V>(row + v * W) + wj * eq[v]);
-        }
+        splat_row<V, W>(K.splat[chunk], K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, K.pre[pq], lanes, nv, eq);
       }
     }
   }
@@ -813,19 +824,7 @@ FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int
       for (int v = 0; v < nv; ++v) vstore(a.q_rows + p * lanes + v * W, q[v]);
       for (int k = 0; k < a.kernels; ++k) {
         const ReverseKernel& K = a.k[k];
-        const int32_t* off = K.offset + p * K.d1;
-        const float* w = K.weight + p * K.d1;
-        const float scale = K.pre[p];
-        {
-          const float* row = K.sliced + int64_t(off[0]) * lanes;
-          const float w0 = w[0] * scale;
-          for (int v = 0; v < nv; ++v) s[v] = w0 * vload<V>(row + v * W);
-        }
-        for (int j = 1; j < K.d1; ++j) {
-          const float* row = K.sliced + int64_t(off[j]) * lanes;
-          const float wj = w[j] * scale;
-          for (int v = 0; v < nv; ++v) s[v] += wj * vload<V>(row + v * W);
-        }
+        slice_row<V, W>(K.sliced, K.offset + p * K.d1, K.weight + p * K.d1, K.d1, K.pre[p], lanes, nv, s);
         float* r_row = a.r_rows + (p * a.kernels + k) * lanes;
         for (int v = 0; v < nv; ++v) vstore(r_row + v * W, s[v]);
         if (K.diagonal) {
@@ -855,15 +854,7 @@ FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int
     if (!a.splat) continue;
     for (int k = 0; k < a.kernels; ++k) {
       const ReverseKernel& K = a.k[k];
-      float* buffer = K.splat[chunk];
-      const int32_t* off = K.offset + p * K.d1;
-      const float* w = K.weight + p * K.d1;
-      const float scale = K.post[p];
-      for (int j = 0; j < K.d1; ++j) {
-        float* row = buffer + int64_t(off[j]) * lanes;
-        const float wj = w[j] * scale;
-        for (int v = 0; v < nv; ++v) vstore(row + v * W, vload<V>(row + v * W) + wj * gq[v]);
-      }
+      splat_row<V, W>(K.splat[chunk], K.offset + p * K.d1, K.weight + p * K.d1, K.d1, K.post[p], lanes, nv, gq);
     }
   }
 }
