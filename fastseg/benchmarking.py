@@ -179,8 +179,9 @@ def write_json(path, table_rows, peaks):
 
 
 def write_plot(path, table_rows):
-    """fastseg's speed-up over each peer: one row per group (op and shape), one marker per peer,
-    on a log axis so that 0.8x and 1.25x sit equally far from parity."""
+    """A bar chart of fastseg's speed-up over each peer: one row per group (op and shape), one bar per
+    peer in it, drawn from parity (1x) on a log axis, so that 0.8x and 1.25x are bars of one length
+    on either side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,26 +192,28 @@ def write_plot(path, table_rows):
         raise ValueError("nothing to plot: no group measured fastseg beside a peer")
     groups = list(dict.fromkeys(r["group"] for r in measured))
     peers = list(dict.fromkeys(r["impl"] for r in measured))
-    fig, ax = plt.subplots(figsize=(10, 0.2 * len(groups) + 1.6))
-    markers = "osD^v<>p*h"
-    for i, peer in enumerate(peers):
-        rows = [(groups.index(r["group"]), r["speedup"]) for r in measured if r["impl"] == peer]
-        ax.scatter([v for _, v in rows], [y for y, _ in rows], s=18, marker=markers[i % len(markers)],
-                   label=f"vs {peer}", zorder=3)
-    for y in range(len(groups)):
-        ax.axhline(y, color="0.92", linewidth=0.6, zorder=1)
-    ax.axvline(1.0, color="black", linewidth=0.8, zorder=2)
+    colors = {peer: plt.get_cmap("tab10")(i % 10) for i, peer in enumerate(peers)}
+    fig, ax = plt.subplots(figsize=(10, 0.22 * len(groups) + 1.6))
+    for y, group in enumerate(groups):
+        rows = [r for r in measured if r["group"] == group]
+        height = 0.8 / len(rows)
+        for i, r in enumerate(rows):
+            offset = (i - (len(rows) - 1) / 2) * height
+            ax.barh(y + offset, r["speedup"] - 1.0, left=1.0, height=height, color=colors[r["impl"]])
+    ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    values = [r["speedup"] for r in measured]
+    values = [r["speedup"] for r in measured] + [1.0]
     ticks = [t for t in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 50, 100)
              if min(values) / 1.3 <= t <= max(values) * 1.3]
+    ax.set_xlim(min(values) / 1.15, max(values) * 1.15)
     ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_yticks(range(len(groups)), groups, fontsize=6)
     ax.set_ylim(len(groups) - 0.5, -0.5)
     ax.set_xlabel("fastseg speed-up (peer median / fastseg median; right of the line: fastseg faster)")
     ax.set_title(f"fastseg {environment()['fastseg']} on {_cpu_name() or 'this machine'}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(handles=[matplotlib.patches.Patch(color=colors[p], label=f"vs {p}") for p in peers], fontsize=7,
+              loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
