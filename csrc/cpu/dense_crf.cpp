@@ -572,6 +572,19 @@ FASTSEG_ALWAYS_INLINE void slice_row(const float* rows, const int32_t* off, cons
   }
 }
 
+// Label rows from and to L planes of N (padding lanes read as 0), at one pixel.
+template <typename V, int W>
+FASTSEG_ALWAYS_INLINE void load_planes(const float* planes, int64_t N, int L, int64_t pixel, int nv, V* row) {
+  for (int v = 0; v < nv; ++v) {
+    for (int i = 0; i < W; ++i) row[v][i] = v * W + i < L ? planes[int64_t(v * W + i) * N + pixel] : 0.0f;
+  }
+}
+
+template <typename V, int W>
+FASTSEG_ALWAYS_INLINE void store_planes(const V* row, int64_t N, int L, int64_t pixel, float* planes) {
+  for (int l = 0; l < L; ++l) planes[int64_t(l) * N + pixel] = row[l / W][l % W];
+}
+
 template <typename V, int W>
 FASTSEG_ALWAYS_INLINE void splat_row(float* rows, const int32_t* off, const float* w, int d1, float scale,
                                      int lanes, int nv, const V* in) {
@@ -669,12 +682,7 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
       }
       const int64_t pq = p + q;
       if (from_init) {
-        const int64_t pixel = a.order ? a.order[pq] : pq;
-        for (int v = 0; v < nv; ++v) {
-          for (int i = 0; i < W; ++i) {
-            eq[v][i] = v * W + i < L ? a.init[int64_t(v * W + i) * a.N + pixel] : 0.0f;
-          }
-        }
+        load_planes<V, W>(a.init, a.N, L, a.order ? a.order[pq] : pq, nv, eq);
         continue;
       }
       const float* u = a.unary + pq * lanes;
@@ -730,10 +738,7 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
     for (int q = 0; q < np; ++q) {
       const int64_t pq = p + q;
       const V* eq = e[q];
-      if (a.out != nullptr) {
-        const int64_t pixel = a.order ? a.order[pq] : pq;
-        for (int l = 0; l < L; ++l) a.out[int64_t(l) * a.N + pixel] = eq[l / W][l % W];
-      }
+      if (a.out != nullptr) store_planes<V, W>(eq, a.N, L, a.order ? a.order[pq] : pq, a.out);
       if (!splat) continue;
       for (int k = 0; k < a.kernels; ++k) {
         const PassKernel& K = a.k[k];
@@ -796,12 +801,6 @@ FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int
   V* s = LP > 0 ? s_stack : heap_buffer.data + 2 * nv;
   const bool slice = a.kernels > 0 && a.k[0].sliced != nullptr;
   const int64_t N = a.N;
-  // Reads lane l of a label vector from planes (padding lanes 0).
-  auto load_planes = [&](const float* planes, int64_t pixel, V* row) {
-    for (int v = 0; v < nv; ++v) {
-      for (int i = 0; i < W; ++i) row[v][i] = v * W + i < L ? planes[int64_t(v * W + i) * N + pixel] : 0.0f;
-    }
-  };
   for (int64_t p = p0; p < p1; ++p) {
     if (p + kPrefetchAhead < p1) {
       for (int k = 0; k < a.kernels; ++k) {
@@ -814,9 +813,9 @@ FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int
       }
     }
     const int64_t pixel = a.order ? a.order[p] : p;
-    load_planes(a.q, pixel, q);
+    load_planes<V, W>(a.q, N, L, pixel, nv, q);
     if (a.direct != nullptr) {
-      load_planes(a.direct, pixel, gq);
+      load_planes<V, W>(a.direct, N, L, pixel, nv, gq);
     } else {
       for (int v = 0; v < nv; ++v) gq[v] = vbroadcast<V>(0.0f);
     }
@@ -839,9 +838,7 @@ FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int
         }
       }
     }
-    if (a.grad_init != nullptr) {
-      for (int l = 0; l < L; ++l) a.grad_init[int64_t(l) * N + pixel] = gq[l / W][l % W];
-    }
+    if (a.grad_init != nullptr) store_planes<V, W>(gq, N, L, pixel, a.grad_init);
     if (!a.energy) continue;
     // gE = Q * (<gQ, Q> - gQ), the backward of Q = softmax(-E).
     V dot = gq[0] * q[0];
@@ -1150,6 +1147,11 @@ const int64_t* tile_order(PixelOrder& ws, int64_t H, int64_t W) {
   return ws.order.data;
 }
 
+PixelOrder& thread_pixel_order() {
+  static thread_local PixelOrder order;
+  return order;
+}
+
 Workspace& thread_workspace() {
   static thread_local Workspace workspace;
   return workspace;
@@ -1208,6 +1210,18 @@ void gather_and_blur_kernels(std::vector<KernelState>& states, int K, bool rever
   for (int k = 0; k < K; ++k) sliced[k] = src[k];
 }
 
+// The kernels of image b: the prototype's with that image's feature planes (batch 1 features are
+// shared by every image).
+std::vector<KernelSpec> image_specs(const std::vector<KernelSpec>& prototype, const std::vector<at::Tensor>& feats,
+                                    int64_t b, int64_t N) {
+  std::vector<KernelSpec> specs = prototype;
+  for (size_t k = 0; k < specs.size(); ++k) {
+    const int64_t fb = feats[k].size(0) == 1 ? 0 : b;
+    specs[k].features = feats[k].const_data_ptr<float>() + fb * feats[k].size(1) * N;
+  }
+  return specs;
+}
+
 // Builds every kernel's lattice (pixel i of the lattice is pixel order[i], or i) and normalisers,
 // and sizes its buffers for label rows of `lanes`.
 void prepare_kernels(std::vector<KernelState>& states, const std::vector<KernelSpec>& specs, int64_t N,
@@ -1251,9 +1265,9 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
   }
   PassArgs args{N, L, lanes, K, pass.data(), unary_rows.data, init, nullptr, true, order};
   // Pass t computes Q_t (pass 0: softmax(-U) or init) and splats it for the next, but the last.
+  std::vector<const float*> sliced(K);
   for (int64_t t = 0; t <= iterations; ++t) {
     if (t > 0) {
-      std::vector<const float*> sliced(K);
       gather_and_blur_kernels(states, K, false, sliced.data());
       for (int k = 0; k < K; ++k) pass[k].sliced = sliced[k];
     }
@@ -1381,16 +1395,12 @@ at::Tensor mean_field_batch(const at::Tensor& unary, at::TensorList features, at
   std::vector<at::Tensor> feats;
   for (const auto& f : features) feats.push_back(f.contiguous());
   const std::vector<KernelSpec> prototype = kernel_specs(features, compat, normalization, L);
-  static thread_local PixelOrder pixel_order;
+  PixelOrder& pixel_order = thread_pixel_order();
   const int64_t* order = tile_order(pixel_order, unary.size(2), unary.size(3));
   const int64_t out_stride = every_iterate ? B * L * N : 0;
 
   auto image = [&](int64_t b, std::vector<KernelState>& states, Buffer<float>& rows) {
-    std::vector<KernelSpec> specs = prototype;
-    for (size_t k = 0; k < specs.size(); ++k) {
-      const int64_t fb = feats[k].size(0) == 1 ? 0 : b;
-      specs[k].features = feats[k].const_data_ptr<float>() + fb * feats[k].size(1) * N;
-    }
+    const std::vector<KernelSpec> specs = image_specs(prototype, feats, b, N);
     const int64_t chunks = pixel_chunks(N);
     prepare_kernels(states, specs, N, chunks, int(lanes_for_labels(L)), order);
     run_mean_field(U.const_data_ptr<float>() + b * L * N, float(unary_scale),
@@ -1470,7 +1480,7 @@ std::vector<at::Tensor> dense_crf_backward_cpu(const at::Tensor& grad, const at:
     for (const auto& f : features) feats.push_back(f.contiguous());
     const std::vector<KernelSpec> prototype = kernel_specs(features, compat, normalization, L);
     const int64_t chunks = pixel_chunks(N);
-    static thread_local PixelOrder pixel_order;
+    PixelOrder& pixel_order = thread_pixel_order();
     const int64_t* order = tile_order(pixel_order, H, W);
     rethrow_bad_alloc("in the dense_crf backward", N, [&] {
       Workspace& ws = thread_workspace();
@@ -1484,11 +1494,7 @@ std::vector<at::Tensor> dense_crf_backward_cpu(const at::Tensor& grad, const at:
       const float* q_data = Q.const_data_ptr<float>();
       const float* g_data = G.const_data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) {
-        std::vector<KernelSpec> specs = prototype;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t fb = feats[k].size(0) == 1 ? 0 : b;
-          specs[k].features = feats[k].const_data_ptr<float>() + fb * feats[k].size(1) * N;
-        }
+        const std::vector<KernelSpec> specs = image_specs(prototype, feats, b, N);
         prepare_kernels(ws.states, specs, N, chunks, lanes, order);
         if (recompute) {
           run_mean_field(U.const_data_ptr<float>() + b * L * N, float(unary_scale),

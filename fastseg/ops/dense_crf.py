@@ -594,12 +594,14 @@ def _backward_op(impl):
 
 
 def _make_checkpointed_backward(impl):
+    backward_op = _backward_op(impl)
+
     def backward(ctx, grad_q):
         # Only the inputs and Q_T were kept: recompute Q_0 .. Q_{T-1} (held only while this runs).
         unary, init, output, features, compat = _saved(ctx)
         _, normalization, iterations, unary_scale, has_init = ctx.meta
-        if _backward_op(impl) is not None:
-            return _fused_grads(ctx, _backward_op(impl), grad_q.unsqueeze(0), output.unsqueeze(0))
+        if backward_op is not None:
+            return _fused_grads(ctx, backward_op, grad_q.unsqueeze(0), output.unsqueeze(0))
         if iterations > 0:
             iterates = torch.ops.fastseg.dense_crf_iterates(
                 unary, features, compat, normalization, iterations - 1, init, unary_scale, impl)
@@ -614,8 +616,9 @@ def _make_checkpointed_backward(impl):
 
 def _iterates_backward(ctx, grad_iterates):
     unary, init, iterates, features, compat = _saved(ctx)
-    if _backward_op(ctx.impl) is not None:
-        return _fused_grads(ctx, _backward_op(ctx.impl), grad_iterates, iterates, n_extra=1)
+    backward_op = _backward_op(ctx.impl)
+    if backward_op is not None:
+        return _fused_grads(ctx, backward_op, grad_iterates, iterates, n_extra=1)
     _, normalization, _, unary_scale, has_init = ctx.meta
     return _grads(ctx, *_reference_backward(grad_iterates, iterates, features, compat, normalization,
                                             unary_scale, has_init), n_extra=1)
