@@ -265,7 +265,7 @@ def test_cpp_iterates_are_the_forward_steps(iterations, init, poison):
 @needs_cpp
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["stored", "checkpoint"])
 @pytest.mark.parametrize("iterations", [0, 1, 3])
-def test_cpp_gradients_with_init_match_reference(iterations, checkpoint):
+def test_cpp_gradients_with_init_match_reference(iterations, checkpoint, poison):
     # The fused C++ backward with a starting Q (the gradient then reaches init, not the unary
     # through softmax), against the float64 reference's.
     B, L, H, W = 2, 3, 9, 12
