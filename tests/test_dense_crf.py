@@ -250,6 +250,27 @@ def test_permutohedral_filter_matches_reference(normalization):
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6, 9])
+def test_permutohedral_filter_every_feature_count(d, threads):
+    # The C++ lattice build has unrolled copies for d = 2, 3, 5, 6 and a generic one for the rest,
+    # and numbers the points with one hash table per thread when the image has >= 2 x 4096 pixels:
+    # each combination against the reference, on an image of 93 x 97 = 9021 pixels.
+    H, W = 93, 97
+    image = _random_image(H, W, seed=d, C=max(d - 2, 1)).unsqueeze(0).float()
+    pos = crf_ops.position_features(H, W, 6.0, 6.0).unsqueeze(0)
+    features = torch.cat([pos, image / 15.0], 1)[:, :d].contiguous()
+    values = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(d))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = fastseg.ops.permutohedral_filter(values, features)
+    finally:
+        torch.set_num_threads(before)
+    ref = fastseg.ops.permutohedral_filter(values, features, backend="reference")
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 @pytest.mark.parametrize("normalization", [0, 1, 2, 3])
 def test_permutohedral_filter_transpose(normalization):
     # <F(x), y> == <x, F^T(y)>, and F^T equals the transpose of the reference's filter matrix

@@ -132,80 +132,94 @@ FASTSEG_ALWAYS_INLINE bool same_key(const int32_t* a, const int32_t* b, int d) {
 }
 
 // Open-addressing table of the lattice points one thread owns: keys (d int32 each) numbered in
-// order of first appearance. A slot holds (hash << 32 | number), so a probe reads the key only
-// when the full hash matches: one random access per lookup instead of slot, hash and key.
+// order of first appearance. A slot holds the point's number and its key side by side, in a power
+// of two of words so that it never straddles a cache line: a lookup costs one random access, and
+// the build prefetches it. (Slots holding a number into a separate key array cost two dependent
+// misses per lookup, and the tables outgrow L2: 45-55 ns per lookup at 500x375.)
 class KeyTable {
  public:
   void reset(int d, int64_t expected) {
     d_ = d;
     size_ = 0;
+    words_ = 1;
+    while (words_ < d + 1) words_ *= 2;
     keys_.clear();
     keys_.reserve(size_t(expected) * d);
+    // Start at the size the last image needed (while within 4x of the estimate): growing the
+    // table takes fresh memory, and first touches of fresh memory are page faults.
     uint64_t capacity = 64;
     while (capacity < uint64_t(expected) * 2) capacity *= 2;
-    slots_.assign(capacity, kEmpty);
-    mask_ = capacity - 1;
+    if (last_capacity_ > capacity && last_capacity_ <= 4 * capacity) capacity = last_capacity_;
+    allocate(capacity);
   }
 
   int64_t size() const { return size_; }
+  // Keys in number order, for walking the points.
   const int32_t* key(int64_t i) const { return keys_.data() + i * d_; }
-  void prefetch(uint32_t h) const { __builtin_prefetch(slots_.data() + (h & mask_)); }
+  void prefetch(uint32_t h) const { __builtin_prefetch(slot(h & mask_)); }
 
+  // D: the key length when compiled for it, else 0 (then d).
+  template <int D = 0>
   int32_t find(const int32_t* key, uint32_t h) const {
-    const uint64_t tag = uint64_t(h) << 32;
     for (uint64_t s = h & mask_;; s = (s + 1) & mask_) {
-      const uint64_t e = slots_[s];
-      if (e == kEmpty) return -1;
-      if ((e & kHashBits) == tag && same_key(keys_.data() + (e & kIndexBits) * d_, key, d_)) {
-        return int32_t(e & kIndexBits);
-      }
+      const int32_t* e = slot(s);
+      if (e[0] < 0) return -1;
+      if (same_key(e + 1, key, D > 0 ? D : d_)) return e[0];
     }
   }
 
+  template <int D = 0>
   int32_t insert(const int32_t* key, uint32_t h) {
-    const uint64_t tag = uint64_t(h) << 32;
     for (uint64_t s = h & mask_;; s = (s + 1) & mask_) {
-      const uint64_t e = slots_[s];
-      if (e == kEmpty) {
+      int32_t* e = slot(s);
+      if (e[0] < 0) {
         TORCH_CHECK(size_ < int64_t(INT32_MAX) / 2, "dense_crf: the lattice has more than 2^30 points");
         const int32_t index = int32_t(size_++);
-        slots_[s] = tag | uint64_t(index);
+        e[0] = index;
+        std::memcpy(e + 1, key, sizeof(int32_t) * d_);
         keys_.insert(keys_.end(), key, key + d_);
         if (uint64_t(size_) * 2 > mask_ + 1) grow();
         return index;
       }
-      if ((e & kHashBits) == tag && same_key(keys_.data() + (e & kIndexBits) * d_, key, d_)) {
-        return int32_t(e & kIndexBits);
-      }
+      if (same_key(e + 1, key, D > 0 ? D : d_)) return e[0];
     }
   }
 
   void release() {
     std::vector<int32_t>().swap(keys_);
-    std::vector<uint64_t>().swap(slots_);
+    slots_.release();
   }
 
  private:
-  static constexpr uint64_t kEmpty = ~uint64_t(0);  // no point has number 2^32 - 1
-  static constexpr uint64_t kHashBits = ~uint64_t(0) << 32;
-  static constexpr uint64_t kIndexBits = ~kHashBits;
+  int32_t* slot(uint64_t s) const { return slots_.data + s * words_; }
+
+  void allocate(uint64_t capacity) {
+    slots_.resize(int64_t(capacity * words_));
+    mask_ = capacity - 1;
+    last_capacity_ = capacity;
+    for (uint64_t s = 0; s < capacity; ++s) slot(s)[0] = -1;
+  }
 
   void grow() {
-    std::vector<uint64_t> old(uint64_t(mask_ + 1) * 2, kEmpty);
-    old.swap(slots_);
-    mask_ = slots_.size() - 1;
-    for (const uint64_t e : old) {
-      if (e == kEmpty) continue;
-      uint64_t s = (e >> 32) & mask_;
-      while (slots_[s] != kEmpty) s = (s + 1) & mask_;
-      slots_[s] = e;
+    Buffer<int32_t> old;
+    std::swap(old.storage, slots_.storage);
+    std::swap(old.data, slots_.data);
+    const uint64_t old_capacity = mask_ + 1;
+    allocate(old_capacity * 2);
+    for (uint64_t i = 0; i < old_capacity; ++i) {
+      const int32_t* e = old.data + i * words_;
+      if (e[0] < 0) continue;
+      uint64_t s = hash_key(e + 1, d_) & mask_;
+      while (slot(s)[0] >= 0) s = (s + 1) & mask_;
+      std::memcpy(slot(s), e, sizeof(int32_t) * (d_ + 1));
     }
   }
 
-  int d_ = 0;
+  int d_ = 0, words_ = 1;
   int64_t size_ = 0;
+  uint64_t last_capacity_ = 0;
   std::vector<int32_t> keys_;
-  std::vector<uint64_t> slots_;
+  Buffer<int32_t> slots_;
   uint64_t mask_ = 0;
 };
 
@@ -224,6 +238,7 @@ struct Lattice {
   Buffer<uint8_t> ranks;
   Buffer<uint32_t> hashes;
   Buffer<uint8_t> same;  // 1 where a pixel's simplex is its left neighbour's
+  Buffer<uint32_t> entries;  // (pixel, vertex) entries binned by owner
   std::vector<KeyTable> tables;
 };
 
@@ -231,9 +246,16 @@ struct Lattice {
 // 3.1): rem0 is the remainder-0 point the simplex is built from, rank the order of the residuals,
 // bary the barycentric weights of the d+1 vertices. Plain IEEE float arithmetic, in the order of
 // the PyTorch reference, so both find the same simplices (no FMA: this is baseline-ISA code).
-FASTSEG_ALWAYS_INLINE void locate(const float* f, int64_t stride, int d, const float* scale, int32_t* rem0, int32_t* rank,
-            float* bary, bool& out_of_range) {
-  float elevated[kMaxFeatures + 1], cf[kMaxFeatures];
+// D is d when compiled for that d (the loops unroll and the arrays live in registers), else 0.
+// Branch-free where the outcome is data-dependent: the residuals' order is a coin toss per
+// comparison, and mispredicting it cost more than the rest of the arithmetic.
+template <int D>
+FASTSEG_ALWAYS_INLINE void locate(const float* f, int64_t stride, int runtime_d, const float* scale, int32_t* rem0,
+                                  int32_t* rank, float* bary, bool& out_of_range) {
+  constexpr int kCap = D > 0 ? D + 1 : kMaxFeatures + 1;
+  const int d = D > 0 ? D : runtime_d;
+  const int d1 = d + 1;
+  float elevated[kCap], cf[kCap];
   for (int i = 0; i < d; ++i) cf[i] = f[i * stride] * scale[i];
   float sum = 0.0f;
   for (int j = d; j > 0; --j) {
@@ -241,22 +263,26 @@ FASTSEG_ALWAYS_INLINE void locate(const float* f, int64_t stride, int d, const f
     sum += cf[j - 1];
   }
   elevated[0] = sum;
-  const float down_factor = 1.0f / float(d + 1);
-  const float up_factor = float(d + 1);
-  float rem0f[kMaxFeatures + 1];
+  const float down_factor = 1.0f / float(d1);
+  const float up_factor = float(d1);
+  float rem0f[kCap];
   float total = 0.0f;
+  bool bad = false;
   for (int i = 0; i <= d; ++i) {
     // Lattice coordinates must stay well inside int32 (and NaN fails this test too).
-    if (!(std::fabs(elevated[i]) < 1.0e9f)) out_of_range = true;
+    bad |= !(std::fabs(elevated[i]) < 1.0e9f);
     const float v = elevated[i] * down_factor;
     const float up = std::ceil(v) * up_factor;
     const float down = std::floor(v) * up_factor;
     rem0f[i] = (up - elevated[i] < elevated[i] - down) ? up : down;
     total += rem0f[i];
   }
-  if (out_of_range) return;
-  const int s = int(total) / (d + 1);  // total is an exact multiple of d+1
-  float diff[kMaxFeatures + 1];
+  if (bad) {
+    out_of_range = true;
+    return;
+  }
+  const int s = int(total) / d1;  // total is an exact multiple of d+1
+  float diff[kCap];
   for (int i = 0; i <= d; ++i) {
     diff[i] = elevated[i] - rem0f[i];
     rank[i] = 0;
@@ -264,31 +290,17 @@ FASTSEG_ALWAYS_INLINE void locate(const float* f, int64_t stride, int d, const f
   // Rank of each residual, largest first; of two equal residuals the later one ranks higher.
   for (int i = 0; i < d; ++i) {
     for (int j = i + 1; j <= d; ++j) {
-      if (diff[i] < diff[j]) {
-        ++rank[i];
-      } else {
-        ++rank[j];
-      }
+      const int32_t smaller = diff[i] < diff[j];
+      rank[i] += smaller;
+      rank[j] += 1 - smaller;
     }
   }
+  // Shift the ranks by s (|s| <= d) and wrap them into 0..d, moving rem0 by d+1 where they wrap.
   for (int i = 0; i <= d; ++i) {
-    int32_t r = int32_t(rem0f[i]);
-    if (s > 0) {
-      if (rank[i] >= d + 1 - s) {
-        rank[i] -= d + 1 - s;
-        r -= d + 1;
-      } else {
-        rank[i] += s;
-      }
-    } else if (s < 0) {
-      if (rank[i] < -s) {
-        rank[i] += d + 1 + s;
-        r += d + 1;
-      } else {
-        rank[i] += s;
-      }
-    }
-    rem0[i] = r;
+    const int32_t shifted = rank[i] + s;
+    const int32_t wrap = int32_t(shifted < 0) - int32_t(shifted >= d1);
+    rank[i] = shifted + wrap * d1;
+    rem0[i] = int32_t(rem0f[i]) + wrap * d1;
   }
   for (int i = 0; i <= d + 1; ++i) bary[i] = 0.0f;
   for (int i = 0; i <= d; ++i) {
@@ -306,38 +318,55 @@ FASTSEG_ALWAYS_INLINE void vertex_key(const int32_t* rem0, const uint8_t* rank, 
   for (int i = 0; i < d; ++i) key[i] = rem0[i] + (rank[i] <= d - k ? k : k - (d + 1));
 }
 
-// Phase 1 of the build for pixels [begin, end): see build_lattice_impl.
+// Phase 1 of the build for pixels [begin, end): see build_lattice. D as in locate.
+template <int D>
+FASTSEG_ALWAYS_INLINE void locate_pixels_d(Lattice& lat, const float* features, int64_t stride, int runtime_d,
+                                           const float* scale, const int64_t* order, int64_t begin, int64_t end,
+                                           bool& bad) {
+  constexpr int kCap = D > 0 ? D + 1 : kMaxFeatures + 1;
+  const int d = D > 0 ? D : runtime_d;
+  const int d1 = d + 1;
+  int32_t* rem0s = lat.rem0s.data;
+  uint8_t* ranks = lat.ranks.data;
+  uint32_t* hashes = lat.hashes.data;
+  int32_t rem0[kCap], rank[kCap], key[kCap];
+  float bary[kCap + 1];
+  uint8_t rank8[kCap];
+  for (int64_t p = begin; p < end; ++p) {
+    locate<D>(features + (order ? order[p] : p), stride, d, scale, rem0, rank, bary, bad);
+    if (bad) break;
+    bool same = p > begin;  // neighbouring pixels often share their simplex: no hashing then
+    for (int i = 0; i < d; ++i) {
+      rank8[i] = uint8_t(rank[i]);
+      same = same && rem0s[(p - 1) * d + i] == rem0[i] && ranks[(p - 1) * d + i] == rank8[i];
+      rem0s[p * d + i] = rem0[i];
+      ranks[p * d + i] = rank8[i];
+    }
+    lat.same.data[p] = same;
+    for (int k = 0; k < d1; ++k) lat.weight.data[p * d1 + k] = bary[k];
+    if (same) {
+      for (int k = 0; k < d1; ++k) hashes[p * d1 + k] = hashes[(p - 1) * d1 + k];
+      continue;
+    }
+    for (int k = 0; k < d1; ++k) {
+      vertex_key(rem0, rank8, d, k, key);
+      hashes[p * d1 + k] = hash_key(key, d);
+    }
+  }
+}
+
+// The feature counts of the usual kernels get their own unrolled copy: 2 (position), 3 (position
+// and grey), 5 (position and RGB), 6 (position and four channels).
 FASTSEG_ALWAYS_INLINE void locate_pixels_impl(Lattice& lat, const float* features, int64_t stride, int d,
                                               const float* scale, const int64_t* order, int64_t begin,
                                               int64_t end, bool& bad) {
-  const int d1 = d + 1;
-  Buffer<int32_t>& rem0s = lat.rem0s;
-  Buffer<uint8_t>& ranks = lat.ranks;
-  Buffer<uint32_t>& hashes = lat.hashes;
-    int32_t rem0[kMaxFeatures + 1], rank[kMaxFeatures + 1], key[kMaxFeatures];
-    float bary[kMaxFeatures + 2];
-    uint8_t rank8[kMaxFeatures];
-    for (int64_t p = begin; p < end; ++p) {
-      locate(features + (order ? order[p] : p), stride, d, scale, rem0, rank, bary, bad);
-      if (bad) break;
-      bool same = p > begin;  // neighbouring pixels often share their simplex: no hashing then
-      for (int i = 0; i < d; ++i) {
-        rank8[i] = uint8_t(rank[i]);
-        same = same && rem0s.data[(p - 1) * d + i] == rem0[i] && ranks.data[(p - 1) * d + i] == rank8[i];
-        rem0s.data[p * d + i] = rem0[i];
-        ranks.data[p * d + i] = rank8[i];
-      }
-      lat.same.data[p] = same;
-      for (int k = 0; k < d1; ++k) lat.weight.data[p * d1 + k] = bary[k];
-      if (same) {
-        for (int k = 0; k < d1; ++k) hashes.data[p * d1 + k] = hashes.data[(p - 1) * d1 + k];
-        continue;
-      }
-      for (int k = 0; k < d1; ++k) {
-        vertex_key(rem0, rank8, d, k, key);
-        hashes.data[p * d1 + k] = hash_key(key, d);
-      }
-    }
+  switch (d) {
+    case 2: locate_pixels_d<2>(lat, features, stride, d, scale, order, begin, end, bad); break;
+    case 3: locate_pixels_d<3>(lat, features, stride, d, scale, order, begin, end, bad); break;
+    case 5: locate_pixels_d<5>(lat, features, stride, d, scale, order, begin, end, bad); break;
+    case 6: locate_pixels_d<6>(lat, features, stride, d, scale, order, begin, end, bad); break;
+    default: locate_pixels_d<0>(lat, features, stride, d, scale, order, begin, end, bad); break;
+  }
 }
 void locate_pixels_base(Lattice& lat, const float* features, int64_t stride, int d, const float* scale,
                         const int64_t* order, int64_t begin, int64_t end, bool& bad) {
@@ -352,6 +381,112 @@ __attribute__((target("avx2"))) void locate_pixels_avx2(Lattice& lat, const floa
   locate_pixels_impl(lat, features, stride, d, scale, order, begin, end, bad);
 }
 #endif
+
+// Numbers the points of entries [first, last) in `table`: with a list, entries list[first..last)
+// (p * d1 + k: vertex k of pixel p), each replaced by its point's local number; without, every
+// entry p * d1 + k in order, writing lat.offset (a same pixel copies its left neighbour's).
+template <int D>
+FASTSEG_ALWAYS_INLINE void number_entries_d(KeyTable& table, Lattice& lat, int runtime_d, uint32_t* list,
+                                            int64_t first, int64_t last) {
+  const int d = D > 0 ? D : runtime_d;
+  const int d1 = d + 1;
+  int32_t key[D > 0 ? D : kMaxFeatures];
+  // The slots miss the cache: prefetch the one of the entry kAhead ahead.
+  constexpr int64_t kAhead = 16;
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t e = list ? list[i] : i;
+    const int64_t p = e / d1;
+    if (!list && lat.same.data[p]) {
+      std::memcpy(lat.offset.data + p * d1, lat.offset.data + (p - 1) * d1, sizeof(int32_t) * d1);
+      i += d1 - 1;  // the whole pixel
+      continue;
+    }
+    if (i + kAhead < last) table.prefetch(lat.hashes.data[list ? list[i + kAhead] : i + kAhead]);
+    vertex_key(lat.rem0s.data + p * d, lat.ranks.data + p * d, d, int(e - p * d1), key);
+    const int32_t number = table.insert<D>(key, lat.hashes.data[e]);
+    if (list) {
+      list[i] = uint32_t(number);
+    } else {
+      lat.offset.data[e] = number;
+    }
+  }
+}
+void number_entries(KeyTable& table, Lattice& lat, int d, uint32_t* list, int64_t first, int64_t last) {
+  switch (d) {
+    case 2: number_entries_d<2>(table, lat, d, list, first, last); break;
+    case 3: number_entries_d<3>(table, lat, d, list, first, last); break;
+    case 5: number_entries_d<5>(table, lat, d, list, first, last); break;
+    case 6: number_entries_d<6>(table, lat, d, list, first, last); break;
+    default: number_entries_d<0>(table, lat, d, list, first, last); break;
+  }
+}
+
+// Step 4 of build_lattice: the blur neighbours of every point m, key -/+ (-1, .., d, .., -1) along
+// direction j (d at coordinate j; all -1 for direction d, whose coordinate is the implied one),
+// as lat.neighbours[j][m] = (minus, plus), M where there is none. Only the plus neighbour is
+// looked up: m is its plus neighbour's minus neighbour, so that one is written from here (each
+// point has one minus neighbour per direction, so every write has one writer). The lookups miss
+// the cache, so a block of points computes and prefetches its slots before looking any up.
+template <int D>
+FASTSEG_ALWAYS_INLINE void find_neighbours_range(Lattice& lat, const std::vector<KeyTable>& tables,
+                                                 const std::vector<int64_t>& base, int owners, int runtime_d,
+                                                 int64_t begin, int64_t end) {
+  constexpr int64_t kBlock = 8;
+  constexpr int kCap = D > 0 ? D + 1 : kMaxFeatures + 1;
+  const int d = D > 0 ? D : runtime_d;
+  const int d1 = d + 1;
+  const int64_t M = lat.M;
+  int32_t* neighbours = lat.neighbours.data;
+  int32_t plus[kBlock][kCap][kCap - 1];
+  uint32_t hashes[kBlock][kCap];
+  int t = int(std::upper_bound(base.begin(), base.end(), begin) - base.begin()) - 1;
+  for (int64_t m0 = begin; m0 < end; m0 += kBlock) {
+    const int64_t m1 = std::min(end, m0 + kBlock);
+    for (int64_t m = m0; m < m1; ++m) {
+      while (m >= base[t + 1]) ++t;
+      const int32_t* key = tables[t].key(m - base[t]);
+      for (int j = 0; j < d1; ++j) {
+        int32_t* n = plus[m - m0][j];
+        for (int i = 0; i < d; ++i) n[i] = key[i] + (i == j ? d : -1);
+        const uint32_t h = hash_key(n, d);
+        hashes[m - m0][j] = h;
+        tables[owner_of(h, owners)].prefetch(h);
+      }
+    }
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int j = 0; j < d1; ++j) {
+        const uint32_t h = hashes[m - m0][j];
+        const int o = owner_of(h, owners);
+        const int32_t f = tables[o].template find<D>(plus[m - m0][j], h);
+        const int64_t row = int64_t(j) * M;
+        neighbours[(row + m) * 2 + 1] = f < 0 ? int32_t(M) : int32_t(base[o] + f);
+        if (f >= 0) neighbours[(row + base[o] + f) * 2] = int32_t(m);
+      }
+    }
+  }
+}
+template <int D>
+void find_neighbours_d(Lattice& lat, const std::vector<KeyTable>& tables, const std::vector<int64_t>& base,
+                       int owners) {
+  const int64_t M = lat.M;
+  int32_t* neighbours = lat.neighbours.data;
+  at::parallel_for(0, M * (lat.d + 1), 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) neighbours[2 * i] = int32_t(M);
+  });
+  at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
+    find_neighbours_range<D>(lat, tables, base, owners, lat.d, begin, end);
+  });
+}
+void find_neighbours(Lattice& lat, const std::vector<KeyTable>& tables, const std::vector<int64_t>& base,
+                     int owners) {
+  switch (lat.d) {
+    case 2: find_neighbours_d<2>(lat, tables, base, owners); break;
+    case 3: find_neighbours_d<3>(lat, tables, base, owners); break;
+    case 5: find_neighbours_d<5>(lat, tables, base, owners); break;
+    case 6: find_neighbours_d<6>(lat, tables, base, owners); break;
+    default: find_neighbours_d<0>(lat, tables, base, owners); break;
+  }
+}
 
 // Builds the lattice of features (d planes of N floats, plane stride `stride`), numbering its
 // points with `owners` threads. Lattice pixel i is feature pixel order[i] (i without an order).
@@ -379,110 +514,114 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
   ranks.resize(N * d);
   hashes.resize(N * d1);
   lat.same.resize(N);
+  // Entries (vertex k of pixel p) are binned by owner as p * d1 + k in 32 bits; lattices too big
+  // for that use one owner.
+  if (N * d1 > int64_t(UINT32_MAX)) owners = 1;
+  // Every step splits the pixels into the same parts, one per owner (a part's first pixel is never
+  // `same`, so each part is self-contained).
+  const int64_t parts = owners;
+  auto part_begin = [&](int64_t c) { return N * c / parts; };
   std::atomic<bool> out_of_range{false};
-  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
-    bool bad = false;
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      bool bad = false;
 #if FASTSEG_HAVE_AVX2_CLONE
-    if (cpu_has_avx2()) {
-      locate_pixels_avx2(lat, features, stride, d, scale, order, begin, end, bad);
-    } else {
-      locate_pixels_base(lat, features, stride, d, scale, order, begin, end, bad);
-    }
+      if (cpu_has_avx2()) {
+        locate_pixels_avx2(lat, features, stride, d, scale, order, part_begin(c), part_begin(c + 1), bad);
+      } else {
+        locate_pixels_base(lat, features, stride, d, scale, order, part_begin(c), part_begin(c + 1), bad);
+      }
 #else
-    locate_pixels_base(lat, features, stride, d, scale, order, begin, end, bad);
+      locate_pixels_base(lat, features, stride, d, scale, order, part_begin(c), part_begin(c + 1), bad);
 #endif
-    if (bad) out_of_range = true;
+      if (bad) out_of_range = true;
+    }
   });
   TORCH_CHECK_VALUE(!out_of_range,
                     "dense_crf: features must be finite and of magnitude below about 1e8 after "
                     "scaling (is sxy or srgb tiny, or the image not finite?)");
 
-  // 2. Each owner numbers its lattice points in order of first appearance (deterministic).
+  // 2. Numbering. A pixel whose simplex is its left neighbour's (same) takes that pixel's numbers;
+  //    every other entry belongs to the owner of its hash, and each owner numbers its points in
+  //    order of first appearance, pixel by pixel (deterministic).
   std::vector<KeyTable>& tables = lat.tables;
   tables.resize(owners);
-  at::parallel_for(0, owners, 1, [&](int64_t begin, int64_t end) {
-    int32_t key[kMaxFeatures];
-    for (int64_t t = begin; t < end; ++t) {
-      KeyTable& table = tables[t];
-      table.reset(d, std::max<int64_t>(1024, N / 4 / owners));
-      for (int64_t p = 0; p < N; ++p) {
-        const uint32_t* h = hashes.data + p * d1;
-        if (lat.same.data[p]) {
-          for (int k = 0; k < d1; ++k) {
-            if (owner_of(h[k], owners) == t) lat.offset.data[p * d1 + k] = lat.offset.data[(p - 1) * d1 + k];
-          }
-          continue;
+  const int64_t expected = std::max<int64_t>(1024, N / 4 / owners);
+  std::vector<int64_t> base(owners + 1, 0);
+  if (owners == 1) {
+    tables[0].reset(d, expected);
+    number_entries(tables[0], lat, d, nullptr, 0, N * d1);
+    base[1] = tables[0].size();
+  } else {
+    // Bin the entries by owner, keeping pixel order (an owner scanning every entry for its own
+    // would branch on a coin toss per entry): each part counts its entries per owner, then writes
+    // them where the parts before it leave room; each owner numbers its bin in place; each part
+    // reads its entries' numbers back in the order it wrote them. Counters are per task (shared
+    // ones would share cache lines between threads).
+    std::vector<int64_t> counts(parts * owners, 0);
+    at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+      std::vector<int64_t> count(owners + 16, 0);
+      for (int64_t c = first; c < last; ++c) {
+        std::fill(count.begin(), count.end(), 0);
+        for (int64_t p = part_begin(c); p < part_begin(c + 1); ++p) {
+          if (lat.same.data[p]) continue;
+          for (int k = 0; k < d1; ++k) ++count[owner_of(hashes.data[p * d1 + k], owners)];
         }
+        std::copy(count.begin(), count.begin() + owners, counts.begin() + c * owners);
+      }
+    });
+    std::vector<int64_t> bin_begin(owners + 1, 0), cursor(parts * owners);
+    for (int t = 0; t < owners; ++t) {
+      int64_t at = bin_begin[t];
+      for (int64_t c = 0; c < parts; ++c) {
+        cursor[c * owners + t] = at;
+        at += counts[c * owners + t];
+      }
+      bin_begin[t + 1] = at;
+    }
+    lat.entries.resize(bin_begin[owners]);
+    uint32_t* entries = lat.entries.data;
+    // Walks part c's entries, calling fn(entry, position in its bin).
+    auto walk_part = [&](int64_t c, auto&& fn) {
+      std::vector<int64_t> at(cursor.begin() + c * owners, cursor.begin() + (c + 1) * owners);
+      at.resize(owners + 16);
+      for (int64_t p = part_begin(c); p < part_begin(c + 1); ++p) {
+        if (lat.same.data[p]) continue;
         for (int k = 0; k < d1; ++k) {
-          if (owner_of(h[k], owners) != t) continue;
-          vertex_key(rem0s.data + p * d, ranks.data + p * d, d, k, key);
-          lat.offset.data[p * d1 + k] = table.insert(key, h[k]);
+          const int64_t e = p * d1 + k;
+          const int t = owner_of(hashes.data[e], owners);
+          fn(e, t, at[t]++);
         }
       }
-    }
-  });
-  std::vector<int64_t> base(owners + 1, 0);
-  for (int t = 0; t < owners; ++t) base[t + 1] = base[t] + tables[t].size();
-  const int64_t M = base[owners];
-  TORCH_CHECK(M < INT32_MAX, "dense_crf: the lattice has ", M, " points, more than int32 holds");
-  lat.M = M;
-
-  // 3. Global numbers: owner t's points follow those of owners 0..t-1.
-  if (owners > 1) {
-    at::parallel_for(0, N * d1, 16384, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) {
-        lat.offset.data[e] += int32_t(base[owner_of(hashes.data[e], owners)]);
+    };
+    at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        walk_part(c, [&](int64_t e, int, int64_t i) { entries[i] = uint32_t(e); });
+      }
+    });
+    at::parallel_for(0, owners, 1, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        tables[t].reset(d, expected);
+        number_entries(tables[t], lat, d, entries, bin_begin[t], bin_begin[t + 1]);
+      }
+    });
+    for (int t = 0; t < owners; ++t) base[t + 1] = base[t] + tables[t].size();
+    // 3. Global numbers: owner t's points follow those of owners 0..t-1; same pixels copy theirs.
+    at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        walk_part(c, [&](int64_t e, int t, int64_t i) { lat.offset.data[e] = int32_t(base[t] + entries[i]); });
+        for (int64_t p = part_begin(c); p < part_begin(c + 1); ++p) {
+          if (lat.same.data[p]) std::memcpy(lat.offset.data + p * d1, lat.offset.data + (p - 1) * d1, sizeof(int32_t) * d1);
+        }
       }
     });
   }
-
-  // 4. Blur neighbours: key -/+ (-1, .., d, .., -1), d at the direction's coordinate (all -1 for
-  //    direction d, whose coordinate is the implied one).
+  const int64_t M = base[owners];
+  TORCH_CHECK(M < INT32_MAX, "dense_crf: the lattice has ", M, " points, more than int32 holds");
+  lat.M = M;
+  // 4. Blur neighbours along each of the d+1 directions.
   lat.neighbours.resize(int64_t(d1) * M * 2);
-  //    The lookups miss the cache (the tables outgrow L2): the hashes of a block of points are
-  //    computed and their slots prefetched before any of the block is looked up.
-  constexpr int64_t kBlock = 8;
-  at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
-    int32_t n1[kMaxFeatures], n2[kMaxFeatures];
-    uint32_t hashes_of[kBlock][2 * (kMaxFeatures + 1)];
-    auto neighbour_keys = [&](const int32_t* key, int j) {
-      for (int i = 0; i < d; ++i) {
-        const int32_t step = i == j ? d : -1;
-        n1[i] = key[i] - step;
-        n2[i] = key[i] + step;
-      }
-    };
-    int t = int(std::upper_bound(base.begin(), base.end(), begin) - base.begin()) - 1;
-    for (int64_t m0 = begin; m0 < end; m0 += kBlock) {
-      const int64_t m1 = std::min(end, m0 + kBlock);
-      int tb = t;
-      for (int64_t m = m0; m < m1; ++m) {
-        while (m >= base[tb + 1]) ++tb;
-        const int32_t* key = tables[tb].key(m - base[tb]);
-        uint32_t* h = hashes_of[m - m0];
-        for (int j = 0; j < d1; ++j) {
-          neighbour_keys(key, j);
-          h[2 * j] = hash_key(n1, d);
-          h[2 * j + 1] = hash_key(n2, d);
-          tables[owner_of(h[2 * j], owners)].prefetch(h[2 * j]);
-          tables[owner_of(h[2 * j + 1], owners)].prefetch(h[2 * j + 1]);
-        }
-      }
-      for (int64_t m = m0; m < m1; ++m) {
-        while (m >= base[t + 1]) ++t;
-        const int32_t* key = tables[t].key(m - base[t]);
-        const uint32_t* h = hashes_of[m - m0];
-        for (int j = 0; j < d1; ++j) {
-          neighbour_keys(key, j);
-          int32_t* out = lat.neighbours.data + (int64_t(j) * M + m) * 2;
-          const int o1 = owner_of(h[2 * j], owners), o2 = owner_of(h[2 * j + 1], owners);
-          const int32_t f1 = tables[o1].find(n1, h[2 * j]), f2 = tables[o2].find(n2, h[2 * j + 1]);
-          out[0] = f1 < 0 ? int32_t(M) : int32_t(base[o1] + f1);
-          out[1] = f2 < 0 ? int32_t(M) : int32_t(base[o2] + f2);
-        }
-      }
-    }
-  });
+  find_neighbours(lat, tables, base, owners);
 }
 
 // --- the vector loops (compiled per ISA) --------------------------------------------------------

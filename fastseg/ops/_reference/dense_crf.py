@@ -67,8 +67,11 @@ class PermutohedralLattice:
         scale = (inv_std / torch.sqrt((i + 1) * (i + 2))).to(torch.float32)
         cf = features * scale
         # Elevate onto x . 1 = 0: e_0 = s_0, e_j = s_j - j cf_{j-1}, with s_j = sum_{i>=j} cf_i.
-        suffix = torch.flip(torch.cumsum(torch.flip(cf, [1]), 1), [1])  # s_0 .. s_{d-1}
-        s = torch.cat([suffix, torch.zeros(N, 1, device=device)], 1)  # s_0 .. s_d
+        # One float32 add at a time, as the kernels do (torch.cumsum accumulates float32 in float64
+        # on the CPU, which rounds differently and so can pick another simplex near a boundary).
+        s = torch.zeros(N, d + 1, dtype=torch.float32, device=device)  # s_0 .. s_d
+        for i in range(d - 1, -1, -1):
+            s[:, i] = s[:, i + 1] + cf[:, i]
         j = torch.arange(1, d + 1, dtype=torch.float32, device=device)
         elevated = torch.cat([s[:, :1], s[:, 1:] - j * cf], 1)  # (N, d+1)
 
