@@ -138,18 +138,21 @@ FASTSEG_ALWAYS_INLINE bool same_key(const int32_t* a, const int32_t* b, int d) {
 // misses per lookup, and the tables outgrow L2: 45-55 ns per lookup at 500x375.)
 class KeyTable {
  public:
-  void reset(int d, int64_t expected) {
+  // A table for about `expected` points and at most `most` (each entry could be a new point).
+  void reset(int d, int64_t expected, int64_t most) {
     d_ = d;
     size_ = 0;
     words_ = 1;
     while (words_ < d + 1) words_ *= 2;
     keys_.clear();
     keys_.reserve(size_t(expected) * d);
-    // Start at the size the last image needed (while within 4x of the estimate): growing the
-    // table takes fresh memory, and first touches of fresh memory are page faults.
-    uint64_t capacity = 64;
+    // Start at the size the last image needed, if this one could need it: growing the table takes
+    // fresh memory, and first touches of fresh memory are page faults (a 725k-point lattice grew
+    // five times per call).
+    uint64_t capacity = 64, largest = 64;
     while (capacity < uint64_t(expected) * 2) capacity *= 2;
-    if (last_capacity_ > capacity && last_capacity_ <= 4 * capacity) capacity = last_capacity_;
+    while (largest < uint64_t(most) * 2) largest *= 2;
+    capacity = std::min(largest, std::max(capacity, last_capacity_));
     allocate(capacity);
   }
 
@@ -549,7 +552,7 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
   const int64_t expected = std::max<int64_t>(1024, N / 4 / owners);
   std::vector<int64_t> base(owners + 1, 0);
   if (owners == 1) {
-    tables[0].reset(d, expected);
+    tables[0].reset(d, expected, N * d1);
     number_entries(tables[0], lat, d, nullptr, 0, N * d1);
     base[1] = tables[0].size();
   } else {
@@ -601,7 +604,7 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
     });
     at::parallel_for(0, owners, 1, [&](int64_t first, int64_t last) {
       for (int64_t t = first; t < last; ++t) {
-        tables[t].reset(d, expected);
+        tables[t].reset(d, expected, bin_begin[t + 1] - bin_begin[t]);
         number_entries(tables[t], lat, d, entries, bin_begin[t], bin_begin[t + 1]);
       }
     });
