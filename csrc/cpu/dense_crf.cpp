@@ -1167,14 +1167,29 @@ struct FilterBuffers {
     });
   }
 
+  // With one chunk there is nothing to sum: its splat buffer becomes the blur's source and the
+  // old source, once zeroed, the next splat buffer (one pass writing zeros instead of a copy plus
+  // zeros). Returns whether it did that; the caller then zeroes splat[0] instead of gathering.
+  bool take_single_splat() {
+    if (chunks != 1) return false;
+    std::swap(splat[0], x);
+    splat_ptrs[0] = splat[0].data;
+    return true;
+  }
+
   // Sums the chunks' splats and blurs them along directions 0..d (d..0 if reverse: the blur's
   // transpose, as each direction's blur is symmetric); returns the blurred (M+1) x lanes values.
   const float* gather_and_blur(const Lattice& lat, bool reverse = false) {
     const int64_t M = lat.M;
     const int l = int(lanes);
     const int64_t grain = std::max<int64_t>(256, 65536 / lanes);
+    const bool one = take_single_splat();
     at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-      run_gather_rows(splat_ptrs.data(), chunks, x.data, l, begin, end);
+      if (one) {
+        std::fill(splat[0].data + begin * lanes, splat[0].data + end * lanes, 0.0f);
+      } else {
+        run_gather_rows(splat_ptrs.data(), chunks, x.data, l, begin, end);
+      }
     });
     float* src = x.data;
     float* dst = y.data;
@@ -1333,9 +1348,18 @@ void gather_and_blur_kernels(std::vector<KernelState>& states, int K, bool rever
       }
     });
   };
+  std::vector<char> one(K);
+  for (int k = 0; k < K; ++k) {
+    one[k] = states[k].buffers.take_single_splat();
+    src[k] = states[k].buffers.x.data;
+  }
   for_rows([](int) { return true; }, [&](int k, int64_t b, int64_t e) {
     FilterBuffers& f = states[k].buffers;
-    run_gather_rows(f.splat_ptrs.data(), f.chunks, f.x.data, int(f.lanes), b, e);
+    if (one[k]) {
+      std::fill(f.splat[0].data + b * f.lanes, f.splat[0].data + e * f.lanes, 0.0f);
+    } else {
+      run_gather_rows(f.splat_ptrs.data(), f.chunks, f.x.data, int(f.lanes), b, e);
+    }
   });
   for (int j = 0; j < directions; ++j) {
     auto active = [&](int k) { return states[k].lattice.d >= j; };
