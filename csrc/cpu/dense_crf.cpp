@@ -1169,12 +1169,22 @@ struct FilterBuffers {
 
   // With one chunk there is nothing to sum: its splat buffer becomes the blur's source and the
   // old source, once zeroed, the next splat buffer (one pass writing zeros instead of a copy plus
-  // zeros). Returns whether it did that; the caller then zeroes splat[0] instead of gathering.
+  // zeros). Returns whether it did that, for gather_rows.
   bool take_single_splat() {
     if (chunks != 1) return false;
     std::swap(splat[0], x);
     splat_ptrs[0] = splat[0].data;
     return true;
+  }
+
+  // Rows [m0, m1) of the blur's source x: the sum of the chunks' splats, which are zeroed for the
+  // next pass; after take_single_splat only the zeroing.
+  void gather_rows(bool single, int64_t m0, int64_t m1) {
+    if (single) {
+      std::fill(splat[0].data + m0 * lanes, splat[0].data + m1 * lanes, 0.0f);
+    } else {
+      run_gather_rows(splat_ptrs.data(), chunks, x.data, int(lanes), m0, m1);
+    }
   }
 
   // Sums the chunks' splats and blurs them along directions 0..d (d..0 if reverse: the blur's
@@ -1183,14 +1193,8 @@ struct FilterBuffers {
     const int64_t M = lat.M;
     const int l = int(lanes);
     const int64_t grain = std::max<int64_t>(256, 65536 / lanes);
-    const bool one = take_single_splat();
-    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-      if (one) {
-        std::fill(splat[0].data + begin * lanes, splat[0].data + end * lanes, 0.0f);
-      } else {
-        run_gather_rows(splat_ptrs.data(), chunks, x.data, l, begin, end);
-      }
-    });
+    const bool single = take_single_splat();
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) { gather_rows(single, begin, end); });
     float* src = x.data;
     float* dst = y.data;
     for (int i = 0; i <= lat.d; ++i) {
@@ -1348,19 +1352,13 @@ void gather_and_blur_kernels(std::vector<KernelState>& states, int K, bool rever
       }
     });
   };
-  std::vector<char> one(K);
+  std::vector<char> single(K);
   for (int k = 0; k < K; ++k) {
-    one[k] = states[k].buffers.take_single_splat();
+    single[k] = states[k].buffers.take_single_splat();
     src[k] = states[k].buffers.x.data;
   }
-  for_rows([](int) { return true; }, [&](int k, int64_t b, int64_t e) {
-    FilterBuffers& f = states[k].buffers;
-    if (one[k]) {
-      std::fill(f.splat[0].data + b * f.lanes, f.splat[0].data + e * f.lanes, 0.0f);
-    } else {
-      run_gather_rows(f.splat_ptrs.data(), f.chunks, f.x.data, int(f.lanes), b, e);
-    }
-  });
+  for_rows([](int) { return true; },
+           [&](int k, int64_t b, int64_t e) { states[k].buffers.gather_rows(single[k], b, e); });
   for (int j = 0; j < directions; ++j) {
     auto active = [&](int k) { return states[k].lattice.d >= j; };
     for_rows(active, [&](int k, int64_t b, int64_t e) {
