@@ -152,7 +152,7 @@ class KeyTable {
     uint64_t capacity = 64, largest = 64;
     while (capacity < uint64_t(expected) * 2) capacity *= 2;
     while (largest < uint64_t(most) * 2) largest *= 2;
-    capacity = std::min(largest, std::max(capacity, last_capacity_));
+    capacity = std::min(largest, std::max(capacity, mask_ + 1));
     allocate(capacity);
   }
 
@@ -199,14 +199,12 @@ class KeyTable {
   void allocate(uint64_t capacity) {
     slots_.resize(int64_t(capacity * words_));
     mask_ = capacity - 1;
-    last_capacity_ = capacity;
     for (uint64_t s = 0; s < capacity; ++s) slot(s)[0] = -1;
   }
 
   void grow() {
     Buffer<int32_t> old;
-    std::swap(old.storage, slots_.storage);
-    std::swap(old.data, slots_.data);
+    std::swap(old, slots_);
     const uint64_t old_capacity = mask_ + 1;
     allocate(old_capacity * 2);
     for (uint64_t i = 0; i < old_capacity; ++i) {
@@ -220,10 +218,9 @@ class KeyTable {
 
   int d_ = 0, words_ = 1;
   int64_t size_ = 0;
-  uint64_t last_capacity_ = 0;
   std::vector<int32_t> keys_;
   Buffer<int32_t> slots_;
-  uint64_t mask_ = 0;
+  uint64_t mask_ = 0;  // capacity - 1; the capacity outlives reset, as the next image's first guess
 };
 
 // The lattice of one image's features: for every pixel the d+1 lattice points of its simplex and
@@ -358,18 +355,22 @@ FASTSEG_ALWAYS_INLINE void locate_pixels_d(Lattice& lat, const float* features, 
   }
 }
 
-// The feature counts of the usual kernels get their own unrolled copy: 2 (position), 3 (position
-// and grey), 5 (position and RGB), 6 (position and four channels).
+// The build's loops get an unrolled copy for the feature counts of the usual kernels: 2 (position),
+// 3 (position and grey), 5 (position and RGB), 6 (position and four channels); fn<0> takes the
+// count at run time.
+#define FASTSEG_FEATURES_SWITCH(d, fn, ...)  \
+  switch (d) {                               \
+    case 2: fn<2>(__VA_ARGS__); break;       \
+    case 3: fn<3>(__VA_ARGS__); break;       \
+    case 5: fn<5>(__VA_ARGS__); break;       \
+    case 6: fn<6>(__VA_ARGS__); break;       \
+    default: fn<0>(__VA_ARGS__); break;      \
+  }
+
 FASTSEG_ALWAYS_INLINE void locate_pixels_impl(Lattice& lat, const float* features, int64_t stride, int d,
                                               const float* scale, const int64_t* order, int64_t begin,
                                               int64_t end, bool& bad) {
-  switch (d) {
-    case 2: locate_pixels_d<2>(lat, features, stride, d, scale, order, begin, end, bad); break;
-    case 3: locate_pixels_d<3>(lat, features, stride, d, scale, order, begin, end, bad); break;
-    case 5: locate_pixels_d<5>(lat, features, stride, d, scale, order, begin, end, bad); break;
-    case 6: locate_pixels_d<6>(lat, features, stride, d, scale, order, begin, end, bad); break;
-    default: locate_pixels_d<0>(lat, features, stride, d, scale, order, begin, end, bad); break;
-  }
+  FASTSEG_FEATURES_SWITCH(d, locate_pixels_d, lat, features, stride, d, scale, order, begin, end, bad)
 }
 void locate_pixels_base(Lattice& lat, const float* features, int64_t stride, int d, const float* scale,
                         const int64_t* order, int64_t begin, int64_t end, bool& bad) {
@@ -387,7 +388,7 @@ __attribute__((target("avx2"))) void locate_pixels_avx2(Lattice& lat, const floa
 
 // Numbers the points of entries [first, last) in `table`: with a list, entries list[first..last)
 // (p * d1 + k: vertex k of pixel p), each replaced by its point's local number; without, every
-// entry p * d1 + k in order, writing lat.offset (a same pixel copies its left neighbour's).
+// entry p * d1 + k of a pixel that is not `same`, in order, writing lat.offset.
 template <int D>
 FASTSEG_ALWAYS_INLINE void number_entries_d(KeyTable& table, Lattice& lat, int runtime_d, uint32_t* list,
                                             int64_t first, int64_t last) {
@@ -400,7 +401,6 @@ FASTSEG_ALWAYS_INLINE void number_entries_d(KeyTable& table, Lattice& lat, int r
     const int64_t e = list ? list[i] : i;
     const int64_t p = e / d1;
     if (!list && lat.same.data[p]) {
-      std::memcpy(lat.offset.data + p * d1, lat.offset.data + (p - 1) * d1, sizeof(int32_t) * d1);
       i += d1 - 1;  // the whole pixel
       continue;
     }
@@ -415,13 +415,7 @@ FASTSEG_ALWAYS_INLINE void number_entries_d(KeyTable& table, Lattice& lat, int r
   }
 }
 void number_entries(KeyTable& table, Lattice& lat, int d, uint32_t* list, int64_t first, int64_t last) {
-  switch (d) {
-    case 2: number_entries_d<2>(table, lat, d, list, first, last); break;
-    case 3: number_entries_d<3>(table, lat, d, list, first, last); break;
-    case 5: number_entries_d<5>(table, lat, d, list, first, last); break;
-    case 6: number_entries_d<6>(table, lat, d, list, first, last); break;
-    default: number_entries_d<0>(table, lat, d, list, first, last); break;
-  }
+  FASTSEG_FEATURES_SWITCH(d, number_entries_d, table, lat, d, list, first, last)
 }
 
 // Step 4 of build_lattice: the blur neighbours of every point m, key -/+ (-1, .., d, .., -1) along
@@ -482,13 +476,7 @@ void find_neighbours_d(Lattice& lat, const std::vector<KeyTable>& tables, const 
 }
 void find_neighbours(Lattice& lat, const std::vector<KeyTable>& tables, const std::vector<int64_t>& base,
                      int owners) {
-  switch (lat.d) {
-    case 2: find_neighbours_d<2>(lat, tables, base, owners); break;
-    case 3: find_neighbours_d<3>(lat, tables, base, owners); break;
-    case 5: find_neighbours_d<5>(lat, tables, base, owners); break;
-    case 6: find_neighbours_d<6>(lat, tables, base, owners); break;
-    default: find_neighbours_d<0>(lat, tables, base, owners); break;
-  }
+  FASTSEG_FEATURES_SWITCH(lat.d, find_neighbours_d, lat, tables, base, owners)
 }
 
 // Builds the lattice of features (d planes of N floats, plane stride `stride`), numbering its
@@ -561,15 +549,19 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
     // them where the parts before it leave room; each owner numbers its bin in place; each part
     // reads its entries' numbers back in the order it wrote them. Counters are per task (shared
     // ones would share cache lines between threads).
+    // fn(entry, owner) for each entry of part c, in pixel order.
+    auto each_entry = [&](int64_t c, auto&& fn) {
+      for (int64_t p = part_begin(c); p < part_begin(c + 1); ++p) {
+        if (lat.same.data[p]) continue;
+        for (int64_t e = p * d1; e < (p + 1) * d1; ++e) fn(e, owner_of(hashes.data[e], owners));
+      }
+    };
     std::vector<int64_t> counts(parts * owners, 0);
     at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
       std::vector<int64_t> count(owners + 16, 0);
       for (int64_t c = first; c < last; ++c) {
         std::fill(count.begin(), count.end(), 0);
-        for (int64_t p = part_begin(c); p < part_begin(c + 1); ++p) {
-          if (lat.same.data[p]) continue;
-          for (int k = 0; k < d1; ++k) ++count[owner_of(hashes.data[p * d1 + k], owners)];
-        }
+        each_entry(c, [&](int64_t, int t) { ++count[t]; });
         std::copy(count.begin(), count.begin() + owners, counts.begin() + c * owners);
       }
     });
@@ -584,18 +576,11 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
     }
     lat.entries.resize(bin_begin[owners]);
     uint32_t* entries = lat.entries.data;
-    // Walks part c's entries, calling fn(entry, position in its bin).
+    // Walks part c's entries, calling fn(entry, owner, position in the owner's bin).
     auto walk_part = [&](int64_t c, auto&& fn) {
       std::vector<int64_t> at(cursor.begin() + c * owners, cursor.begin() + (c + 1) * owners);
       at.resize(owners + 16);
-      for (int64_t p = part_begin(c); p < part_begin(c + 1); ++p) {
-        if (lat.same.data[p]) continue;
-        for (int k = 0; k < d1; ++k) {
-          const int64_t e = p * d1 + k;
-          const int t = owner_of(hashes.data[e], owners);
-          fn(e, t, at[t]++);
-        }
-      }
+      each_entry(c, [&](int64_t e, int t) { fn(e, t, at[t]++); });
     };
     at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
@@ -609,16 +594,20 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
       }
     });
     for (int t = 0; t < owners; ++t) base[t + 1] = base[t] + tables[t].size();
-    // 3. Global numbers: owner t's points follow those of owners 0..t-1; same pixels copy theirs.
+    // 3. Global numbers: owner t's points follow those of owners 0..t-1.
     at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         walk_part(c, [&](int64_t e, int t, int64_t i) { lat.offset.data[e] = int32_t(base[t] + entries[i]); });
-        for (int64_t p = part_begin(c); p < part_begin(c + 1); ++p) {
-          if (lat.same.data[p]) std::memcpy(lat.offset.data + p * d1, lat.offset.data + (p - 1) * d1, sizeof(int32_t) * d1);
-        }
       }
     });
   }
+  // Same pixels copy their left neighbour's numbers (within a part, which starts with a pixel that
+  // is not same).
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t p = part_begin(first); p < part_begin(last); ++p) {
+      if (lat.same.data[p]) std::memcpy(lat.offset.data + p * d1, lat.offset.data + (p - 1) * d1, sizeof(int32_t) * d1);
+    }
+  });
   const int64_t M = base[owners];
   TORCH_CHECK(M < INT32_MAX, "dense_crf: the lattice has ", M, " points, more than int32 holds");
   lat.M = M;
