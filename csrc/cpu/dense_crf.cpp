@@ -148,7 +148,7 @@ class KeyTable {
     keys_.reserve(size_t(expected) * d);
     // Start at the size the last image needed, if this one could need it: growing the table takes
     // fresh memory, and first touches of fresh memory are page faults (a 725k-point lattice grew
-    // five times per call).
+    // four times per call, from 64k to 1M slots per owner).
     uint64_t capacity = 64, largest = 64;
     while (capacity < uint64_t(expected) * 2) capacity *= 2;
     while (largest < uint64_t(most) * 2) largest *= 2;
