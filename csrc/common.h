@@ -3,6 +3,22 @@
 
 #include <ATen/ATen.h>
 
+#if defined(__GNUC__)
+#define FASTSEG_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FASTSEG_ALWAYS_INLINE inline
+#endif
+
+// CPU hot loops are compiled twice, for the baseline ISA and for AVX2+FMA (FASTSEG_TARGET_AVX2 on an
+// entry point that inlines an always-inline body), and picked at run time by cpu_has_avx2(): the
+// extension is built without -march=native so that one wheel runs everywhere.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+#define FASTSEG_HAVE_AVX2_CLONE 1
+#define FASTSEG_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define FASTSEG_HAVE_AVX2_CLONE 0
+#endif
+
 #ifdef __CUDACC__
 #define FASTSEG_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -28,5 +44,16 @@ FASTSEG_HOST_DEVICE int64_t div_floor(int64_t a, int64_t b) {
 FASTSEG_HOST_DEVICE int64_t div_ceil(int64_t a, int64_t b) {
   return a >= 0 ? (a + b - 1) / b : -((-a) / b);
 }
+
+#if !defined(__CUDACC__)
+inline bool cpu_has_avx2() {
+#if FASTSEG_HAVE_AVX2_CLONE
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+#endif
 
 }  // namespace fastseg

@@ -124,14 +124,16 @@ def test_plain_convolution(dtype, backend, device, poison):
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
-@pytest.mark.parametrize("algorithm", ["taps", "conv"])
+@pytest.mark.parametrize("algorithm", ["taps", "conv", "winograd"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", [c for c in CASES if c[9] == 1], ids=[i for c, i in zip(CASES, CASE_IDS) if c[9] == 1])
 def test_cpu_paths(case, dtype, layout, algorithm, poison):
-    # Both paths of the C++ kernel, whichever 'auto' would pick.
+    # Every path of the C++ kernel, whichever 'auto' would pick.
     pr = _problem(case)
     B, C, O, H, W, k, s, p, d, g = case
+    if algorithm == "winograd" and (_pair(k) != (3, 3) or s != 1):
+        pytest.skip("the winograd path is for 3x3 kernels at stride 1")
     kH, kW = _pair(k)
     padding = [dd * (kk - 1) // 2 for kk, dd in zip((kH, kW), _pair(d))] if p == "same" else list(_pair(p))
     shift = pr["shift"] + pr["scale"] * pr["bias"]
@@ -140,6 +142,74 @@ def test_cpu_paths(case, dtype, layout, algorithm, poison):
         _layout(pr["residual"].to(dtype), layout), list(_pair(s)), padding, list(_pair(d)), 1, True, algorithm,
     )
     assert_relative_close(out, pr["expected"], dtype)
+
+
+# The winograd path's tilings: every rate class on maps around the dilated kernel's size (runs of
+# 1, 2, 3 and more outputs per residue, tiles with padding at either or both ends), explicit
+# paddings below and above 'same', rectangular maps, batches, channel counts off its 128-channel
+# blocks.
+WINOGRAD_CASES = [
+    # (B, C, O, H, W, padding, dilation)
+    (1, 3, 4, 1, 1, 1, 1),
+    (2, 5, 3, 2, 7, 1, 1),
+    (1, 4, 4, 17, 16, 1, 1),
+    (3, 7, 2, 11, 12, (0, 2), 2),
+    (1, 6, 5, 13, 9, 6, 6),
+    (2, 3, 4, 25, 25, 12, 12),
+    (1, 4, 6, 33, 33, 18, 18),
+    (2, 5, 3, 33, 31, 24, 24),
+    (1, 3, 3, 65, 65, 36, 36),
+    (1, 2, 5, 30, 20, (3, 9), (2, 7)),
+    (1, 4, 2, 9, 40, 20, 4),
+    (1, 130, 7, 10, 9, 2, 2),
+]
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+def test_winograd_tilings(case, dtype, layout, poison):
+    B, C, O, H, W, p, d = case
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(O, C, 3, 3, generator=gen, dtype=torch.float64) / (9 * C) ** 0.5
+    scale, shift = torch.rand(O, generator=gen, dtype=torch.float64) + 0.5, torch.randn(O, generator=gen, dtype=torch.float64)
+    ref = F.conv2d(x, w, None, 1, _pair(p), _pair(d)) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    residual = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    expected = F.relu(ref + residual)
+    out = torch.ops.fastseg.atrous_conv2d(
+        _layout(x.to(dtype), layout), w.to(dtype), scale.to(dtype), shift.to(dtype), _layout(residual.to(dtype), layout),
+        [1, 1], list(_pair(p)), list(_pair(d)), 1, True, "winograd",
+    )
+    assert out.shape == expected.shape
+    assert_relative_close(out, expected, dtype)
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" and O > 1 else torch.contiguous_format)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_winograd_weight_cache_sees_every_change():
+    # The weight transforms are cached by the weights' bytes: an in-place change through .data
+    # (which leaves the version counter alone), a new tensor at a reused address, or the same
+    # values in another tensor must all give the right answer.
+    op = torch.ops.fastseg.atrous_conv2d
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 20, 20, generator=gen)
+    w = torch.randn(8, 16, 3, 3, generator=gen)
+
+    def check(weight):
+        out = op(x, weight, None, None, None, [1, 1], [4, 4], [4, 4], 1, False, "winograd")
+        assert_relative_close(out, F.conv2d(x.double(), weight.double(), None, 1, 4, 4), torch.float32)
+
+    check(w)
+    check(w)
+    w.data.mul_(-2.0)
+    check(w)
+    w.data[3, 5, 1, 2] = 7.0
+    check(w)
+    check(w.clone())
+    for _ in range(3):
+        check(torch.randn(8, 16, 3, 3, generator=gen))
 
 
 def test_poison_fixture_poisons(poison):
@@ -341,6 +411,10 @@ def test_compiled_op_checks_its_arguments():
     with pytest.raises(ValueError, match="output would be empty"):
         op(x, w, None, None, None, [1, 1], [0, 0], [12, 12], 1, False)
     with pytest.raises(ValueError, match="algorithm must be"):
-        op(x, w, None, None, None, [1, 1], [1, 1], [1, 1], 1, False, "winograd")
+        op(x, w, None, None, None, [1, 1], [1, 1], [1, 1], 1, False, "fft")
+    with pytest.raises(ValueError, match="winograd algorithm needs a 3x3 kernel, stride 1"):
+        op(x, w, None, None, None, [2, 2], [1, 1], [1, 1], 1, False, "winograd")
+    with pytest.raises(ValueError, match="winograd algorithm needs"):
+        op(x.half(), w.half(), None, None, None, [1, 1], [1, 1], [1, 1], 1, False, "winograd")
     with pytest.raises(ValueError, match="taps algorithm needs groups == 1"):
         op(x, torch.randn(4, 1, 3, 3), None, None, None, [1, 1], [1, 1], [1, 1], 4, False, "taps")

@@ -21,6 +21,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <climits>
+#include <list>
+#include <mutex>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -229,6 +234,495 @@ void taps_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tensor& o
   }
 }
 
+// --- the "winograd" path --------------------------------------------------------------------------
+//
+// A 3x3 convolution at rate d (stride 1) is d x d interleaved undilated ones: outputs r, r + d,
+// r + 2d, ... of an axis read inputs r - p, r - p + d, ... (the space-to-batch view of atrous
+// convolution, Chen et al. 2017). Each such run of L outputs is cut into tiles of 1 to 3 outputs,
+// and each tile computed with the fewest products that its in-image inputs allow, by Winograd's
+// minimal filtering algorithms (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+// CVPR 2016): y = AT [(G w) * (BT x)] per axis, with
+//   F(3,3): 3 outputs from 5 products (interpolation points 0, 1, -1, -2, infinity);
+//   F(2,3): 2 outputs from 4 products (points 0, 1, -1, infinity);
+//   a 2-output tile whose outer inputs both lie in the padding (runs of two at large rates):
+//     m1 = w1 (x1 + x2), m2 = (w2 - w1) x2, m3 = (w0 - w1) x1; y0 = m1 + m2, y1 = m1 + m3;
+//   a 1-output tile: its in-image taps, directly.
+// A dynamic programme per run picks the cut with the fewest products. A 2-D tile is a row tile
+// times a column tile, its products the outer product of the two axes' (G w) rows. Every product
+// that uses the same pair of G rows, over all tiles and images, is one GEMM (tiles x C) x (C x O):
+// the convolution becomes an input-transform pass, a few large MKL GEMMs and an output-transform
+// pass that applies the epilogue. Against the in-image taps (what oneDNN multiplies), F(3,3) tiles
+// take 25 products for 49..81 and the 3-product pairs 9 for 16.
+
+// One tile kind along an axis: m outputs from m + 2 inputs (rate-d apart) with alpha products.
+// G rows are scaled to a largest entry of +1 (the factor moves into AT) so that equal rows of
+// different kinds share one weight transform and one GEMM.
+struct TileKind {
+  int m = 0, alpha = 0;
+  double BT[5][5] = {}, G[5][3] = {}, AT[3][5] = {};
+};
+
+enum : int { kF33 = 0, kF23 = 1, kPair = 2, kDirect = 3 };  // kDirect + 4 * a + b: taps [a, b)
+constexpr int kNumKinds = kDirect + 16;
+
+TileKind normalise(TileKind k) {
+  for (int e = 0; e < k.alpha; ++e) {
+    double s = 0;
+    for (int t = 0; t < 3; ++t) {
+      if (std::abs(k.G[e][t]) > std::abs(s)) s = k.G[e][t];
+    }
+    for (int t = 0; t < 3; ++t) k.G[e][t] /= s;
+    for (int j = 0; j < k.m; ++j) k.AT[j][e] *= s;
+  }
+  return k;
+}
+
+template <int M, int A>
+TileKind make_kind(const double (&BT)[A][M + 2], const double (&G)[A][3], const double (&AT)[M][A]) {
+  TileKind k;
+  k.m = M;
+  k.alpha = A;
+  for (int e = 0; e < A; ++e) {
+    for (int i = 0; i < M + 2; ++i) k.BT[e][i] = BT[e][i];
+    for (int t = 0; t < 3; ++t) k.G[e][t] = G[e][t];
+    for (int j = 0; j < M; ++j) k.AT[j][e] = AT[j][e];
+  }
+  return normalise(k);
+}
+
+const std::vector<TileKind>& tile_kinds() {
+  static const std::vector<TileKind> kinds = [] {
+    std::vector<TileKind> v(kNumKinds);
+    v[kF33] = make_kind<3, 5>(
+        {{-2, -1, 2, 1, 0}, {0, 2, 3, 1, 0}, {0, -2, 1, 1, 0}, {0, -1, 0, 1, 0}, {0, -2, -1, 2, 1}},
+        {{-1. / 2, 0, 0}, {1. / 6, 1. / 6, 1. / 6}, {1. / 2, -1. / 2, 1. / 2}, {-1. / 6, 1. / 3, -2. / 3}, {0, 0, 1}},
+        {{1, 1, 1, 1, 0}, {0, 1, -1, -2, 0}, {0, 1, 1, 4, 1}});
+    v[kF23] = make_kind<2, 4>({{-1, 0, 1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, -1, 0, 1}},
+                              {{-1, 0, 0}, {1. / 2, 1. / 2, 1. / 2}, {1. / 2, -1. / 2, 1. / 2}, {0, 0, 1}},
+                              {{1, 1, 1, 0}, {0, 1, -1, 1}});
+    v[kPair] = make_kind<2, 3>({{0, 1, 1, 0}, {0, 0, 1, 0}, {0, 1, 0, 0}}, {{0, 1, 0}, {0, -1, 1}, {1, -1, 0}},
+                               {{1, 1, 0}, {1, 0, 1}});
+    for (int a = 0; a <= 3; ++a) {
+      for (int b = a; b <= 3; ++b) {
+        TileKind& k = v[kDirect + 4 * a + b];
+        k.m = 1;
+        k.alpha = b - a;
+        for (int e = 0; e < k.alpha; ++e) {
+          k.BT[e][a + e] = 1;
+          k.G[e][a + e] = 1;
+          k.AT[0][e] = 1;
+        }
+      }
+    }
+    return v;
+  }();
+  return kinds;
+}
+
+// One tile along an axis: outputs out0 + j * d (j < m), inputs in0 + k * d (k < m + 2).
+struct AxisTile {
+  int64_t out0, in0;
+  int kind;
+};
+
+// An axis cut into tiles; element e of tile t (one of its kind's products) uses the G row
+// grow[first[t] + e] of the shared registry.
+struct AxisPlan {
+  std::vector<AxisTile> tiles;
+  std::vector<int64_t> first;
+  std::vector<int> grow;
+  int64_t products = 0, direct_taps = 0;  // sum of alpha over tiles; in-image taps over outputs
+};
+
+// Distinct G rows (after normalisation) of both axes: a product's weight transform is a pair.
+struct GRows {
+  std::vector<std::array<double, 3>> rows;
+  int id(const double (&g)[3]) {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (rows[i][0] == g[0] && rows[i][1] == g[1] && rows[i][2] == g[2]) return static_cast<int>(i);
+    }
+    rows.push_back({g[0], g[1], g[2]});
+    return static_cast<int>(rows.size()) - 1;
+  }
+};
+
+AxisPlan plan_axis(int64_t n_in, int64_t n_out, int64_t p, int64_t d, GRows& grows) {
+  const auto& kinds = tile_kinds();
+  AxisPlan plan;
+  for (int64_t r = 0; r < std::min(d, n_out); ++r) {
+    const int64_t L = (n_out - r + d - 1) / d, base = r - p;
+    auto valid = [&](int64_t k) { return base + k * d >= 0 && base + k * d < n_in; };
+    // The kind and product count of a tile of m outputs starting at run position j.
+    auto choose = [&](int64_t j, int m) -> std::pair<int, int> {
+      if (m == 3) return {kF33, 5};
+      if (m == 2) return !valid(j) && !valid(j + 3) ? std::pair<int, int>{kPair, 3} : std::pair<int, int>{kF23, 4};
+      int a = 0, b = 0;
+      while (a < 3 && !valid(j + a)) ++a;
+      b = a;
+      while (b < 3 && valid(j + b)) ++b;
+      return {kDirect + 4 * a + b, b - a};
+    };
+    std::vector<int64_t> best(L + 1, 0);
+    std::vector<int> step(L + 1, 0);
+    for (int64_t j = L - 1; j >= 0; --j) {
+      best[j] = INT64_MAX;
+      for (int m = 3; m >= 1; --m) {  // ties keep the larger tile: fewer tiles, less transform work
+        if (j + m > L) continue;
+        const int64_t cost = choose(j, m).second + best[j + m];
+        if (cost < best[j]) {
+          best[j] = cost;
+          step[j] = m;
+        }
+      }
+    }
+    for (int64_t j = 0; j < L; j += step[j]) {
+      const auto [kind, alpha] = choose(j, step[j]);
+      plan.first.push_back(static_cast<int64_t>(plan.grow.size()));
+      plan.tiles.push_back({r + j * d, base + j * d, kind});
+      for (int e = 0; e < alpha; ++e) plan.grow.push_back(grows.id(kinds[kind].G[e]));
+      plan.products += alpha;
+    }
+    for (int64_t j = 0; j < L; ++j) {
+      for (int t = 0; t < 3; ++t) plan.direct_taps += valid(j + t);
+    }
+  }
+  plan.first.push_back(static_cast<int64_t>(plan.grow.size()));
+  return plan;
+}
+
+// 'auto' takes the winograd path for float32 when it saves this many products over the in-image
+// taps, on at least this many channels in and out (small GEMMs lose to oneDNN's direct kernels).
+constexpr double kWinogradMinSaving = 1.3;
+constexpr int64_t kWinogradMinChannels = 32;
+
+// Channels per pass of a tile's transforms: its 5 x 5 intermediate rows stay in L1.
+constexpr int64_t kTransformBlock = 128;
+// Input-transform bytes per band of tile rows: the band's products are computed, multiplied and
+// transformed back before the next band's.
+constexpr int64_t kWinogradBandBytes = int64_t(256) << 20;
+
+// Grow-only scratch buffers per thread: the transforms' buffers run to hundreds of MiB for 2048
+// channels, and fresh ones would be page-faulted in (zeroed by the kernel) on every call.
+template <typename scalar_t>
+scalar_t* workspace(int which, int64_t numel) {
+  thread_local std::array<at::Tensor, 2> buffers;
+  at::Tensor& t = buffers[which];
+  const int64_t bytes = numel * int64_t(sizeof(scalar_t));
+  // Under torch's deterministic mode with uninitialised-memory filling (the tests' poisoning), a
+  // fresh buffer each call, so that a product slot the transforms forgot shows up as NaN.
+  const auto& ctx = at::globalContext();
+  const bool poisoning = ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory();
+  if (!t.defined() || t.numel() < bytes || poisoning) t = at::empty({std::max<int64_t>(bytes, 64)}, at::kByte);
+  return reinterpret_cast<scalar_t*>(t.mutable_data_ptr<uint8_t>());
+}
+
+// U[(R, Q)] = sum_ij GR[i] GQ[j] w[:, :, i, j] for every pair of G rows, (nG^2, C, O), from the
+// (O, C, 3, 3) weights: per row R, TR[j] = sum_i GR[i] w[i, j] on the (kH, kW, C, O) weights, then
+// U = sum_j GQ[j] TR[j].
+template <typename scalar_t>
+at::Tensor compute_weight_transforms(const at::Tensor& weight, const std::vector<std::array<double, 3>>& grows) {
+  const int64_t O = weight.size(0), n = weight.size(1) * O, nG = static_cast<int64_t>(grows.size());
+  const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();
+  at::Tensor U = at::empty({nG * nG, weight.size(1), O}, weight.options());
+  at::Tensor tr = at::empty({3, n}, weight.options());
+  const scalar_t* w = wt.const_data_ptr<scalar_t>();
+  scalar_t* t = tr.mutable_data_ptr<scalar_t>();
+  scalar_t* u = U.mutable_data_ptr<scalar_t>();
+  for (int64_t R = 0; R < nG; ++R) {
+    const scalar_t r0 = scalar_t(grows[R][0]), r1 = scalar_t(grows[R][1]), r2 = scalar_t(grows[R][2]);
+    at::parallel_for(0, n, 1 << 14, [&](int64_t a, int64_t b) {
+      for (int j = 0; j < 3; ++j) {
+        const scalar_t *w0 = w + j * n, *w1 = w + (3 + j) * n, *w2 = w + (6 + j) * n;
+        for (int64_t k = a; k < b; ++k) t[j * n + k] = r0 * w0[k] + r1 * w1[k] + r2 * w2[k];
+      }
+      for (int64_t Q = 0; Q < nG; ++Q) {
+        const scalar_t q0 = scalar_t(grows[Q][0]), q1 = scalar_t(grows[Q][1]), q2 = scalar_t(grows[Q][2]);
+        scalar_t* dst = u + (R * nG + Q) * n;
+        for (int64_t k = a; k < b; ++k) dst[k] = q0 * t[k] + q1 * t[n + k] + q2 * t[2 * n + k];
+      }
+    });
+  }
+  return U;
+}
+
+// Weight transforms of recent weights. Inference runs a layer with the same weights on every call,
+// and transforming them (nG^2 x C x O values) costs up to a third of the GEMMs. An entry is reused
+// only while the weights' bytes equal its copy of them (a memcmp: a few ms for 2048 x 256 x 3 x 3),
+// so in-place changes, ones that bypass the version counter included, are never missed.
+class WeightTransformCache {
+ public:
+  template <typename scalar_t>
+  at::Tensor get(const at::Tensor& weight, const std::vector<std::array<double, 3>>& grows) {
+    const int64_t nbytes = weight.numel() * int64_t(sizeof(scalar_t));
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+        if (it->grows == grows && it->weight.sizes() == weight.sizes() &&
+            it->weight.scalar_type() == weight.scalar_type() &&
+            std::memcmp(it->weight.const_data_ptr(), weight.const_data_ptr(), nbytes) == 0) {
+          entries_.splice(entries_.begin(), entries_, it);
+          return it->U;
+        }
+      }
+    }
+    Entry e{weight.clone(), grows, compute_weight_transforms<scalar_t>(weight, grows)};
+    const int64_t bytes = nbytes + e.U.numel() * int64_t(sizeof(scalar_t));
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.push_front(e);
+    bytes_ += bytes;
+    while (bytes_ > kLimitBytes && entries_.size() > 1) {
+      const Entry& last = entries_.back();
+      bytes_ -= last.weight.nbytes() + last.U.nbytes();
+      entries_.pop_back();
+    }
+    return e.U;
+  }
+
+ private:
+  struct Entry {
+    at::Tensor weight;
+    std::vector<std::array<double, 3>> grows;
+    at::Tensor U;
+  };
+  static constexpr int64_t kLimitBytes = int64_t(512) << 20;
+  std::mutex mutex_;
+  std::list<Entry> entries_;
+  int64_t bytes_ = 0;
+};
+
+template <typename scalar_t>
+at::Tensor weight_transforms(const at::Tensor& weight, const GRows& grows) {
+  static WeightTransformCache cache;
+  return cache.get<scalar_t>(weight, grows.rows);
+}
+
+// A tile's input pixels (null: padding) and where its products' inputs go, C values each.
+template <typename scalar_t>
+struct TileIO {
+  const scalar_t* src[5][5];
+  scalar_t* dst[5][5];
+};
+
+// dst[er][ec] = sum_kr sum_kc BT_row[er][kr] BT_col[ec][kc] src[kr][kc]: rows first, a block of
+// channels at a time with the intermediate rows in L1. (Holding a tile's transform in registers
+// one vector of channels at a time measured slower here: 50 streams of 32 bytes defeat the
+// prefetchers; the pass is bound by memory, not arithmetic: it ran no faster on two threads.)
+template <typename scalar_t>
+FASTSEG_ALWAYS_INLINE void transform_input_tile_impl(const TileKind& KR, const TileKind& KC,
+                                                     const TileIO<scalar_t>& io, int64_t C) {
+  scalar_t tmp[5][5][kTransformBlock];  // [er][kc]
+  for (int64_t c0 = 0; c0 < C; c0 += kTransformBlock) {
+    const int64_t cb = std::min(kTransformBlock, C - c0);
+    for (int er = 0; er < KR.alpha; ++er) {
+      for (int kc = 0; kc < KC.m + 2; ++kc) {
+        scalar_t* acc = tmp[er][kc];
+        std::fill(acc, acc + cb, scalar_t(0));
+        for (int kr = 0; kr < KR.m + 2; ++kr) {
+          const scalar_t coef = scalar_t(KR.BT[er][kr]);
+          const scalar_t* s = io.src[kr][kc];
+          if (coef == 0 || !s) continue;
+          s += c0;
+          for (int64_t c = 0; c < cb; ++c) acc[c] += coef * s[c];
+        }
+      }
+      for (int ec = 0; ec < KC.alpha; ++ec) {
+        scalar_t* dst = io.dst[er][ec] + c0;
+        std::fill(dst, dst + cb, scalar_t(0));
+        for (int kc = 0; kc < KC.m + 2; ++kc) {
+          const scalar_t coef = scalar_t(KC.BT[ec][kc]);
+          if (coef == 0) continue;
+          const scalar_t* s = tmp[er][kc];
+          for (int64_t c = 0; c < cb; ++c) dst[c] += coef * s[c];
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void transform_input_tile_base(const TileKind& KR, const TileKind& KC, const TileIO<scalar_t>& io, int64_t C) {
+  transform_input_tile_impl(KR, KC, io, C);
+}
+
+#if FASTSEG_HAVE_AVX2_CLONE
+template <typename scalar_t>
+FASTSEG_TARGET_AVX2 void transform_input_tile_avx2(const TileKind& KR, const TileKind& KC,
+                                                   const TileIO<scalar_t>& io, int64_t C) {
+  transform_input_tile_impl(KR, KC, io, C);
+}
+#endif
+
+template <typename scalar_t>
+void transform_input_tile(const TileKind& KR, const TileKind& KC, const TileIO<scalar_t>& io, int64_t C) {
+#if FASTSEG_HAVE_AVX2_CLONE
+  if (cpu_has_avx2()) return transform_input_tile_avx2(KR, KC, io, C);
+#endif
+  transform_input_tile_base(KR, KC, io, C);
+}
+
+template <typename scalar_t>
+void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tensor& y_nhwc, const at::Tensor& scale,
+                   const at::Tensor& shift, const at::Tensor& res_nhwc, bool relu, const ConvGeometry& g) {
+  const auto& kinds = tile_kinds();
+  GRows grows;
+  const AxisPlan rows = plan_axis(g.H, g.Ho, g.pH, g.dH, grows);
+  const AxisPlan cols = plan_axis(g.W, g.Wo, g.pW, g.dW, grows);
+  const int64_t nG = static_cast<int64_t>(grows.rows.size()), C = g.C, O = g.O;
+  const int64_t nRT = static_cast<int64_t>(rows.tiles.size()), nCT = static_cast<int64_t>(cols.tiles.size());
+  const auto opts = x_nhwc.options();
+
+  const at::Tensor U = weight_transforms<scalar_t>(weight, grows);
+
+  // Column tiles are the same in every band: each element's position among the tiles with its G row.
+  std::vector<int64_t> n_col(nG, 0), col_pos(cols.grow.size());
+  for (size_t e = 0; e < cols.grow.size(); ++e) col_pos[e] = n_col[cols.grow[e]]++;
+  const int64_t col_products = cols.products;
+
+  const scalar_t* x = x_nhwc.const_data_ptr<scalar_t>();
+  scalar_t* y = y_nhwc.mutable_data_ptr<scalar_t>();
+  const scalar_t* res = res_nhwc.defined() ? res_nhwc.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sc = scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sh = shift.defined() ? shift.const_data_ptr<scalar_t>() : nullptr;
+
+  // Bands of row units (image b, row tile i), u = b * nRT + i.
+  const int64_t units = g.B * nRT;
+  std::vector<int64_t> n_row(nG);
+  std::vector<int64_t> base(nG * nG);
+  for (int64_t u0 = 0; u0 < units;) {
+    int64_t u1 = u0, bytes = 0;
+    do {
+      const int64_t i = u1 % nRT;
+      bytes += (rows.first[i + 1] - rows.first[i]) * col_products * C * int64_t(sizeof(scalar_t));
+      ++u1;
+    } while (u1 < units && bytes < kWinogradBandBytes);
+    // Each unit's elements' positions among the band's units with the same G row.
+    std::fill(n_row.begin(), n_row.end(), 0);
+    std::vector<int64_t> unit_pos;
+    std::vector<int64_t> unit_first(u1 - u0 + 1);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t i = u % nRT;
+      unit_first[u - u0] = static_cast<int64_t>(unit_pos.size());
+      for (int64_t e = rows.first[i]; e < rows.first[i + 1]; ++e) unit_pos.push_back(n_row[rows.grow[e]]++);
+    }
+    unit_first[u1 - u0] = static_cast<int64_t>(unit_pos.size());
+    int64_t slots = 0;
+    for (int64_t R = 0; R < nG; ++R) {
+      for (int64_t Q = 0; Q < nG; ++Q) {
+        base[R * nG + Q] = slots;
+        slots += n_row[R] * n_col[Q];
+      }
+    }
+    scalar_t* v = workspace<scalar_t>(0, slots * C);
+    scalar_t* pr = workspace<scalar_t>(1, slots * O);
+    auto slot_of = [&](int64_t u, int64_t i, int er, int64_t j, int ec) {
+      const int64_t R = rows.grow[rows.first[i] + er], Q = cols.grow[cols.first[j] + ec];
+      return base[R * nG + Q] + unit_pos[unit_first[u - u0] + er] * n_col[Q] + col_pos[cols.first[j] + ec];
+    };
+
+    // Input transform: V[slot] = (BT_row (x) BT_col) x over the tile's (m + 2)^2 inputs.
+    at::parallel_for(0, (u1 - u0) * nCT, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t u = u0 + t / nCT, j = t % nCT, b = u / nRT, i = u % nRT;
+        const AxisTile &rt = rows.tiles[i], &ct = cols.tiles[j];
+        const TileKind &KR = kinds[rt.kind], &KC = kinds[ct.kind];
+        if (KR.alpha == 0 || KC.alpha == 0) continue;
+        TileIO<scalar_t> io{};
+        for (int kr = 0; kr < KR.m + 2; ++kr) {
+          const int64_t iy = rt.in0 + kr * g.dH;
+          if (iy < 0 || iy >= g.H) continue;
+          for (int kc = 0; kc < KC.m + 2; ++kc) {
+            const int64_t ix = ct.in0 + kc * g.dW;
+            if (ix >= 0 && ix < g.W) io.src[kr][kc] = x + ((b * g.H + iy) * g.W + ix) * C;
+          }
+        }
+        for (int er = 0; er < KR.alpha; ++er) {
+          for (int ec = 0; ec < KC.alpha; ++ec) io.dst[er][ec] = v + slot_of(u, i, er, j, ec) * C;
+        }
+        transform_input_tile(KR, KC, io, C);
+      }
+    });
+
+    // One GEMM per pair of G rows: P[pair] = V[pair] U[pair].
+    for (int64_t R = 0; R < nG; ++R) {
+      for (int64_t Q = 0; Q < nG; ++Q) {
+        const int64_t n = n_row[R] * n_col[Q];
+        if (n == 0) continue;
+        at::Tensor out_view = at::from_blob(pr + base[R * nG + Q] * O, {n, O}, opts);
+        at::mm_out(out_view, at::from_blob(v + base[R * nG + Q] * C, {n, C}, opts), U[R * nG + Q]);
+      }
+    }
+    // Output transform and epilogue: y = (AT_row (x) AT_col) P over the tile's products.
+    at::parallel_for(0, (u1 - u0) * nCT, 1, [&](int64_t t0, int64_t t1) {
+      scalar_t tmp[5][3][kTransformBlock];
+      scalar_t out[kTransformBlock];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t u = u0 + t / nCT, j = t % nCT, b = u / nRT, i = u % nRT;
+        const AxisTile &rt = rows.tiles[i], &ct = cols.tiles[j];
+        const TileKind &KR = kinds[rt.kind], &KC = kinds[ct.kind];
+        const bool zero = KR.alpha == 0 || KC.alpha == 0;
+        for (int64_t o0 = 0; o0 < O; o0 += kTransformBlock) {
+          const int64_t ob = std::min(kTransformBlock, O - o0);
+          if (!zero) {
+            for (int er = 0; er < KR.alpha; ++er) {
+              for (int jc = 0; jc < KC.m; ++jc) std::fill(tmp[er][jc], tmp[er][jc] + ob, scalar_t(0));
+              for (int ec = 0; ec < KC.alpha; ++ec) {
+                const scalar_t* s = pr + slot_of(u, i, er, j, ec) * O + o0;
+                for (int jc = 0; jc < KC.m; ++jc) {
+                  const scalar_t coef = scalar_t(KC.AT[jc][ec]);
+                  if (coef == 0) continue;
+                  scalar_t* acc = tmp[er][jc];
+                  for (int64_t o = 0; o < ob; ++o) acc[o] += coef * s[o];
+                }
+              }
+            }
+          }
+          for (int jr = 0; jr < KR.m; ++jr) {
+            const int64_t oy = rt.out0 + jr * g.dH;
+            for (int jc = 0; jc < KC.m; ++jc) {
+              const int64_t ox = ct.out0 + jc * g.dW;
+              std::fill(out, out + ob, scalar_t(0));
+              if (!zero) {
+                for (int er = 0; er < KR.alpha; ++er) {
+                  const scalar_t coef = scalar_t(KR.AT[jr][er]);
+                  if (coef == 0) continue;
+                  const scalar_t* s = tmp[er][jc];
+                  for (int64_t o = 0; o < ob; ++o) out[o] += coef * s[o];
+                }
+              }
+              const int64_t pos = ((b * g.Ho + oy) * g.Wo + ox) * O + o0;
+              scalar_t* dst = y + pos;
+              const scalar_t* r = res ? res + pos : nullptr;
+              for (int64_t o = 0; o < ob; ++o) {
+                scalar_t val = out[o];
+                if (sc) val *= sc[o0 + o];
+                if (sh) val += sh[o0 + o];
+                if (r) val += r[o];
+                if (relu) val = val > scalar_t(0) ? val : scalar_t(0);
+                dst[o] = val;
+              }
+            }
+          }
+        }
+      }
+    });
+    u0 = u1;
+  }
+}
+
+// Whether the winograd path applies, and its products against the in-image taps.
+bool winograd_possible(const ConvGeometry& g, int64_t groups, at::ScalarType type) {
+  return groups == 1 && g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 &&
+         (type == at::kFloat || type == at::kDouble);
+}
+
+double winograd_saving(const ConvGeometry& g) {
+  GRows grows;
+  const AxisPlan rows = plan_axis(g.H, g.Ho, g.pH, g.dH, grows);
+  const AxisPlan cols = plan_axis(g.W, g.Wo, g.pW, g.dW, grows);
+  return double(rows.direct_taps) * double(cols.direct_taps) /
+         std::max(1.0, double(rows.products) * double(cols.products));
+}
+
 void check_atrous_conv2d_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -281,13 +775,17 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({g.B, g.O, g.Ho, g.Wo}), "atrous_conv2d: residual has shape ",
                       residual->sizes(), ", expecting (", g.B, ", ", g.O, ", ", g.Ho, ", ", g.Wo, ")");
   }
-  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "taps" || algorithm == "conv",
-                    "atrous_conv2d: algorithm must be 'auto', 'taps' or 'conv', got '", std::string(algorithm), "'");
+  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "taps" || algorithm == "conv" || algorithm == "winograd",
+                    "atrous_conv2d: algorithm must be 'auto', 'taps', 'winograd' or 'conv', got '",
+                    std::string(algorithm), "'");
   const auto type = input.scalar_type();
   const bool taps_possible = groups == 1 && (type == at::kFloat || type == at::kDouble);
   TORCH_CHECK_VALUE(algorithm != "taps" || taps_possible,
                     "atrous_conv2d: the taps algorithm needs groups == 1 and float32 or float64, got groups = ",
                     groups, " and ", type);
+  TORCH_CHECK_VALUE(algorithm != "winograd" || winograd_possible(g, groups, type),
+                    "atrous_conv2d: the winograd algorithm needs a 3x3 kernel, stride 1, groups == 1 and float32 or "
+                    "float64, got kernel ", g.kH, "x", g.kW, ", stride ", stride, ", groups = ", groups, " and ", type);
   if (g.B == 0) return at::empty({0, g.O, g.Ho, g.Wo}, input.options().memory_format(format));
 
   // The epilogue's scale and shift in the accumulation type, the residual in the output's layout.
@@ -296,6 +794,20 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
   const at::Tensor sh = shift.has_value() ? shift->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor res = residual.has_value() ? residual->contiguous(format) : at::Tensor();
 
+  bool use_winograd = algorithm == "winograd";
+  if (algorithm == "auto") {
+    use_winograd = type == at::kFloat && winograd_possible(g, groups, type) && g.C >= kWinogradMinChannels &&
+                   g.O >= kWinogradMinChannels && winograd_saving(g) >= kWinogradMinSaving;
+  }
+  if (use_winograd) {
+    const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor out = at::empty({g.B, g.O, g.Ho, g.Wo}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const at::Tensor r = res.defined() ? res.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(type, "atrous_conv2d_winograd", [&] {
+      winograd_conv<scalar_t>(x, weight.contiguous(), out, sc, sh, r, relu, g);
+    });
+    return out.contiguous(format);
+  }
   bool use_taps = algorithm == "taps";
   if (algorithm == "auto") use_taps = taps_possible && type == at::kDouble;
   if (use_taps) {

@@ -33,20 +33,8 @@
 // Vector-extension values passed between always-inline helpers never cross an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#if defined(__GNUC__)
-#define FASTSEG_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTSEG_ALWAYS_INLINE inline
-#endif
-
-// The hot loops are compiled twice, for the baseline ISA and for AVX2+FMA, and picked at run time:
-// the extension is built without -march=native, and AVX2 doubles the width of every label row.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTSEG_HAVE_AVX2_CLONE 1
-#define FASTSEG_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define FASTSEG_HAVE_AVX2_CLONE 0
-#endif
+// The hot loops are compiled twice (FASTSEG_TARGET_AVX2, common.h): AVX2 doubles the width of every
+// label row.
 
 namespace fastseg {
 namespace {
@@ -59,15 +47,6 @@ enum Normalization : int64_t {
   kNormalizeAfter = 2,
   kNormalizeSymmetric = 3,
 };
-
-bool cpu_has_avx2() {
-#if FASTSEG_HAVE_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // Label rows: L rounded up to 4, or to a multiple of 8 (one AVX register per 8 labels).
 int64_t lanes_for(int64_t L) { return L <= 1 ? 1 : L <= 4 ? 4 : (L + 7) / 8 * 8; }
