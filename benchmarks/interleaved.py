@@ -6,8 +6,10 @@ medians and the range of the per-round ratios.
     python benchmarks/interleaved.py unpool_conv --rounds 9
     python benchmarks/interleaved.py gcn --rounds 9        # also the CPU kernel's forced routes
     python benchmarks/interleaved.py models --rounds 7     # fastseg.models and fastseg.convert
+    python benchmarks/interleaved.py atrous --rounds 7     # also the CPU kernel's forced paths, and ASPP
 
-Shapes are those of test_bench_unpool_conv.py, test_bench_gcn.py and test_bench_models.py.
+Shapes are those of test_bench_unpool_conv.py, test_bench_gcn.py, test_bench_models.py and
+test_bench_atrous.py.
 """
 import argparse
 import statistics
@@ -72,6 +74,34 @@ def gcn(rounds):
             compare(f"gcn_conv2d {B}x{Cin}x{H}x{H} ->{Cm}->{Co} k{k} {layout}", fns, rounds)
 
 
+def atrous(rounds):
+    import fastseg
+    import test_bench_atrous as bench
+
+    for B, C, H, rate in bench.CONV_SHAPES:
+        for layout in ("nchw", "channels_last"):
+            g = torch.Generator().manual_seed(0)
+            x = bench._layout(torch.randn(B, C, H, H, generator=g), layout)
+            w = torch.randn(bench.OUT, C, 3, 3, generator=g) / (9 * C) ** 0.5
+            mean, gamma, beta = (torch.randn(bench.OUT, generator=g) for _ in range(3))
+            var = torch.rand(bench.OUT, generator=g) + 0.5
+            scale = gamma * torch.rsqrt(var + 1e-5)
+            shift = beta - mean * scale
+            args = (x, w, scale, shift, None, [1, 1], [rate, rate], [rate, rate], 1, True)
+            fns = {"fastseg": lambda: fastseg.atrous_conv2d(x, w, dilation=rate, padding=rate, scale=scale, shift=shift,
+                                                            activation="relu"),
+                   "eager": lambda: bench._conv_bn_relu(x, w, mean, var, gamma, beta, rate)}
+            for path in ("winograd", "conv"):  # the C++ kernel's paths, forced
+                fns[f"forced {path}"] = (lambda p: lambda: torch.ops.fastseg.atrous_conv2d(*args, p))(path)
+            compare(f"atrous_conv2d {B}x{C}->{bench.OUT} {H}x{H} rate {rate} {layout}", fns, rounds)
+    for version, rates in (("v2", (6, 12, 18, 24)), ("v3", (12, 24, 36))):
+        torch.manual_seed(0)
+        aspp = fastseg.nn.ASPP(2048, bench.OUT, version=version, rates=rates).eval()
+        x = torch.randn(1, 2048, 65, 65).contiguous(memory_format=torch.channels_last)
+        compare(f"ASPP {version} rates {rates} 1x2048->{bench.OUT} 65x65 channels_last",
+                {"fastseg": lambda: aspp(x), "eager": lambda: bench._plain_aspp(aspp, x)}, rounds)
+
+
 def models(rounds):
     import test_bench_models as bench
     from fastseg import models as zoo
@@ -93,7 +123,7 @@ def models(rounds):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["unpool_conv", "gcn", "models"])
+    parser.add_argument("what", choices=["unpool_conv", "gcn", "models", "atrous"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()

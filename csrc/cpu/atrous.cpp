@@ -1,21 +1,21 @@
 // Atrous (dilated) convolution with a fused epilogue on the CPU (Yu & Koltun 2016; Chen et al.,
 // DeepLab v2, TPAMI 2017, and v3, 2017): y = act(scale * conv(x, w) + shift + residual).
 //
-// Two paths. "conv" calls at::convolution (oneDNN for float32/bfloat16) and applies the whole
+// Three paths. "conv" calls at::convolution (oneDNN for float32/bfloat16) and applies the whole
 // epilogue in one in-place pass, where eager PyTorch spends a pass per BatchNorm, add and ReLU.
-// "taps" splits the output plane into rectangles over which the set of in-image taps is constant
-// (a range of kernel rows times a range of kernel columns, since the input position grows with
-// the tap index), packs only those taps' input pixels and multiplies them with ATen's GEMM (MKL),
-// one GEMM per kernel row, then applies the epilogue to the cache-resident block and writes it
-// once in the output's memory format: the taps that fall into the zero padding at large rates on
-// small maps (60% of them at rate 36 on 65x65) are never multiplied.
+// "winograd" (3x3, stride 1, any rate; below) turns the convolution into minimal-filtering tiles
+// whose products are a few large GEMMs, the epilogue fused into the output transform. "taps"
+// splits the output plane into rectangles over which the set of in-image taps is constant, packs
+// only those taps' input pixels and multiplies them with ATen's GEMM, one GEMM per kernel row.
 //
-// Measured on this machine (2-core EPYC, side by side with eager in benchmarks/test_bench_atrous.py):
-// oneDNN's convolution already skips the padded taps (256->256 3x3 at 65x65, channels_last: rate 36 takes
-// 0.4x the time of rate 1, the in-image fraction), and the taps path's packing and per-row GEMMs
-// lose to it by 1.2-4x on float32. So "auto" takes "conv" for float32, float16, bfloat16 and
-// grouped/depthwise convolutions, and "taps" only for float64 with groups == 1, which oneDNN does
-// not handle (ATen falls back to a slow direct loop there; MKL's dgemm is much faster).
+// Measured on this machine (2-core EPYC): oneDNN's convolution already skips the taps that fall
+// into the zero padding (256->256 3x3 at 65x65, channels_last: rate 36 takes 0.4x the time of
+// rate 1, the in-image fraction), so skipping them alone does not beat it (the taps path lost by
+// 1.2-4x on float32); multiplying less does: the winograd path takes 1.2-1.9x less time than
+// oneDNN on DeepLab's 256..2048-channel layers (benchmarks/RESULTS.md). "auto" takes "winograd"
+// for float32 where winograd_pays() (enough channels, products saved and GEMM rows), "taps" for
+// float64 with groups == 1 (oneDNN has no float64 kernel and ATen's fallback loop is slow), and
+// "conv" otherwise (float16, bfloat16, grouped and depthwise convolutions, strides, other kernels).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -390,10 +390,19 @@ AxisPlan plan_axis(int64_t n_in, int64_t n_out, int64_t p, int64_t d, GRows& gro
   return plan;
 }
 
-// 'auto' takes the winograd path for float32 when it saves this many products over the in-image
-// taps, on at least this many channels in and out (small GEMMs lose to oneDNN's direct kernels).
-constexpr double kWinogradMinSaving = 1.3;
-constexpr int64_t kWinogradMinChannels = 32;
+// When 'auto' takes the winograd path for float32, from measurements against oneDNN here
+// (benchmarks/RESULTS.md): on at least this many input and output channels (128 -> 128 was level,
+// 32 and 64 channels and 2048 -> 21 lost up to 2x: the transforms outweigh the GEMMs), and when the
+// in-image taps outnumber the products, each GEMM counted kWinogradGemmRows rows more (a small GEMM
+// still reads its whole weight transform), by kWinogradMinSaving: more for channels_last inputs,
+// where oneDNN is at its best (8x256x33x33 at rate 24 saves 1.44x by this count and ran level; 256
+// channels at 33x33, rate 12, saves 1.13x and ran 0.77x), less for NCHW ones, which oneDNN
+// reorders (the same 8x256x33x33 ran 2.4x faster as winograd).
+constexpr int64_t kWinogradMinInChannels = 256;
+constexpr int64_t kWinogradMinOutChannels = 128;
+constexpr double kWinogradGemmRows = 32;
+constexpr double kWinogradMinSavingChannelsLast = 1.5;
+constexpr double kWinogradMinSavingNchw = 1.2;
 
 // Channels per pass of a tile's transforms: its 5 x 5 intermediate rows stay in L1.
 constexpr int64_t kTransformBlock = 128;
@@ -709,18 +718,21 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
   }
 }
 
-// Whether the winograd path applies, and its products against the in-image taps.
+// Whether the winograd path applies, and whether it beats oneDNN's convolution (below).
 bool winograd_possible(const ConvGeometry& g, int64_t groups, at::ScalarType type) {
   return groups == 1 && g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 &&
          (type == at::kFloat || type == at::kDouble);
 }
 
-double winograd_saving(const ConvGeometry& g) {
+bool winograd_pays(const ConvGeometry& g, bool channels_last) {
+  if (g.C < kWinogradMinInChannels || g.O < kWinogradMinOutChannels) return false;
   GRows grows;
   const AxisPlan rows = plan_axis(g.H, g.Ho, g.pH, g.dH, grows);
   const AxisPlan cols = plan_axis(g.W, g.Wo, g.pW, g.dW, grows);
-  return double(rows.direct_taps) * double(cols.direct_taps) /
-         std::max(1.0, double(rows.products) * double(cols.products));
+  const double gemms = double(grows.rows.size()) * double(grows.rows.size());
+  const double cost = g.B * double(rows.products) * double(cols.products) + kWinogradGemmRows * gemms;
+  const double taps = g.B * double(rows.direct_taps) * double(cols.direct_taps);
+  return taps >= (channels_last ? kWinogradMinSavingChannelsLast : kWinogradMinSavingNchw) * cost;
 }
 
 void check_atrous_conv2d_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
@@ -796,8 +808,7 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
 
   bool use_winograd = algorithm == "winograd";
   if (algorithm == "auto") {
-    use_winograd = type == at::kFloat && winograd_possible(g, groups, type) && g.C >= kWinogradMinChannels &&
-                   g.O >= kWinogradMinChannels && winograd_saving(g) >= kWinogradMinSaving;
+    use_winograd = type == at::kFloat && winograd_possible(g, groups, type) && winograd_pays(g, channels_last);
   }
   if (use_winograd) {
     const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
