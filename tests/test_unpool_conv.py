@@ -140,6 +140,27 @@ def test_cpp_wide_layer_route(case, layout, poison):
             assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", [(1, 256, 160, 48, 51, 2, 2, 0, 3, "same", 1), (2, 256, 128, 37, 30, 2, 2, 0, 3, "same", 2)],
+                         ids=["256to160-odd", "batch2-256to128-dil2"])
+def test_cpp_winograd_bands(case, layout, poison):
+    """float32 layers of 256+ channels under 4 MiB of weights convolve their bands through
+    atrous_conv2d's winograd path: every band split joins seamlessly."""
+    pr = _problem(case, seed=3)
+    B, C, O, H, W, pk, ps, pp, k, p, d = case
+    assert pr["w"].to(torch.float32).nbytes <= 4 << 20
+    pr["bias"] = torch.zeros_like(pr["bias"])
+    expected = _expected(pr, case, torch.float32)
+    for band_rows in (0, 5, 100):
+        out = torch.ops.fastseg.unpool_conv2d(
+            *(_layout(pr[n].float() if pr[n].is_floating_point() else pr[n], layout) for n in ("values", "indices")),
+            pr["w"].float(), pr["scale"].float(), pr["shift"].float(), _layout(pr["residual"].float(), layout),
+            list(_pair(pk)), list(_pair(ps)), list(_pair(pp)), [H, W], list(_conv_padding(case)), list(_pair(d)),
+            True, band_rows,
+        )
+        assert_relative_close(out, expected, torch.float32)
+
+
 def _scrambled_indices(values, H, W, seed):
     """Indices anywhere in the plane, many repeated: max_unpool2d's later-entry-wins semantics."""
     gen = torch.Generator().manual_seed(seed)

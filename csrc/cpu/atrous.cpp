@@ -29,6 +29,7 @@
 #include <cstring>
 #include <vector>
 
+#include "atrous.h"
 #include "common.h"
 
 namespace fastseg {
@@ -842,6 +843,16 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
 }
 
 }  // namespace
+
+bool atrous_takes_winograd(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, int64_t kH, int64_t kW,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, bool channels_last) {
+  ConvGeometry g;
+  g.B = B; g.C = C; g.H = H; g.W = W; g.O = O; g.kH = kH; g.kW = kW;
+  g.sH = g.sW = 1; g.pH = padding[0]; g.pW = padding[1]; g.dH = dilation[0]; g.dW = dilation[1];
+  g.Ho = H + 2 * g.pH - g.dH * (kH - 1);
+  g.Wo = W + 2 * g.pW - g.dW * (kW - 1);
+  return g.Ho > 0 && g.Wo > 0 && winograd_possible(g, 1, at::kFloat) && winograd_pays(g, channels_last);
+}
 
 TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
   m.impl("atrous_conv2d", &atrous_conv2d_cpu);

@@ -32,6 +32,7 @@
 #include <cstring>
 #include <vector>
 
+#include "atrous.h"
 #include "unpool.h"
 
 namespace fastseg {
@@ -44,6 +45,9 @@ namespace {
 // 32-row bands were within ~15% of each other at 64-256 channels, all ahead of eager.
 constexpr int64_t kBandBytes = 1 << 20;
 constexpr int64_t kMinBandRows = 4;
+// Output rows per band, at least, where bands convolve through the winograd path: 8 rows of 3-row
+// tiles, so that its GEMMs have 8 x W / 3 rows.
+constexpr int64_t kWinogradBandRows = 24;
 // Weights above this size go through the whole-map route (see unpool_conv2d_cpu).
 constexpr int64_t kWholeMapWeightBytes = 4 << 20;
 
@@ -338,23 +342,30 @@ at::Tensor unpool_conv2d_cpu(const at::Tensor& values, const at::Tensor& indices
   // 0.88-0.95x at 512 channels, 1.05-1.36x at 64-256 channels (weights at most 2.25 MiB). At 512
   // channels SegNet's maps are small (5.3 MiB at 45x60); where they are large the bands stay.
   // band_rows > 0 forces bands (tests).
+  static auto conv_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastseg::atrous_conv2d", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                            at::IntArrayRef, at::IntArrayRef, int64_t, bool, c10::string_view)>();
   if (status == kInWindow && band_rows == 0 && weight.nbytes() > kWholeMapWeightBytes) {
     static auto unpool_op = c10::Dispatcher::singleton()
                                 .findSchemaOrThrow("fastseg::max_unpool2d", "")
                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef,
                                                   at::IntArrayRef, at::IntArrayRef, c10::SymIntArrayRef)>();
-    static auto conv_op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("fastseg::atrous_conv2d", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::IntArrayRef,
-                              at::IntArrayRef, at::IntArrayRef, int64_t, bool, c10::string_view)>();
     at::Tensor unpooled = unpool_op.call(x, idx, kernel_size, stride, pool_padding, output_size);
     return conv_op.call(unpooled, weight.contiguous(format), scale, shift, residual, {1, 1}, padding, dilation, 1,
                         relu, "auto");
   }
-  // In the bands' memory format: at::convolution would otherwise copy it to that format per band.
-  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  // Bands convolve through atrous_conv2d's winograd path where it would take it for the band
+  // (3x3 float32 layers of 256+ channels; measured below), otherwise through at::convolution.
+  const int64_t halo = g.dH * (g.kH - 1);
+  const int64_t wino_rows = std::min<int64_t>(g.Hout, kWinogradBandRows);
+  const bool winograd = values.scalar_type() == at::kFloat &&
+                        atrous_takes_winograd(1, g.C, wino_rows + halo, W, g.O, g.kH, g.kW, {0, g.pW}, dilation, true);
+  // In the bands' memory format: at::convolution would otherwise copy it to that format per band;
+  // the winograd path reads (O, C, kH, kW) weights.
+  const at::Tensor w = weight.contiguous(winograd ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
   if (status == kOutOfWindow) {
     at::Tensor unpooled = at::empty({g.B, g.C, H, W}, band_options);
     dispatch_by_element_size(x.element_size(), [&](auto tag) {
@@ -367,7 +378,6 @@ at::Tensor unpool_conv2d_cpu(const at::Tensor& values, const at::Tensor& indices
     epilogue(conv, out, sc, sh, res, relu, g, 0);
     return out;
   }
-  const int64_t halo = g.dH * (g.kH - 1);
   // One parallel region: each thread claims (image, row band) tasks and builds, convolves
   // (oneDNN runs single-threaded inside a parallel region) and finishes each on its own.
   const int threads = at::get_num_threads();
@@ -380,6 +390,7 @@ at::Tensor unpool_conv2d_cpu(const at::Tensor& values, const at::Tensor& indices
     const int64_t row_bytes = std::max<int64_t>(g.C * W * x.element_size(), 1);
     const int64_t budget = std::max<int64_t>(kBandBytes, w.nbytes() / 2);
     rows = std::max<int64_t>(kMinBandRows, budget / row_bytes - halo);
+    if (winograd) rows = std::max(rows, kWinogradBandRows);  // GEMMs of enough rows
     rows = std::min(rows, div_ceil(g.Hout, div_ceil(int64_t(threads), g.B)));
   }
   rows = std::min(rows, g.Hout);
@@ -402,8 +413,11 @@ at::Tensor unpool_conv2d_cpu(const at::Tensor& values, const at::Tensor& indices
                      r0 - g.pH, n + halo);
         }
       });
-      const at::Tensor conv = at::convolution(band, w, std::nullopt, {1, 1}, {0, g.pW}, dilation, false, {0, 0}, 1)
-                                  .contiguous(at::MemoryFormat::ChannelsLast);
+      const at::Tensor conv =
+          winograd ? conv_op.call(band, w, std::nullopt, std::nullopt, std::nullopt, {1, 1}, {0, g.pW}, dilation, 1,
+                                  false, "winograd")
+                   : at::convolution(band, w, std::nullopt, {1, 1}, {0, g.pW}, dilation, false, {0, 0}, 1)
+                         .contiguous(at::MemoryFormat::ChannelsLast);
       at::Tensor out_b = out.narrow(0, bi, 1);
       epilogue(conv, out_b, sc, sh, res.defined() ? res.narrow(0, bi, 1) : res, relu, g1, r0);
     }
