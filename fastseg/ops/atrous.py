@@ -62,6 +62,12 @@ def atrous_conv2d(
         dtype, device and memory format. Differentiable in x, weight, bias, scale, shift and
         residual.
 
+    On the CPU, float32 3x3 convolutions at stride 1 of 256+ input and 128+ output channels run as
+    Winograd minimal-filtering tiles (Lavin & Gray, CVPR 2016) laid over the rate's interleaved
+    sub-grids, skipping the zero padding and most multiplications; their transformed weights are
+    kept for reuse while the weights' bytes are unchanged (512 MiB in all), so the first call with
+    new weights is slower. Other cases call oneDNN with the epilogue fused into one pass.
+
     Example:
         >>> x = torch.randn(1, 256, 65, 65)
         >>> w = torch.randn(256, 256, 3, 3) / 48
