@@ -1,5 +1,7 @@
 """fastseg.atrous_conv2d on every backend against F.conv2d + F.batch_norm + F.relu in float64, its
 gradients and custom ops, the AtrousConvBNReLU and ASPP layers against plain PyTorch, bad input."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,6 +187,31 @@ def test_winograd_tilings(case, dtype, layout, poison):
     assert out.shape == expected.shape
     assert_relative_close(out, expected, dtype)
     assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" and O > 1 else torch.contiguous_format)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_winograd_bands():
+    # Inputs whose products exceed the band size run in bands of tile rows (only very large ones at
+    # the default 256 MiB): a tiny band size, read once per process, forces a band per tile row.
+    import subprocess
+    import sys
+
+    script = """
+import torch, torch.nn.functional as F, fastseg
+gen = torch.Generator().manual_seed(3)
+for B, H, W, p, d in [(3, 13, 11, 2, 2), (2, 20, 17, 7, 7), (1, 9, 30, 1, 1)]:
+    x = torch.randn(B, 6, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 6, 3, 3, generator=gen, dtype=torch.float64)
+    r = torch.randn(B, 5, H + 2 * p - 2 * d, W + 2 * p - 2 * d, generator=gen, dtype=torch.float64)
+    out = torch.ops.fastseg.atrous_conv2d(x, w, None, None, r, [1, 1], [p, p], [d, d], 1, False, 'winograd')
+    ref = F.conv2d(x, w, None, 1, p, d) + r
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < 1e-12, (B, H, W, p, d, err)
+print('ok')
+"""
+    env = dict(os.environ, FASTSEG_WINOGRAD_BAND_BYTES="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")

@@ -22,11 +22,12 @@
 
 #include <algorithm>
 #include <array>
-#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <list>
 #include <mutex>
-#include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "atrous.h"
@@ -408,8 +409,16 @@ constexpr double kWinogradMinSavingNchw = 1.2;
 // Channels per pass of a tile's transforms: its 5 x 5 intermediate rows stay in L1.
 constexpr int64_t kTransformBlock = 128;
 // Input-transform bytes per band of tile rows: the band's products are computed, multiplied and
-// transformed back before the next band's.
-constexpr int64_t kWinogradBandBytes = int64_t(256) << 20;
+// transformed back before the next band's. Large, because each band reads every weight transform
+// again (32 MiB bands made a 2048-channel layer's GEMMs 1.3x slower); bands only bound the scratch
+// memory of very large inputs. FASTSEG_WINOGRAD_BAND_BYTES overrides it (tests).
+int64_t winograd_band_bytes() {
+  static const int64_t bytes = [] {
+    const char* s = std::getenv("FASTSEG_WINOGRAD_BAND_BYTES");
+    return s ? std::max<int64_t>(1, std::atoll(s)) : int64_t(256) << 20;
+  }();
+  return bytes;
+}
 
 // Grow-only scratch buffers per thread: the transforms' buffers run to hundreds of MiB for 2048
 // channels, and fresh ones would be page-faulted in (zeroed by the kernel) on every call.
@@ -604,7 +613,7 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
       const int64_t i = u1 % nRT;
       bytes += (rows.first[i + 1] - rows.first[i]) * col_products * C * int64_t(sizeof(scalar_t));
       ++u1;
-    } while (u1 < units && bytes < kWinogradBandBytes);
+    } while (u1 < units && bytes < winograd_band_bytes());
     // Each unit's elements' positions among the band's units with the same G row.
     std::fill(n_row.begin(), n_row.end(), 0);
     std::vector<int64_t> unit_pos;
