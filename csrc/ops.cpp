@@ -59,7 +59,9 @@ TORCH_LIBRARY(fastseg, m) {
   // Atrous (dilated) convolution with a fused epilogue (Yu & Koltun 2016; DeepLab v2/v3):
   // act(scale * conv(input, weight) + shift + residual). input (B, C, H, W), weight
   // (O, C / groups, kH, kW), scale/shift (O), residual (B, O, Ho, Wo); the output takes input's
-  // memory format. algorithm: 'auto', or force the CPU kernel's 'taps' or 'conv' path (tests).
+  // memory format. algorithm: 'auto' ('auto_training' when autograd will update the weights, so
+  // that the CPU kernel does not keep their transforms), or force the CPU kernel's 'taps',
+  // 'winograd' or 'conv' path (tests).
   m.def(
       "atrous_conv2d(Tensor input, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "

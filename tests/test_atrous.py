@@ -239,6 +239,30 @@ def test_winograd_weight_cache_sees_every_change():
         check(torch.randn(8, 16, 3, 3, generator=gen))
 
 
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_winograd_sized_layer_trains():
+    # A layer 'auto' sends down the winograd path (float32, 256 -> 128, 3x3), trained for a few SGD
+    # steps: each step's forward and gradients match F.conv2d's with the same updated weights.
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 256, 21, 19, generator=gen)
+    w = (torch.randn(128, 256, 3, 3, generator=gen) / 48).requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    for _ in range(3):
+        out = fastseg.atrous_conv2d(x, w, dilation=2, activation="relu")
+        ref = F.relu(F.conv2d(x, w_ref, None, 1, 2, 2))
+        assert_relative_close(out.detach(), ref.detach().double(), torch.float32)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        assert_relative_close(w.grad, w_ref.grad.double(), torch.float32)
+        with torch.no_grad():
+            for p in (w, w_ref):
+                p -= 1e-4 * p.grad
+                p.grad = None
+    with torch.no_grad():  # inference on the trained weights
+        assert_relative_close(fastseg.atrous_conv2d(x, w, dilation=2), F.conv2d(x.double(), w_ref.double(), None, 1, 2, 2),
+                              torch.float32)
+
+
 def test_poison_fixture_poisons(poison):
     assert torch.isnan(torch.empty(64)).all()
 

@@ -403,6 +403,10 @@ AxisPlan plan_axis(int64_t n_in, int64_t n_out, int64_t p, int64_t d, GRows& gro
 constexpr int64_t kWinogradMinInChannels = 256;
 constexpr int64_t kWinogradMinOutChannels = 128;
 constexpr double kWinogradGemmRows = 32;
+// When the weights change on every call (training), each GEMM's weight transform is computed anew,
+// costing about this many GEMM rows (2048 -> 256 at 65x65: 60-95 ms for rate 24's 64 transforms;
+// freshly drawn weights each call ran rate 12 1.2-1.6x faster than oneDNN, rate 24 0.8x).
+constexpr double kWinogradTransformRows = 128;
 constexpr double kWinogradMinSavingChannelsLast = 1.5;
 constexpr double kWinogradMinSavingNchw = 1.2;
 
@@ -510,7 +514,8 @@ class WeightTransformCache {
 };
 
 template <typename scalar_t>
-at::Tensor weight_transforms(const at::Tensor& weight, const GRows& grows) {
+at::Tensor weight_transforms(const at::Tensor& weight, const GRows& grows, bool cached) {
+  if (!cached) return compute_weight_transforms<scalar_t>(weight, grows.rows);
   static WeightTransformCache cache;
   return cache.get<scalar_t>(weight, grows.rows);
 }
@@ -581,7 +586,8 @@ void transform_input_tile(const TileKind& KR, const TileKind& KC, const TileIO<s
 
 template <typename scalar_t>
 void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tensor& y_nhwc, const at::Tensor& scale,
-                   const at::Tensor& shift, const at::Tensor& res_nhwc, bool relu, const ConvGeometry& g) {
+                   const at::Tensor& shift, const at::Tensor& res_nhwc, bool relu, const ConvGeometry& g,
+                   bool cache_weights) {
   const auto& kinds = tile_kinds();
   GRows grows;
   const AxisPlan rows = plan_axis(g.H, g.Ho, g.pH, g.dH, grows);
@@ -590,7 +596,7 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
   const int64_t nRT = static_cast<int64_t>(rows.tiles.size()), nCT = static_cast<int64_t>(cols.tiles.size());
   const auto opts = x_nhwc.options();
 
-  const at::Tensor U = weight_transforms<scalar_t>(weight, grows);
+  const at::Tensor U = weight_transforms<scalar_t>(weight, grows, cache_weights);
 
   // Column tiles are the same in every band: each element's position among the tiles with its G row.
   std::vector<int64_t> n_col(nG, 0), col_pos(cols.grow.size());
@@ -734,13 +740,14 @@ bool winograd_possible(const ConvGeometry& g, int64_t groups, at::ScalarType typ
          (type == at::kFloat || type == at::kDouble);
 }
 
-bool winograd_pays(const ConvGeometry& g, bool channels_last) {
+bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
   if (g.C < kWinogradMinInChannels || g.O < kWinogradMinOutChannels) return false;
   GRows grows;
   const AxisPlan rows = plan_axis(g.H, g.Ho, g.pH, g.dH, grows);
   const AxisPlan cols = plan_axis(g.W, g.Wo, g.pW, g.dW, grows);
   const double gemms = double(grows.rows.size()) * double(grows.rows.size());
-  const double cost = g.B * double(rows.products) * double(cols.products) + kWinogradGemmRows * gemms;
+  const double per_gemm = kWinogradGemmRows + (cold ? kWinogradTransformRows : 0.0);
+  const double cost = g.B * double(rows.products) * double(cols.products) + per_gemm * gemms;
   const double taps = g.B * double(rows.direct_taps) * double(cols.direct_taps);
   return taps >= (channels_last ? kWinogradMinSavingChannelsLast : kWinogradMinSavingNchw) * cost;
 }
@@ -797,8 +804,9 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({g.B, g.O, g.Ho, g.Wo}), "atrous_conv2d: residual has shape ",
                       residual->sizes(), ", expecting (", g.B, ", ", g.O, ", ", g.Ho, ", ", g.Wo, ")");
   }
-  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "taps" || algorithm == "conv" || algorithm == "winograd",
-                    "atrous_conv2d: algorithm must be 'auto', 'taps', 'winograd' or 'conv', got '",
+  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "auto_training" || algorithm == "taps" || algorithm == "conv" ||
+                        algorithm == "winograd",
+                    "atrous_conv2d: algorithm must be 'auto', 'auto_training', 'taps', 'winograd' or 'conv', got '",
                     std::string(algorithm), "'");
   const auto type = input.scalar_type();
   const bool taps_possible = groups == 1 && (type == at::kFloat || type == at::kDouble);
@@ -816,21 +824,26 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
   const at::Tensor sh = shift.has_value() ? shift->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor res = residual.has_value() ? residual->contiguous(format) : at::Tensor();
 
+  // 'auto_training' (what fastseg.atrous_conv2d passes when autograd will update the weights): the
+  // weights change on every call, so their winograd transforms are neither looked up nor kept, and
+  // the path is chosen with their cost counted.
+  const bool training = algorithm == "auto_training";
   bool use_winograd = algorithm == "winograd";
-  if (algorithm == "auto") {
-    use_winograd = type == at::kFloat && winograd_possible(g, groups, type) && winograd_pays(g, channels_last);
+  if (algorithm == "auto" || training) {
+    use_winograd = type == at::kFloat && winograd_possible(g, groups, type) &&
+                   winograd_pays(g, channels_last, /*cold=*/training);
   }
   if (use_winograd) {
     const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor out = at::empty({g.B, g.O, g.Ho, g.Wo}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
     const at::Tensor r = res.defined() ? res.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(type, "atrous_conv2d_winograd", [&] {
-      winograd_conv<scalar_t>(x, weight.contiguous(), out, sc, sh, r, relu, g);
+      winograd_conv<scalar_t>(x, weight.contiguous(), out, sc, sh, r, relu, g, /*cache_weights=*/!training);
     });
     return out.contiguous(format);
   }
   bool use_taps = algorithm == "taps";
-  if (algorithm == "auto") use_taps = taps_possible && type == at::kDouble;
+  if (algorithm == "auto" || training) use_taps = taps_possible && type == at::kDouble;
   if (use_taps) {
     const auto rows = split_axis(g.H, g.Ho, g.kH, g.sH, g.pH, g.dH);
     const auto cols = split_axis(g.W, g.Wo, g.kW, g.sW, g.pW, g.dW);
@@ -860,7 +873,8 @@ bool atrous_takes_winograd(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O
   g.sH = g.sW = 1; g.pH = padding[0]; g.pW = padding[1]; g.dH = dilation[0]; g.dW = dilation[1];
   g.Ho = H + 2 * g.pH - g.dH * (kH - 1);
   g.Wo = W + 2 * g.pW - g.dW * (kW - 1);
-  return g.Ho > 0 && g.Wo > 0 && winograd_possible(g, 1, at::kFloat) && winograd_pays(g, channels_last);
+  return g.Ho > 0 && g.Wo > 0 && winograd_possible(g, 1, at::kFloat) &&
+         winograd_pays(g, channels_last, /*cold=*/false);
 }
 
 TORCH_LIBRARY_IMPL(fastseg, CPU, m) {

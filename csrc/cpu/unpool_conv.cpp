@@ -364,8 +364,10 @@ at::Tensor unpool_conv2d_cpu(const at::Tensor& values, const at::Tensor& indices
   const bool winograd = values.scalar_type() == at::kFloat &&
                         atrous_takes_winograd(1, g.C, wino_rows + halo, W, g.O, g.kH, g.kW, {0, g.pW}, dilation, true);
   // In the bands' memory format: at::convolution would otherwise copy it to that format per band;
-  // the winograd path reads (O, C, kH, kW) weights.
-  const at::Tensor w = weight.contiguous(winograd ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
+  // the winograd path reads (O, C, kH, kW) weights, detached so that it keeps their transforms for
+  // the next band even when autograd will update them (see atrous.cpp).
+  const at::Tensor w =
+      weight.contiguous(winograd ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast).detach();
   if (status == kOutOfWindow) {
     at::Tensor unpooled = at::empty({g.B, g.C, H, W}, band_options);
     dispatch_by_element_size(x.element_size(), [&](auto tag) {

@@ -114,7 +114,10 @@ def atrous_conv2d(
     elif impl == "triton":
         out = torch.ops.fastseg.atrous_conv2d_triton(*args)
     else:
-        out = torch.ops.fastseg.atrous_conv2d(*args)
+        # Weights that autograd will update change on every call: the CPU kernel neither keeps nor
+        # looks up their Winograd transforms then.
+        training = torch.is_grad_enabled() and weight.requires_grad
+        out = torch.ops.fastseg.atrous_conv2d(*args, "auto_training" if training else "auto")
     return out if batched else out.squeeze(0)
 
 
