@@ -240,6 +240,23 @@ def test_winograd_weight_cache_sees_every_change():
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_winograd_never_hides_non_finite_input(bad):
+    # Every output that F.conv2d makes non-finite is non-finite here too (Winograd may spread a
+    # non-finite value over its tile, documented; it must never drop one).
+    x = torch.randn(1, 4, 17, 17, generator=torch.Generator().manual_seed(5))
+    x[0, 2, 8, 5] = bad
+    w = torch.randn(3, 4, 3, 3, generator=torch.Generator().manual_seed(6))
+    out = torch.ops.fastseg.atrous_conv2d(x, w, None, None, None, [1, 1], [2, 2], [2, 2], 1, False, "winograd")
+    ref = F.conv2d(x, w, None, 1, 2, 2)
+    assert (~torch.isfinite(out))[~torch.isfinite(ref)].all()
+    # and it stays within its rate-2 sub-grid (rows of its parity, columns of its parity)
+    other = torch.ones(17, 17, dtype=torch.bool)
+    other[0::2, 1::2] = False
+    assert torch.isfinite(out[..., other]).all()
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 def test_winograd_sized_layer_trains():
     # A layer 'auto' sends down the winograd path (float32, 256 -> 128, 3x3), trained for a few SGD
     # steps: each step's forward and gradients match F.conv2d's with the same updated weights.

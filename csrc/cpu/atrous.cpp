@@ -407,6 +407,9 @@ constexpr double kWinogradGemmRows = 32;
 // costing about this many GEMM rows (2048 -> 256 at 65x65: 60-95 ms for rate 24's 64 transforms;
 // freshly drawn weights each call ran rate 12 1.2-1.6x faster than oneDNN, rate 24 0.8x).
 constexpr double kWinogradTransformRows = 128;
+// Nor where the weight transforms (nG^2 x C x O values) would outgrow this: 2048 -> 2048 at nG = 5
+// needs 400 MiB of them, kept in memory beside oneDNN-sized weights of 144 MiB.
+constexpr int64_t kWinogradMaxTransformBytes = int64_t(256) << 20;
 constexpr double kWinogradMinSavingChannelsLast = 1.5;
 constexpr double kWinogradMinSavingNchw = 1.2;
 
@@ -746,6 +749,7 @@ bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
   const AxisPlan rows = plan_axis(g.H, g.Ho, g.pH, g.dH, grows);
   const AxisPlan cols = plan_axis(g.W, g.Wo, g.pW, g.dW, grows);
   const double gemms = double(grows.rows.size()) * double(grows.rows.size());
+  if (gemms * double(g.C) * double(g.O) * sizeof(float) > double(kWinogradMaxTransformBytes)) return false;
   const double per_gemm = kWinogradGemmRows + (cold ? kWinogradTransformRows : 0.0);
   const double cost = g.B * double(rows.products) * double(cols.products) + per_gemm * gemms;
   const double taps = g.B * double(rows.direct_taps) * double(cols.direct_taps);
