@@ -405,7 +405,8 @@ constexpr int64_t kWinogradMinOutChannels = 128;
 constexpr double kWinogradGemmRows = 32;
 // When the weights change on every call (training), each GEMM's weight transform is computed anew,
 // costing about this many GEMM rows (2048 -> 256 at 65x65: 60-95 ms for rate 24's 64 transforms;
-// freshly drawn weights each call ran rate 12 1.2-1.6x faster than oneDNN, rate 24 0.8x).
+// freshly drawn weights on each call, transformed and cached every time, ran rate 12 1.2-1.6x
+// faster than oneDNN and rate 24 0.8x; uncached, with this count, rate 24 goes to oneDNN).
 constexpr double kWinogradTransformRows = 128;
 // Nor where the weight transforms (nG^2 x C x O values) would outgrow this: 2048 -> 2048 at nG = 5
 // needs 400 MiB of them, kept in memory beside oneDNN-sized weights of 144 MiB.
