@@ -497,7 +497,7 @@ class WeightTransformCache {
     std::lock_guard<std::mutex> lock(mutex_);
     entries_.push_front(e);
     bytes_ += bytes;
-    while (bytes_ > kLimitBytes && entries_.size() > 1) {
+    while (bytes_ > limit_bytes() && !entries_.empty()) {
       const Entry& last = entries_.back();
       bytes_ -= last.weight.nbytes() + last.U.nbytes();
       entries_.pop_back();
@@ -511,7 +511,14 @@ class WeightTransformCache {
     std::vector<std::array<double, 3>> grows;
     at::Tensor U;
   };
-  static constexpr int64_t kLimitBytes = int64_t(512) << 20;
+  // 512 MiB, or FASTSEG_WINOGRAD_CACHE_MB (read once; 0 keeps nothing).
+  static int64_t limit_bytes() {
+    static const int64_t bytes = [] {
+      const char* s = std::getenv("FASTSEG_WINOGRAD_CACHE_MB");
+      return (s ? std::max<int64_t>(0, std::atoll(s)) : int64_t(512)) << 20;
+    }();
+    return bytes;
+  }
   std::mutex mutex_;
   std::list<Entry> entries_;
   int64_t bytes_ = 0;
