@@ -152,6 +152,18 @@ struct ConvGeometry {
   int64_t B, C, H, W, O, Ho, Wo, kH, kW, sH, sW, pH, pW, dH, dW;
 };
 
+// The geometry of a (B, C, H, W) input convolved by (O, C / groups, kH, kW) weights; Ho or Wo <= 0
+// when the output would be empty.
+ConvGeometry conv_geometry(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, int64_t kH, int64_t kW,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  ConvGeometry g;
+  g.B = B; g.C = C; g.H = H; g.W = W; g.O = O; g.kH = kH; g.kW = kW;
+  g.sH = stride[0]; g.sW = stride[1]; g.pH = padding[0]; g.pW = padding[1]; g.dH = dilation[0]; g.dW = dilation[1];
+  g.Ho = div_floor(H + 2 * g.pH - g.dH * (kH - 1) - 1, g.sH) + 1;
+  g.Wo = div_floor(W + 2 * g.pW - g.dW * (kW - 1) - 1, g.sW) + 1;
+  return g;
+}
+
 // One output rectangle (rows x cols of every image) with its in-image taps: packs the input pixels
 // of kernel row i's taps for a block of pixels, multiplies with that kernel row's weights and
 // accumulates; then applies the epilogue and writes the block out.
@@ -492,8 +504,10 @@ class WeightTransformCache {
         }
       }
     }
-    Entry e{weight.clone(), grows, compute_weight_transforms<scalar_t>(weight, grows)};
-    const int64_t bytes = nbytes + e.U.numel() * int64_t(sizeof(scalar_t));
+    at::Tensor U = compute_weight_transforms<scalar_t>(weight, grows);
+    const int64_t bytes = nbytes + U.numel() * int64_t(sizeof(scalar_t));
+    if (bytes > limit_bytes()) return U;  // would evict itself: not kept, and the weights not copied
+    Entry e{weight.clone(), grows, U};
     std::lock_guard<std::mutex> lock(mutex_);
     entries_.push_front(e);
     bytes_ += bytes;
@@ -803,12 +817,8 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                              bool relu, c10::string_view algorithm) {
   check_atrous_conv2d_args(input, weight, scale, shift, residual, stride, padding, dilation, groups);
-  ConvGeometry g;
-  g.B = input.size(0); g.C = input.size(1); g.H = input.size(2); g.W = input.size(3);
-  g.O = weight.size(0); g.kH = weight.size(2); g.kW = weight.size(3);
-  g.sH = stride[0]; g.sW = stride[1]; g.pH = padding[0]; g.pW = padding[1]; g.dH = dilation[0]; g.dW = dilation[1];
-  g.Ho = (g.H + 2 * g.pH - g.dH * (g.kH - 1) - 1) / g.sH + 1;
-  g.Wo = (g.W + 2 * g.pW - g.dW * (g.kW - 1) - 1) / g.sW + 1;
+  const ConvGeometry g = conv_geometry(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
+                                       weight.size(2), weight.size(3), stride, padding, dilation);
   TORCH_CHECK_VALUE(g.Ho > 0 && g.Wo > 0, "atrous_conv2d: the output would be empty (", g.Ho, "x", g.Wo, ")");
   const auto format = output_memory_format(input);
   const bool channels_last = format == at::MemoryFormat::ChannelsLast;
@@ -834,7 +844,6 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
   const auto acc_type = at::toOpMathType(type);
   const at::Tensor sc = scale.has_value() ? scale->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor sh = shift.has_value() ? shift->to(acc_type).contiguous() : at::Tensor();
-  const at::Tensor res = residual.has_value() ? residual->contiguous(format) : at::Tensor();
 
   // 'auto_training' (what fastseg.atrous_conv2d passes when autograd will update the weights): the
   // weights change on every call, so their winograd transforms are neither looked up nor kept, and
@@ -845,12 +854,14 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
     use_winograd = type == at::kFloat && winograd_possible(g, groups, type) &&
                    winograd_pays(g, channels_last, /*cold=*/training);
   }
+  // The residual in the layout its path reads: channels_last for winograd, the output's otherwise.
+  const auto res_format = use_winograd ? at::MemoryFormat::ChannelsLast : format;
+  const at::Tensor res = residual.has_value() ? residual->contiguous(res_format) : at::Tensor();
   if (use_winograd) {
     const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor out = at::empty({g.B, g.O, g.Ho, g.Wo}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
-    const at::Tensor r = res.defined() ? res.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(type, "atrous_conv2d_winograd", [&] {
-      winograd_conv<scalar_t>(x, weight.contiguous(), out, sc, sh, r, relu, g, /*cache_weights=*/!training);
+      winograd_conv<scalar_t>(x, weight.contiguous(), out, sc, sh, res, relu, g, /*cache_weights=*/!training);
     });
     return out.contiguous(format);
   }
@@ -880,11 +891,7 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
 
 bool atrous_takes_winograd(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, int64_t kH, int64_t kW,
                            at::IntArrayRef padding, at::IntArrayRef dilation, bool channels_last) {
-  ConvGeometry g;
-  g.B = B; g.C = C; g.H = H; g.W = W; g.O = O; g.kH = kH; g.kW = kW;
-  g.sH = g.sW = 1; g.pH = padding[0]; g.pW = padding[1]; g.dH = dilation[0]; g.dW = dilation[1];
-  g.Ho = H + 2 * g.pH - g.dH * (kH - 1);
-  g.Wo = W + 2 * g.pW - g.dW * (kW - 1);
+  const ConvGeometry g = conv_geometry(B, C, H, W, O, kH, kW, {1, 1}, padding, dilation);
   return g.Ho > 0 && g.Wo > 0 && winograd_possible(g, 1, at::kFloat) &&
          winograd_pays(g, channels_last, /*cold=*/false);
 }

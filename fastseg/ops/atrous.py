@@ -65,10 +65,10 @@ def atrous_conv2d(
     On the CPU, float32 3x3 convolutions at stride 1 of 256+ input and 128+ output channels run as
     Winograd minimal-filtering tiles (Lavin & Gray, CVPR 2016) laid over the rate's interleaved
     sub-grids, skipping the zero padding and most multiplications; their transformed weights are
-    kept for reuse while the weights' bytes are unchanged (512 MiB in all), so the first call with
-    new weights is slower. As in every Winograd implementation, a non-finite input value can turn
-    the other outputs of its tile into NaN (their terms in it cancel only in exact arithmetic:
-    inf - inf). Other cases call oneDNN with the epilogue fused into one pass.
+    kept for reuse while the weights' bytes are unchanged (512 MiB in all, or
+    ``FASTSEG_WINOGRAD_CACHE_MB``), so the first call with new weights is slower. As in every
+    Winograd implementation, a non-finite input value can turn the other outputs of its tile into
+    NaN (their terms in it cancel only in exact arithmetic: inf - inf). Other cases call oneDNN with the epilogue fused into one pass.
 
     Example:
         >>> x = torch.randn(1, 256, 65, 65)
