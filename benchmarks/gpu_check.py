@@ -4,9 +4,11 @@ between the two timings of one implementation shows the noise.
 
     python benchmarks/gpu_check.py [--out DIR] [--data DIR] [SECTION ...]
 
-Sections: peaks atrous aspp gcn unpool unpool_conv crf crf_images (default: all, in that order).
-Every section is independent; one that fails prints its traceback and the rest go on. Each result
-is a line of ``DIR/gpu_check.jsonl``; a table is printed at the end.
+Sections: peaks atrous atrous_routes aspp gcn unpool unpool_conv crf crf_train crf_images profile
+(default: all, in that order). Every section is independent; one that fails prints its traceback
+and the rest go on. Each result is printed as it comes and is a line of ``DIR/gpu_check.jsonl``.
+``--dry-run`` runs the script on the CPU with tiny shapes (Triton under the interpreter), to check
+the script itself before spending device time.
 
 Correctness: every fastseg output is computed once with fresh allocations poisoned (torch's
 deterministic-mode fill: NaN for floats), and compared against a float64 reference on the device
@@ -171,6 +173,70 @@ def section_atrous():
                 versus(f"atrous B{B} C{C}->{O} {H}x{H} rate{rate} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}",
                        {"fastseg": fast, "eager": lambda: _conv_bn_relu(x, w, mean, var, gamma, beta, rate)},
                        flops=2 * B * H * H * O * C * 9, err=rel_error(out, ref), layout_ok=layout_ok)
+
+
+def section_atrous_routes():
+    """Where a cuDNN route would stand: BatchNorm folded into the weights and bias, then cuDNN's
+    own fused convolution + bias + ReLU (torch.cudnn_convolution_relu), against the Triton kernel
+    and eager conv -> batch_norm -> relu."""
+    for B, C, H, rate in ATROUS_SHAPES:
+        O = min(256, 4 * C)
+        x = channels_last(torch.randn(B, C, H, H, device=DEV)).half()
+        w = (torch.randn(O, C, 3, 3, device=DEV) / (9 * C) ** 0.5).half()
+        mean, gamma, beta = (torch.randn(O, device=DEV).half() for _ in range(3))
+        var = (torch.rand(O, device=DEV) + 0.5).half()
+        scale = gamma.float() * torch.rsqrt(var.float() + 1e-5)
+        shift = (beta.float() - mean.float() * scale).half()
+        w_folded = channels_last((w.float() * scale.view(-1, 1, 1, 1)).half())
+        fns = {"triton": lambda: fastseg.atrous_conv2d(x, w, dilation=rate, padding=rate, scale=scale.half(),
+                                                      shift=shift, activation="relu", backend="triton"),
+               "cudnn fused": lambda: torch.cudnn_convolution_relu(x, w_folded, shift, [1, 1], [rate, rate],
+                                                                    [rate, rate], 1),
+               "folded conv+relu_": lambda: F.relu_(F.conv2d(x, w_folded, shift, 1, rate, rate)),
+               "eager": lambda: _conv_bn_relu(x, w, mean, var, gamma, beta, rate)}
+        if DEV != "cuda":  # cuDNN only on a GPU; the CPU has no half convolution either
+            break
+        with torch.no_grad():
+            ref = F.relu(F.conv2d(x.double(), w.double(), None, 1, rate, rate) * scale.double().view(1, -1, 1, 1)
+                         + shift.double().view(1, -1, 1, 1))
+            errors = {f"{k} err": rel_error(fn(), ref) for k, fn in fns.items()}
+            versus(f"atrous routes B{B} C{C}->{O} {H}x{H} rate{rate} float16 CL", fns,
+                   flops=2 * B * H * H * O * C * 9, **errors)
+
+
+PROFILE_CRF_HW = (375, 500)
+
+
+def section_profile():
+    """Where the time goes in one dense-CRF call and one small atrous call (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    unary, image = _crf_inputs(1, *PROFILE_CRF_HW, 21)
+    u, im = unary.to(DEV), image.to(DEV)
+    calls = {
+        "crf_{}x{}_it10".format(*PROFILE_CRF_HW[::-1]): lambda: fastseg.dense_crf(u, im, iterations=10, unary="energy", backend="triton"),
+    }
+    x = channels_last(torch.randn(1, 256, 65, 65, device=DEV)).half()
+    w = (torch.randn(256, 256, 3, 3, device=DEV) / 48).half()
+    scale, shift = torch.rand(256, device=DEV).half(), torch.randn(256, device=DEV).half()
+    calls["atrous_B1_256_65x65_rate12"] = lambda: fastseg.atrous_conv2d(x, w, dilation=12, padding=12, scale=scale,
+                                                                        shift=shift, activation="relu")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    for name, fn in calls.items():
+        with torch.no_grad():
+            fn()
+            sync()
+            wall = _time_wall(fn, 5)
+            with profile(activities=activities) as prof:
+                fn()
+                sync()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total",
+                                          row_limit=30)
+        (OUT_DIR / f"profile_{name}.txt").write_text(table)
+        events = prof.key_averages()
+        gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+        launches = sum(e.count for e in events if "launch" in e.key.lower() or "LaunchKernel" in e.key)
+        log(name=f"profile {name}", **{"wall ms": wall, "gpu busy ms": gpu_us / 1e3, "launch calls": launches})
 
 
 def _plain_aspp(aspp, x):
@@ -371,7 +437,10 @@ def section_crf():
                 extra["max |dQ|"] = float((q_gpu - q_cpu).abs().max())
         log(name=f"dense_crf triton {name} L21 it{it} forward", **{"wall ms (median of 7)": gpu_ms,
             "per image ms": gpu_ms / B}, **extra)
-    # forward + backward of the learnable layer
+
+
+def section_crf_train():
+    """Forward + backward of the learnable layer (CRF-as-RNN), stored and checkpointed iterates."""
     for name, B, H, W, it in CRF_TRAIN_CASES:
         unary, image = _crf_inputs(B, H, W, 21)
         for checkpoint in (False, True):
@@ -428,7 +497,8 @@ def section_crf_images(data):
 
 def _shrink():
     global DEV, ATROUS_SHAPES, GCN_SHAPES, UNPOOL_SHAPES, UNPOOL_CONV_SHAPES, CRF_CASES, CRF_TRAIN_CASES, ASPP_CASE
-    global UNPOOL_BACKENDS, PEAK_N, PEAK_GEMM, IMAGE_STEP
+    global UNPOOL_BACKENDS, PEAK_N, PEAK_GEMM, IMAGE_STEP, PROFILE_CRF_HW
+    PROFILE_CRF_HW = (12, 16)
     IMAGE_STEP = 12
     DEV = "cpu"
     PEAK_N, PEAK_GEMM = 1 << 20, 256
@@ -443,7 +513,8 @@ def _shrink():
     ATROUS_VARIANTS[:] = [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)]
 
 
-SECTIONS = ["peaks", "atrous", "aspp", "gcn", "unpool", "unpool_conv", "crf", "crf_images"]
+SECTIONS = ["peaks", "atrous", "atrous_routes", "aspp", "gcn", "unpool", "unpool_conv", "crf", "crf_train",
+            "crf_images", "profile"]
 
 
 def main(argv=None):

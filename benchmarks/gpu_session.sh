@@ -4,6 +4,9 @@
 # time limit, so one that hangs cannot eat the others' time; logs and results go to $OUT.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [CRF_DATA_DIR]
+#
+# TRITON_SECTIONS / EXT_SECTIONS choose gpu_check.py's sections before / after the build;
+# TRITON_LIMIT, EXT_LIMIT, TEST_LIMIT are the stages' limits in seconds; TESTS="" skips the tests.
 set -u
 OUT=${OUT:-/tmp/fastseg-gpu}
 DATA=${1:-}
@@ -26,24 +29,25 @@ arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capabilit
 build=$!
 stamp "triton checks"
 FASTSEG_NO_EXTENSION=1 timeout ${TRITON_LIMIT:-200} python3 benchmarks/gpu_check.py --out "$OUT" \
-    peaks atrous aspp gcn unpool_conv > "$OUT/check_triton.log" 2>&1
+    ${TRITON_SECTIONS-peaks atrous atrous_routes aspp gcn unpool_conv} > "$OUT/check_triton.log" 2>&1
 echo "triton checks exit $?"
 wait $build
 tail -2 "$OUT/build.log"
 
 stamp "extension checks"
-timeout ${CRF_LIMIT:-120} python3 benchmarks/gpu_check.py --out "$OUT" --data "$DATA" unpool crf crf_images \
-    > "$OUT/check_ext.log" 2>&1
+timeout ${EXT_LIMIT:-120} python3 benchmarks/gpu_check.py --out "$OUT" --data "$DATA" \
+    ${EXT_SECTIONS-unpool crf crf_train crf_images profile} > "$OUT/check_ext.log" 2>&1
 echo "extension checks exit $?"
 
 stamp "tests"
 if [ -n "$DATA" ] && [ ! -e ../shared/data/crf ]; then  # where the tests look for the CRF images
   mkdir -p ../shared/data && cp -r "$DATA" ../shared/data/crf
 fi
-timeout ${TEST_LIMIT:-150} python3 -m pytest tests -q -k cuda -n 8 -p no:cacheprovider --timeout 100 \
+# -v: each result is logged as it comes, so a run cut off at its limit still names its failures.
+timeout ${TEST_LIMIT:-150} python3 -m pytest ${TESTS-tests} -v -k cuda -n 8 -p no:cacheprovider --timeout 100 \
     -rfE --junitxml="$OUT/junit.xml" > "$OUT/pytest.log" 2>&1
 echo "tests exit $?"
 stamp "done"
 grep -h "^name=" "$OUT"/check_*.log | cut -c1-250
 grep -h "Error\|error" "$OUT"/check_*.log | sort | uniq -c | head -20
-tail -40 "$OUT/pytest.log" | cut -c1-300
+grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.log" | cut -c1-200 | tail -40

@@ -18,6 +18,9 @@ from ..ops._reference.unpool import raise_index_out_of_range
 
 BLOCK = 1024
 IN_WINDOW, OUT_OF_WINDOW, OUT_OF_RANGE = 0, 1, 2
+# The same codes as the kernels see them: compiled Triton reads only constexpr globals (the
+# interpreter reads any, so only a GPU run showed this).
+_IN_WINDOW, _OUT_OF_WINDOW, _OUT_OF_RANGE = tl.constexpr(IN_WINDOW), tl.constexpr(OUT_OF_WINDOW), tl.constexpr(OUT_OF_RANGE)
 
 
 @triton.jit
@@ -34,8 +37,8 @@ def _scan_kernel(idx_ptr, status_ptr, n, H, W, Ho, Wo, C, kH, kW, sH, sW, pH, pW
     top = ph * sH - pH
     left = pw * sW - pW
     in_window = (row >= top) & (row < top + kH) & (col >= left) & (col < left + kW)
-    status = tl.where(out_of_range, OUT_OF_RANGE, tl.where(in_window, IN_WINDOW, OUT_OF_WINDOW))
-    status = tl.where(mask, status, IN_WINDOW)
+    status = tl.where(out_of_range, _OUT_OF_RANGE, tl.where(in_window, _IN_WINDOW, _OUT_OF_WINDOW))
+    status = tl.where(mask, status, _IN_WINDOW)
     tl.atomic_max(status_ptr, tl.max(status, axis=0))
 
 
@@ -109,7 +112,7 @@ def _backward_kernel(grad_ptr, idx_ptr, grad_in_ptr, status_ptr, n, HW, plane, C
     ok = (v >= 0) & (v < plane)
     g = tl.load(grad_ptr + slab * plane * C + v * C + c, mask=mask & ok, other=0.0)
     tl.store(grad_in_ptr + offs, g, mask=mask)
-    tl.atomic_max(status_ptr, tl.max(tl.where(mask & ~ok, OUT_OF_RANGE, IN_WINDOW), axis=0))
+    tl.atomic_max(status_ptr, tl.max(tl.where(mask & ~ok, _OUT_OF_RANGE, _IN_WINDOW), axis=0))
 
 
 def _slabs(t, channels_last):

@@ -565,12 +565,17 @@ def _saved(ctx):
     return unary, init, output, rest[:K], rest[K:]
 
 
+def _per_input(ctx, grads):
+    # One gradient per input the op was called with: the dispatcher drops trailing arguments left at
+    # their default, and torch before 2.12 rejects a backward that returns more (seen with 2.11).
+    return tuple(grads)[:len(ctx.needs_input_grad)]
+
+
 def _grads(ctx, grad_unary, grad_compat, grad_init, n_extra=0):
     # One gradient per positional input, the Tensor[] ones as lists (None for every feature map).
-    # needs_input_grad may be shorter: the dispatcher drops trailing arguments left at their default.
     needs = ctx.needs_input_grad
-    return (grad_unary if needs[0] else None, [None] * ctx.meta[0], grad_compat, None, None,
-            grad_init if len(needs) > 5 and needs[5] else None, None) + (None,) * n_extra
+    return _per_input(ctx, (grad_unary if needs[0] else None, [None] * ctx.meta[0], grad_compat, None, None,
+                            grad_init if len(needs) > 5 and needs[5] else None, None) + (None,) * n_extra)
 
 
 def _fused_grads(ctx, backward_op, grad, iterates, n_extra=0):
@@ -633,7 +638,8 @@ def _make_filter_backward(op):
     def backward(ctx, grad):
         # The filter is linear in values: its gradient is the transposed filter of grad.
         (features,) = ctx.saved_tensors
-        return op(grad.contiguous(), features, ctx.normalization, not ctx.transpose), None, None, None
+        return _per_input(ctx, (op(grad.contiguous(), features, ctx.normalization, not ctx.transpose), None, None,
+                                None))
     return backward
 
 
