@@ -68,11 +68,21 @@ def unavailable_reason(backend, device_type):
     raise ValueError(f"unknown backend {backend!r}")
 
 
+# Ops whose compiled GPU kernels lost to eager PyTorch (cuDNN) where measured: on CUDA tensors their
+# 'auto' is the plain-PyTorch path, and the Triton kernel is there by name (backend='triton').
+# H200, 2026-11-26 (benchmarks/RESULTS.md, "GPU"): Triton atrous_conv2d 0.24-0.89x eager conv + BN +
+# ReLU over 18 DeepLab shapes, ASPP 0.43-0.87x, gcn_conv2d 0.18-0.99x in float16, unpool_conv2d
+# 0.20-0.44x.
+EAGER_ON_CUDA = ("atrous_conv2d", "gcn_conv2d", "unpool_conv2d")
+
+
 def select(op, backend, device, implemented=BACKENDS):
     """The backend an ``op`` call on ``device`` runs on; a clear error if ``backend`` can't."""
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if device.type == "cuda" and op in EAGER_ON_CUDA:
+            return "reference"
         for candidate in AUTO_ORDER.get(device.type, ()):
             if candidate in implemented and unavailable_reason(candidate, device.type) is None:
                 return candidate

@@ -39,7 +39,16 @@ else:
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "Cg", "Og", "kH", "kW", "IS_FP64", "UNPOOL"])
+def _prune_configs(configs, named_args, **kwargs):
+    # float64 has no tensor-core dot: the kernel forms a (BLOCK_M, BLOCK_K, BLOCK_N) product in
+    # registers, so only the smallest tile is sane (the large ones take 10-16 s each to compile).
+    if kwargs.get("IS_FP64", named_args.get("IS_FP64")):
+        return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return configs
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "Cg", "Og", "kH", "kW", "IS_FP64", "UNPOOL", "FP32_DOT"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _atrous_conv_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, res_ptr,
@@ -47,7 +56,7 @@ def _atrous_conv_kernel(
     out_sb, out_so, out_sp,
     idx_ptr, Hp, Wp, usH, usW, upH, upW,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    IS_FP64: tl.constexpr, UPCAST: tl.constexpr, UNPOOL: tl.constexpr,
+    IS_FP64: tl.constexpr, UPCAST: tl.constexpr, UNPOOL: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -93,8 +102,8 @@ def _atrous_conv_kernel(
                 acc += tl.sum(a[:, :, None] * wk[None, :, :], axis=1)
             elif UPCAST:
                 acc = tl.dot(a.to(tl.float32), wk.to(tl.float32), acc)
-            else:
-                acc = tl.dot(a, wk, acc)
+            else:  # FP32_DOT only matters for float32 tiles: "tf32" or "tf32x3" (see fp32_dot())
+                acc = tl.dot(a, wk, acc, input_precision=FP32_DOT)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + o, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
     if HAS_SHIFT:
@@ -106,6 +115,15 @@ def _atrous_conv_kernel(
     if RELU:
         acc = tl.maximum(acc, 0.0)
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def fp32_dot():
+    """How tl.dot multiplies float32 tiles, following torch's switch for float32 convolutions as
+    F.conv2d does: TF32 (10-bit mantissa; measured on an H200, 2026-11-26: relative error
+    2.9e-4..4.4e-4 on DeepLab shapes and over 5e-4 on tiny ones, ~1e-3 for gcn_conv2d's two chained
+    convolutions) while torch.backends.cudnn.allow_tf32 is on (PyTorch's default), else "tf32x3"
+    (three TF32 products per product: about float32 accuracy, still on tensor cores)."""
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
 
 
 def output_strides(fmt, O, Ho, Wo):
@@ -141,5 +159,6 @@ def atrous_conv2d(input, weight, scale, shift, residual, stride, padding, dilati
         dummy, 1, 1, 1, 1, 0, 0,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None, RELU=relu,
         IS_FP64=input.dtype == torch.float64, UPCAST=_INTERPRETED and input.dtype == torch.bfloat16, UNPOOL=False,
+        FP32_DOT=fp32_dot(),
     )
     return out

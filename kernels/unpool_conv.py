@@ -56,6 +56,6 @@ def unpool_conv2d(values, indices, weight, scale, shift, residual, kernel_size, 
         idx, h, w, psH, psW, ppH, ppW,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None, RELU=relu,
         IS_FP64=values.dtype == torch.float64, UPCAST=atrous._INTERPRETED and values.dtype == torch.bfloat16,
-        UNPOOL=True,
+        UNPOOL=True, FP32_DOT=atrous.fp32_dot(),
     )
     return out

@@ -54,8 +54,9 @@ def atrous_conv2d(
         scale, shift: (O,) per-output-channel affine, or None.
         activation: None or 'relu'.
         residual: (B, O, Ho, Wo) (or (O, Ho, Wo)) added before the activation, or None.
-        backend: 'auto' (the C++ kernel on the CPU, Triton on CUDA), 'reference', 'cpp' or
-            'triton' (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+        backend: 'auto' (the C++ kernel on the CPU; on CUDA the plain-PyTorch path, which beat the
+            Triton kernel where measured), 'reference', 'cpp' or 'triton' (CUDA tensors; CPU tensors
+            under TRITON_INTERPRET=1).
 
     Returns:
         (B, O, Ho, Wo) with Ho = floor((H + 2 pH - dH (kH - 1) - 1) / sH) + 1 (likewise Wo), in x's

@@ -53,8 +53,9 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
         w_r2: (Cout, Cmid, k, 1).
         b_l1, b_r1: (Cmid,) or None; b_l2, b_r2: (Cout,) or None.
         dilation: int >= 1, the rate of every convolution along its long axis.
-        backend: 'auto' (the C++ kernel on the CPU, Triton on CUDA), 'reference', 'cpp' or
-            'triton' (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+        backend: 'auto' (the C++ kernel on the CPU; on CUDA the plain-PyTorch path, which beat the
+            Triton kernel where measured), 'reference', 'cpp' or 'triton' (CUDA tensors; CPU tensors
+            under TRITON_INTERPRET=1).
 
     Returns:
         (B, Cout, H, W) (or (Cout, H, W)) in x's dtype, device and memory format; differentiable in x,

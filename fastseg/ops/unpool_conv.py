@@ -62,7 +62,8 @@ def unpool_conv2d(
         scale, shift: (O,) per-output-channel affine (a folded BatchNorm), or None.
         activation: None or 'relu'.
         residual: (B, O, Ho, Wo) added before the activation, or None.
-        backend: 'auto' (C++ on the CPU, Triton on CUDA), 'reference', 'cpp' or 'triton'.
+        backend: 'auto' (C++ on the CPU; on CUDA the plain-PyTorch path, which beat the Triton
+            kernel where measured), 'reference', 'cpp' or 'triton'.
 
     Returns:
         (B, O, Ho, Wo) with Ho = H + 2 pH - dH (kH - 1) (likewise Wo), in values' dtype, device
