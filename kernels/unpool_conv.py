@@ -39,6 +39,7 @@ def unpool_conv2d(values, indices, weight, scale, shift, residual, kernel_size, 
         n = idx.numel()
         unpool._scan_kernel[(triton.cdiv(n, unpool.BLOCK),)](
             idx, flag, n, h, w, H, W, C, pkH, pkW, psH, psW, ppH, ppW, BLOCK=unpool.BLOCK,
+            IDX64=unpool.needs_int64(idx),
         )
         status = int(flag.item())  # the one host sync: decides the path and reports bad indices
     if status == unpool.OUT_OF_RANGE:

@@ -80,6 +80,15 @@ def main():
             weight = torch.randn(16, 8, 3, 3, generator=g).to(dtype)
             unpool_conv.unpool_conv2d(values, indices, weight, s, s, r, (2, 2), (2, 2), (0, 0), (9, 9), (1, 1),
                                       (1, 1), True)
+    # The 64-bit index variants (tensors of 2^31+ elements), compiled on small ones.
+    needs_int64 = unpool.needs_int64
+    unpool.needs_int64 = lambda *tensors: True
+    values, indices = torch.nn.functional.max_pool2d(torch.randn(2, 8, 9, 9, generator=g), 2, return_indices=True)
+    unpool.max_unpool2d(values, indices, (2, 2), (2, 2), (0, 0), (9, 9))
+    unpool.max_unpool2d_backward(torch.randn(2, 8, 9, 9, generator=g), indices)
+    unpool_conv.unpool_conv2d(values, indices, torch.randn(8, 8, 3, 3, generator=g), None, None, None, (2, 2), (2, 2),
+                              (0, 0), (9, 9), (1, 1), (1, 1), False)
+    unpool.needs_int64 = needs_int64
     unary = torch.rand(2, 3, 6, 7, generator=g)
     features = [torch.rand(1, 2, 6, 7, generator=g), torch.rand(2, 5, 6, 7, generator=g)]
     compats = [torch.eye(3), torch.eye(3)]
