@@ -13,7 +13,9 @@ the script itself before spending device time.
 Correctness: every fastseg output is computed once with fresh allocations poisoned (torch's
 deterministic-mode fill: NaN for floats), and compared against a float64 reference on the device
 as ||out - ref|| / ||ref||; unpooling is compared bit for bit with ``F.max_unpool2d``.
-Timing: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed between calls), cuDNN with
+'fastseg' is the op as called by default ('auto'), 'triton' the Triton kernel by name (since
+2026-11-26 'auto' runs the convolutions in plain PyTorch on CUDA; the correctness check is of
+the Triton kernel). Timing: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed between calls), cuDNN with
 ``torch.backends.cudnn.benchmark = True`` so eager gets its best algorithm.
 """
 import argparse
@@ -33,6 +35,11 @@ if "--dry-run" in sys.argv:  # Triton on CPU tensors: the interpreter must be on
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastseg  # noqa: E402
 import fastseg.crf  # noqa: E402
+# The peers as the pytest-benchmark suite defines them (this file sits beside it).
+from test_bench_atrous import _conv_bn_relu, _plain_aspp  # noqa: E402
+from test_bench_dense_crf import _inputs as _crf_inputs  # noqa: E402
+from test_bench_gcn import _four_convs  # noqa: E402
+from test_bench_unpool_conv import _unpool_conv_bn_relu  # noqa: E402
 
 RESULTS = []
 OUT_DIR = Path(".")
@@ -138,11 +145,8 @@ def section_peaks():
         ms = median_ms(lambda: x @ y)
         log(name=f"peak GEMM {PEAK_GEMM}^3 {str(dtype)[6:]} (tf32={torch.backends.cuda.matmul.allow_tf32})",
             **{"TFLOP/s": 2 * PEAK_GEMM ** 3 / (ms * 1e-3) / 1e12})
-    del a, b, x, y
 
 
-def _conv_bn_relu(x, w, mean, var, gamma, beta, rate):
-    return F.relu(F.batch_norm(F.conv2d(x, w, None, 1, rate, rate), mean, var, gamma, beta, False, 0.0, 1e-5))
 
 
 # (B, C, H, rate) with 256 outputs: DeepLab's 33x33 / 65x65 / 129x129 maps.
@@ -162,16 +166,17 @@ def section_atrous():
             var = (torch.rand(O, device=DEV) + 0.5).to(dtype)
             scale = gamma * torch.rsqrt(var + 1e-5)
             shift = beta - mean * scale
-            fast = lambda: fastseg.atrous_conv2d(x, w, dilation=rate, padding=rate, scale=scale, shift=shift,
-                                                 activation="relu")
+            fast = lambda backend="auto": fastseg.atrous_conv2d(x, w, dilation=rate, padding=rate, scale=scale,
+                                                                shift=shift, activation="relu", backend=backend)
             with poisoned(), torch.no_grad():
-                out = fast()
+                out = fast("triton")
             ref = F.relu(F.conv2d(x.double(), w.double(), None, 1, rate, rate) * scale.double().view(1, -1, 1, 1)
                          + shift.double().view(1, -1, 1, 1))
             layout_ok = out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
             with torch.no_grad():
                 versus(f"atrous B{B} C{C}->{O} {H}x{H} rate{rate} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}",
-                       {"fastseg": fast, "eager": lambda: _conv_bn_relu(x, w, mean, var, gamma, beta, rate)},
+                       {"fastseg": fast, "triton": lambda: fast("triton"),
+                        "eager": lambda: _conv_bn_relu(x, w, mean, var, gamma, beta, rate)},
                        flops=2 * B * H * H * O * C * 9, err=rel_error(out, ref), layout_ok=layout_ok)
 
 
@@ -239,17 +244,6 @@ def section_profile():
         log(name=f"profile {name}", **{"wall ms": wall, "gpu busy ms": gpu_us / 1e3, "launch calls": launches})
 
 
-def _plain_aspp(aspp, x):
-    def cbr(layer, t):
-        c, bn = layer.conv, layer.bn
-        y = F.conv2d(t, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
-        return F.relu(F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
-
-    if aspp.version == "v2":
-        return sum(F.conv2d(x, c.weight, c.bias, 1, c.padding, c.dilation) for c in aspp.branches)
-    outs = [cbr(b, x) for b in aspp.branches]
-    outs.append(cbr(aspp.pooling, x.mean((2, 3), keepdim=True)).expand(-1, -1, *x.shape[-2:]))
-    return cbr(aspp.project, torch.cat(outs, 1))
 
 
 ASPP_CASE = (2048, 65, 256, None)  # C in, H = W, C out, rates (None: the version's)
@@ -281,11 +275,6 @@ def section_aspp():
                            err=rel_error(out, ref))
 
 
-def _four_convs(x, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2):
-    p = w_l1.shape[2] // 2
-    left = F.conv2d(F.conv2d(x, w_l1, b_l1, padding=(p, 0)), w_l2, b_l2, padding=(0, p))
-    right = F.conv2d(F.conv2d(x, w_r1, b_r1, padding=(0, p)), w_r2, b_r2, padding=(p, 0))
-    return left + right
 
 
 # (B, Cin, H, Cmid, Cout, k): a ResNet's stages at a 512x512 input, VOC's 21 classes, k = 15.
@@ -302,11 +291,13 @@ def section_gcn():
             ws = [make(Cm, Cin, k, 1), make(Co, Cm, 1, k), make(Cm, Cin, 1, k), make(Co, Cm, k, 1)]
             bs = [torch.randn(n, device=DEV).to(dtype) for n in (Cm, Co, Cm, Co)]
             with poisoned(), torch.no_grad():
-                out = fastseg.gcn_conv2d(x, *ws, *bs)
+                out = fastseg.gcn_conv2d(x, *ws, *bs, backend="triton")
             ref = _four_convs(x.double(), *[t.double() for t in ws + bs])
             with torch.no_grad():
                 versus(f"gcn B{B} {Cin}->{Cm}->{Co} {H}x{H} k{k} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}",
-                       {"fastseg": lambda: fastseg.gcn_conv2d(x, *ws, *bs), "eager": lambda: _four_convs(x, *ws, *bs)},
+                       {"fastseg": lambda: fastseg.gcn_conv2d(x, *ws, *bs),
+                        "triton": lambda: fastseg.gcn_conv2d(x, *ws, *bs, backend="triton"),
+                        "eager": lambda: _four_convs(x, *ws, *bs)},
                        flops=2 * B * H * H * k * (Cin * Cm + Cm * Co) * 2, err=rel_error(out, ref))
 
 
@@ -344,9 +335,6 @@ UNPOOL_CONV_SHAPES = [(4, 512, 45, 60), (4, 256, 90, 120), (4, 128, 180, 240), (
                       (16, 256, 56, 56)]
 
 
-def _unpool_conv_bn_relu(values, indices, w, mean, var, gamma, beta, size):
-    unpooled = F.max_unpool2d(values, indices, 2, output_size=size)
-    return F.relu(F.batch_norm(F.conv2d(unpooled, w, None, 1, 1), mean, var, gamma, beta, False, 0.0, 1e-5))
 
 
 def section_unpool_conv():
@@ -359,8 +347,9 @@ def section_unpool_conv():
             var = (torch.rand(C, device=DEV) + 0.5).to(dtype)
             scale = gamma * torch.rsqrt(var + 1e-5)
             shift = beta - mean * scale
-            fast = lambda: fastseg.unpool_conv2d(values, indices, w, kernel_size=2, output_size=(H, W),
-                                                 scale=scale, shift=shift, activation="relu")
+            fast = lambda backend="triton": fastseg.unpool_conv2d(values, indices, w, kernel_size=2, output_size=(H, W),
+                                                                  scale=scale, shift=shift, activation="relu",
+                                                                  backend=backend)
             eager = lambda: _unpool_conv_bn_relu(values, indices, w, mean, var, gamma, beta, (H, W))
             with torch.no_grad():
                 with poisoned():
@@ -370,7 +359,7 @@ def section_unpool_conv():
                              + shift.double().view(1, -1, 1, 1))
                 del unpooled
                 peaks = {}
-                for impl, fn in (("fastseg", fast), ("eager", eager)):
+                for impl, fn in (("triton", fast), ("eager", eager)):
                     fn()
                     sync()
                     base = memory_allocated()
@@ -379,20 +368,12 @@ def section_unpool_conv():
                     sync()
                     peaks[impl] = (max_memory_allocated() - base) / 2 ** 20
                     del y
-                versus(f"unpool_conv B{B} C{C} {H}x{W} {str(dtype)[6:]} CL", {"fastseg": fast, "eager": eager},
+                versus(f"unpool_conv B{B} C{C} {H}x{W} {str(dtype)[6:]} CL",
+                       {"fastseg": lambda: fast("auto"), "triton": fast, "eager": eager},
                        flops=2 * B * H * W * C * C * 9, err=rel_error(out, ref),
-                       **{"fastseg peak MiB": peaks["fastseg"], "eager peak MiB": peaks["eager"]})
+                       **{"triton peak MiB": peaks["triton"], "eager peak MiB": peaks["eager"]})
 
 
-def _crf_inputs(B, H, W, L, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(B, L, max(H // 16, 2), max(W // 16, 2), generator=g) * 3
-    logits = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
-    unary = (-torch.log_softmax(logits, 1)).contiguous()
-    blocks = torch.randint(0, 256, (B, 3, max(H // 24, 2), max(W // 24, 2)), generator=g).float()
-    image = F.interpolate(blocks, size=(H, W), mode="nearest")
-    image = (image + 10 * torch.randn(image.shape, generator=g)).clamp(0, 255).to(torch.uint8).contiguous()
-    return unary, image
 
 
 DEFAULT = (dict(sxy=3, compat=3), dict(sxy=80, srgb=13, compat=10))
