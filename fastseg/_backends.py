@@ -71,8 +71,8 @@ def unavailable_reason(backend, device_type):
 # Ops whose compiled GPU kernels lost to eager PyTorch (cuDNN) where measured: on CUDA tensors their
 # 'auto' is the plain-PyTorch path, and the Triton kernel is there by name (backend='triton').
 # H200, 2026-11-26 (benchmarks/RESULTS.md, "GPU"): Triton atrous_conv2d 0.24-0.89x eager conv + BN +
-# ReLU over 18 DeepLab shapes, ASPP 0.43-0.87x, gcn_conv2d 0.18-0.99x in float16, unpool_conv2d
-# 0.20-0.44x.
+# ReLU over 18 DeepLab cases (shape, dtype, layout), ASPP 0.43-0.87x, gcn_conv2d 0.18-0.99x in
+# float16, unpool_conv2d 0.20-0.44x.
 EAGER_ON_CUDA = ("atrous_conv2d", "gcn_conv2d", "unpool_conv2d")
 
 
