@@ -80,6 +80,11 @@ def main():
             weight = torch.randn(16, 8, 3, 3, generator=g).to(dtype)
             unpool_conv.unpool_conv2d(values, indices, weight, s, s, r, (2, 2), (2, 2), (0, 0), (9, 9), (1, 1),
                                       (1, 1), True)
+    # float32 dots with TF32 off (tf32x3), as the GPU tests run them.
+    torch.backends.cudnn.allow_tf32 = False
+    x = torch.randn(2, 8, 9, 9, generator=g)
+    atrous.atrous_conv2d(x, torch.randn(16, 8, 3, 3, generator=g), None, None, None, (1, 1), (1, 1), (1, 1), 1, True)
+    torch.backends.cudnn.allow_tf32 = True
     # The 64-bit index variants (tensors of 2^31+ elements), compiled on small ones.
     needs_int64 = unpool.needs_int64
     unpool.needs_int64 = lambda *tensors: True
