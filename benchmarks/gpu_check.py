@@ -15,8 +15,9 @@ deterministic-mode fill: NaN for floats), and compared against a float64 referen
 as ||out - ref|| / ||ref||; unpooling is compared bit for bit with ``F.max_unpool2d``.
 'fastseg' is the op as called by default ('auto'), 'triton' the Triton kernel by name (since
 2026-11-26 'auto' runs the convolutions in plain PyTorch on CUDA; the correctness check is of
-the Triton kernel). Timing: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed between calls), cuDNN with
-``torch.backends.cudnn.benchmark = True`` so eager gets its best algorithm.
+the Triton kernel). Timing: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed between
+calls), cuDNN with ``torch.backends.cudnn.benchmark = True`` so eager gets its best algorithm.
+Results of the first run (an H200): benchmarks/gpu_runs/ and RESULTS.md, "GPU".
 """
 import argparse
 import contextlib
@@ -41,7 +42,6 @@ from test_bench_dense_crf import _inputs as _crf_inputs  # noqa: E402
 from test_bench_gcn import _four_convs  # noqa: E402
 from test_bench_unpool_conv import _unpool_conv_bn_relu  # noqa: E402
 
-RESULTS = []
 OUT_DIR = Path(".")
 DEV = "cuda"  # --dry-run: "cpu", tiny shapes, to check this script itself without a GPU
 
@@ -52,7 +52,6 @@ def sync():
 
 
 def log(**row):
-    RESULTS.append(row)
     with open(OUT_DIR / "gpu_check.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
