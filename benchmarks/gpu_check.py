@@ -217,9 +217,8 @@ def section_profile():
 
     unary, image = _crf_inputs(1, *PROFILE_CRF_HW, 21)
     u, im = unary.to(DEV), image.to(DEV)
-    calls = {
-        "crf_{}x{}_it10".format(*PROFILE_CRF_HW[::-1]): lambda: fastseg.dense_crf(u, im, iterations=10, unary="energy", backend="triton"),
-    }
+    crf_name = "crf_{}x{}_it10".format(*PROFILE_CRF_HW[::-1])
+    calls = {crf_name: lambda: fastseg.dense_crf(u, im, iterations=10, unary="energy", backend="triton")}
     x = channels_last(torch.randn(1, 256, 65, 65, device=DEV)).half()
     w = (torch.randn(256, 256, 3, 3, device=DEV) / 48).half()
     scale, shift = torch.rand(256, device=DEV).half(), torch.randn(256, device=DEV).half()
@@ -518,9 +517,9 @@ def main(argv=None):
     elif not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device (--dry-run checks the script on the CPU)")
     torch.backends.cudnn.benchmark = True
-    print(f"# {torch.cuda.get_device_name() if DEV == 'cuda' else 'dry run on the CPU'}  torch {torch.__version__}  fastseg._C: "
-          f"{fastseg._backends.EXTENSION_ERROR or 'loaded'}  CUDA kernels: {fastseg._backends.CUDA_COMPILED}",
-          flush=True)
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "dry run on the CPU"
+    print(f"# {device}  torch {torch.__version__}  fastseg._C: {fastseg._backends.EXTENSION_ERROR or 'loaded'}  "
+          f"CUDA kernels: {fastseg._backends.CUDA_COMPILED}", flush=True)
     for section in args.sections:
         start = time.perf_counter()
         print(f"## {section}", flush=True)

@@ -24,7 +24,9 @@ BLOCK = 1024
 IN_WINDOW, OUT_OF_WINDOW, OUT_OF_RANGE = 0, 1, 2
 # The same codes as the kernels see them: compiled Triton reads only constexpr globals (the
 # interpreter reads any, so only a GPU run showed this).
-_IN_WINDOW, _OUT_OF_WINDOW, _OUT_OF_RANGE = tl.constexpr(IN_WINDOW), tl.constexpr(OUT_OF_WINDOW), tl.constexpr(OUT_OF_RANGE)
+_IN_WINDOW = tl.constexpr(IN_WINDOW)
+_OUT_OF_WINDOW = tl.constexpr(OUT_OF_WINDOW)
+_OUT_OF_RANGE = tl.constexpr(OUT_OF_RANGE)
 
 
 @triton.jit

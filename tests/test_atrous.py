@@ -1,6 +1,8 @@
 """fastseg.atrous_conv2d on every backend against F.conv2d + F.batch_norm + F.relu in float64, its
 gradients and custom ops, the AtrousConvBNReLU and ASPP layers against plain PyTorch, bad input."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,9 +196,6 @@ def test_winograd_bands():
     # Inputs whose products exceed the band size run in bands of tile rows (only very large ones at
     # the default 256 MiB): a tiny band size, read once per process, forces a band per tile row;
     # the weight-transform cache is off in that process.
-    import subprocess
-    import sys
-
     script = """
 import torch, torch.nn.functional as F, fastseg
 gen = torch.Generator().manual_seed(3)

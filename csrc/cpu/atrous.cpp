@@ -432,11 +432,14 @@ constexpr int64_t kTransformBlock = 128;
 // transformed back before the next band's. Large, because each band reads every weight transform
 // again (32 MiB bands made a 2048-channel layer's GEMMs 1.3x slower); bands only bound the scratch
 // memory of very large inputs. FASTSEG_WINOGRAD_BAND_BYTES overrides it (tests).
+// An integer setting from the environment, at least `minimum`, or `fallback` when unset.
+int64_t env_setting(const char* name, int64_t fallback, int64_t minimum) {
+  const char* s = std::getenv(name);
+  return s ? std::max<int64_t>(minimum, std::atoll(s)) : fallback;
+}
+
 int64_t winograd_band_bytes() {
-  static const int64_t bytes = [] {
-    const char* s = std::getenv("FASTSEG_WINOGRAD_BAND_BYTES");
-    return s ? std::max<int64_t>(1, std::atoll(s)) : int64_t(256) << 20;
-  }();
+  static const int64_t bytes = env_setting("FASTSEG_WINOGRAD_BAND_BYTES", int64_t(256) << 20, 1);
   return bytes;
 }
 
@@ -527,10 +530,7 @@ class WeightTransformCache {
   };
   // 512 MiB, or FASTSEG_WINOGRAD_CACHE_MB (read once; 0 keeps nothing).
   static int64_t limit_bytes() {
-    static const int64_t bytes = [] {
-      const char* s = std::getenv("FASTSEG_WINOGRAD_CACHE_MB");
-      return (s ? std::max<int64_t>(0, std::atoll(s)) : int64_t(512)) << 20;
-    }();
+    static const int64_t bytes = env_setting("FASTSEG_WINOGRAD_CACHE_MB", 512, 0) << 20;
     return bytes;
   }
   std::mutex mutex_;
@@ -826,8 +826,8 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({g.B, g.O, g.Ho, g.Wo}), "atrous_conv2d: residual has shape ",
                       residual->sizes(), ", expecting (", g.B, ", ", g.O, ", ", g.Ho, ", ", g.Wo, ")");
   }
-  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "auto_training" || algorithm == "taps" || algorithm == "conv" ||
-                        algorithm == "winograd",
+  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "auto_training" || algorithm == "taps" ||
+                        algorithm == "conv" || algorithm == "winograd",
                     "atrous_conv2d: algorithm must be 'auto', 'auto_training', 'taps', 'winograd' or 'conv', got '",
                     std::string(algorithm), "'");
   const auto type = input.scalar_type();
@@ -849,8 +849,9 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
   // weights change on every call, so their winograd transforms are neither looked up nor kept, and
   // the path is chosen with their cost counted.
   const bool training = algorithm == "auto_training";
+  const bool automatic = algorithm == "auto" || training;
   bool use_winograd = algorithm == "winograd";
-  if (algorithm == "auto" || training) {
+  if (automatic) {
     use_winograd = type == at::kFloat && winograd_possible(g, groups, type) &&
                    winograd_pays(g, channels_last, /*cold=*/training);
   }
@@ -866,7 +867,7 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
     return out.contiguous(format);
   }
   bool use_taps = algorithm == "taps";
-  if (algorithm == "auto" || training) use_taps = taps_possible && type == at::kDouble;
+  if (automatic) use_taps = taps_possible && type == at::kDouble;
   if (use_taps) {
     const auto rows = split_axis(g.H, g.Ho, g.kH, g.sH, g.pH, g.dH);
     const auto cols = split_axis(g.W, g.Wo, g.kW, g.sW, g.pW, g.dW);

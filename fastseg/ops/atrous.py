@@ -69,7 +69,8 @@ def atrous_conv2d(
     kept for reuse while the weights' bytes are unchanged (512 MiB in all, or
     ``FASTSEG_WINOGRAD_CACHE_MB``), so the first call with new weights is slower. As in every
     Winograd implementation, a non-finite input value can turn the other outputs of its tile into
-    NaN (their terms in it cancel only in exact arithmetic: inf - inf). Other cases call oneDNN with the epilogue fused into one pass.
+    NaN (their terms in it cancel only in exact arithmetic: inf - inf). Other cases call oneDNN with
+    the epilogue fused into one pass.
 
     Example:
         >>> x = torch.randn(1, 256, 65, 65)
