@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import torch
 
+from ._checks import all_finite
 from .ops import dense_crf as _dense_crf_function  # noqa: F401  (makes sure the op is registered)
 
 _ops = sys.modules["fastseg.ops.dense_crf"]
@@ -57,7 +58,7 @@ class DenseCRF:
         if U.shape != (self.L, self.N):
             raise ValueError(f"setUnaryEnergy: unary must have shape (n_labels, n_pixels) = "
                              f"({self.L}, {self.N}), got {tuple(U.shape)}")
-        if not bool(torch.isfinite(U).all()):
+        if not all_finite(U):
             raise ValueError("setUnaryEnergy: unary contains non-finite values")
         self._unary = U.reshape(1, self.L, *self._shape).contiguous()
 
@@ -69,7 +70,7 @@ class DenseCRF:
         self._add(f.reshape(1, f.shape[0], *self._shape), compat, normalization)
 
     def _add(self, features, compat, normalization):
-        if not bool(torch.isfinite(features).all()):
+        if not all_finite(features):
             raise ValueError("pairwise features contain non-finite values")
         self._features.append(features.contiguous())
         self._compats.append(_ops.compat_matrix("compat", compat, self.L))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends
-from .._checks import FLOAT_DTYPES, check_tensor
+from .._checks import FLOAT_DTYPES, all_finite, check_tensor
 from ._reference import dense_crf as reference
 
 __all__ = ["dense_crf", "permutohedral_filter", "NORMALIZATIONS"]
@@ -130,7 +130,7 @@ def dense_crf(
     dtype = reference.compute_dtype(scores.dtype) if impl == "reference" else torch.float32
 
     if not torch.compiler.is_compiling():
-        if not bool(torch.isfinite(scores).all()):
+        if not all_finite(scores):
             raise ValueError(f"{OP}: scores contains non-finite values (nan or inf)")
         if unary == "probs" and bool(((scores < 0) | (scores > 1)).any()):
             raise ValueError(f"{OP}: unary='probs' needs scores in [0, 1], got values in "
@@ -255,7 +255,7 @@ def compat_matrix(name, compat, L, device=None, dtype=torch.float32):
     if c.dim() != 0 and c.shape not in ((L,), (L, L)):
         raise ValueError(f"{OP}: {name} must be a number, a vector of L={L} or an (L, L) = ({L}, {L}) "
                          f"matrix, got shape {tuple(c.shape)}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(c).all()):
+    if not torch.compiler.is_compiling() and not all_finite(c):
         raise ValueError(f"{OP}: {name} must be finite")
     if c.dim() == 0:
         return -c * torch.eye(L, dtype=dtype, device=device)
@@ -330,7 +330,7 @@ def _check_image(image, scores):
         raise ValueError(f"{OP}: image has {image.shape[-3]} channels; the bilateral lattice takes at most 62")
     if image.device != scores.device:
         raise ValueError(f"{OP}: scores is on {scores.device} but image is on {image.device}")
-    if image.is_floating_point() and not torch.compiler.is_compiling() and not bool(torch.isfinite(image).all()):
+    if image.is_floating_point() and not torch.compiler.is_compiling() and not all_finite(image):
         raise ValueError(f"{OP}: image contains non-finite values (nan or inf); a float image must be finite")
     # An integer image cannot require grad (torch refuses); a float one could, but the CRF has no
     # gradient with respect to its features: say so rather than silently return none.
