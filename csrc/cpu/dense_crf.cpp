@@ -660,10 +660,14 @@ FASTSEG_ALWAYS_INLINE typename Vec<W>::F vexp_nonpositive(typename Vec<W>::F x) 
 // per call on the 2-core EPYC VM (interleaved A/B, 12-25 rounds, noisy under load).
 constexpr int64_t kPrefetchAhead = 4;  // pixels
 FASTSEG_ALWAYS_INLINE void prefetch_row(const float* row, int lanes) {
-  // One prefetch per cache line the row touches (a 96-byte row spans two lines, not three).
-  const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t(63);
-  const uintptr_t last = reinterpret_cast<uintptr_t>(row + lanes) - 1;
-  for (uintptr_t line = first; line <= last; line += 64) __builtin_prefetch(reinterpret_cast<const void*>(line), 1);
+  // One prefetch per cache line the row touches. Rows of 8k lanes are 32-byte aligned, so a row
+  // of 32 bytes mod 64 (96 bytes at 21 labels) spans ceil(bytes / 64) lines wherever it starts,
+  // and one of 0 mod 64 at most one more; rows of 1 or 4 lanes never straddle a line. With the
+  // width known at compile time this is 1-3 instructions, no loop.
+  const int bytes = lanes * 4;
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 1);
+  if (bytes % 64 == 0) __builtin_prefetch(p + bytes - 1, 1);
 }
 
 // The per-pixel arrays of a pass (unary rows, offsets, weights, scales) are read in order, but a
@@ -707,6 +711,34 @@ FASTSEG_ALWAYS_INLINE void store_planes(const V* row, int64_t N, int L, int64_t 
   for (int l = 0; l < L; ++l) planes[int64_t(l) * N + pixel] = row[l / W][l % W];
 }
 
+// Label rows on their way to L planes of N, collected while their pixels are consecutive (up to
+// kRun of them) and written plane by plane: contiguous runs per plane instead of one float in
+// each of L planes per pixel, which cost as much as the rest of the last pass (21 labels).
+constexpr int kRun = 32;
+struct PlaneWriter {
+  float* planes;
+  int64_t N;
+  int L, lanes;
+  float* run;  // kRun x lanes
+  int64_t first = 0;
+  int n = 0;
+
+  template <typename V, int W>
+  FASTSEG_ALWAYS_INLINE void add(const V* row, int nv, int64_t pixel) {
+    if (n > 0 && (pixel != first + n || n == kRun)) flush();
+    if (n == 0) first = pixel;
+    for (int v = 0; v < nv; ++v) vstore(run + int64_t(n) * lanes + v * W, row[v]);
+    ++n;
+  }
+  FASTSEG_ALWAYS_INLINE void flush() {
+    for (int l = 0; l < L; ++l) {
+      float* dst = planes + int64_t(l) * N + first;
+      for (int i = 0; i < n; ++i) dst[i] = run[int64_t(i) * lanes + l];
+    }
+    n = 0;
+  }
+};
+
 template <typename V, int W>
 FASTSEG_ALWAYS_INLINE void splat_row(float* rows, const int32_t* off, const float* w, int d1, float scale,
                                      int lanes, int nv, const V* in) {
@@ -742,59 +774,31 @@ struct PassArgs {
 };
 
 // Pixels [p0, p1) of one pass: E = U + sum_k C_k (post_k * slice_k), Q = softmax(-E), then Q is
-// splatted (scaled by pre_k) into chunk `chunk`'s buffers and/or written out. LP is
-// the row width when it is one of the compiled ones, 0 for a wider row (then `a.lanes`).
-template <int LP_>
-FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t p0, int64_t p1) {
-  constexpr int LP = LP_ == 1 ? 0 : LP_;  // label rows are never 1 wide (lanes_for_labels)
-  constexpr int W = LP == 4 ? 4 : 8;      // rows are 4 wide or a multiple of 8
-  using V = typename Vec<W>::F;
-  const int lanes = LP > 0 ? LP : a.lanes;
-  if (LP == 0 && lanes % W != 0) {
-    // Only a 4-wide row can get here with W = 8, and it has its own instantiation.
-    TORCH_CHECK(false, "dense_crf: internal error, row of ", lanes, " lanes");
-  }
-  const int nv = lanes / W;
+// splatted (scaled by pre_k) into chunk `chunk`'s buffers and/or written out. NV is the number of
+// W-wide vectors per label row when the row width is a compiled one (then e, s, pad and keep are
+// local arrays indexed by constants, which the compiler keeps in registers), 0 otherwise (then
+// they point into a heap buffer and nv = a.lanes / W).
+template <typename V, int W, int NV, typename Rows, typename Row>
+FASTSEG_ALWAYS_INLINE void pixel_pass_rows(const PassArgs& a, int64_t chunk, int64_t p0, int64_t p1, Rows& e,
+                                           Row& s, const Row& pad, const Row& keep, PlaneWriter& out) {
+  constexpr int P = 2;  // pixels at a time (see pixel_pass)
+  const int lanes = NV > 0 ? NV * W : a.lanes;
+  const int nv = NV > 0 ? NV : a.lanes / W;
   const int L = a.L;
-  // Two pixels at a time: the softmax of one pixel is a long dependency chain (min, exp, sum,
-  // divide); interleaving two independent chains keeps the core busy.
-  constexpr int P = 2;
-  constexpr int kStack = LP > 0 ? LP / W : 1;
-  V e_stack[P][kStack], s_stack[kStack], pad_stack[kStack], keep_stack[kStack];
-  // Rows wider than the fixed instantiations live on the heap, 64-byte aligned by hand: a
-  // std::vector<V> of these 32-byte vector-extension values was not reliably 32-byte aligned (the
-  // AVX2 clone's aligned stores then faulted, intermittently, for L > 64).
-  Buffer<V> heap_buffer;
-  if (LP == 0) {
-    heap_buffer.resize((P + 3) * int64_t(nv));
-    std::memset(static_cast<void*>(heap_buffer.data), 0, sizeof(V) * (P + 3) * size_t(nv));
-  }
-  V* heap = heap_buffer.data;
-  V* e[P];
-  for (int q = 0; q < P; ++q) e[q] = LP > 0 ? e_stack[q] : heap + (3 + q) * nv;
-  V* s = LP > 0 ? s_stack : heap;
-  V* pad = LP > 0 ? pad_stack : heap + nv;       // +inf on padding lanes, else 0
-  V* keep = LP > 0 ? keep_stack : heap + 2 * nv;  // 0 on padding lanes, else 1
-  for (int v = 0; v < nv; ++v) {
-    for (int i = 0; i < W; ++i) {
-      pad[v][i] = v * W + i < L ? 0.0f : INFINITY;
-      keep[v][i] = v * W + i < L ? 1.0f : 0.0f;
-    }
-  }
   const bool slice = a.kernels > 0 && a.k[0].sliced != nullptr;
   const bool from_init = a.init != nullptr && !slice;
   const bool splat = a.splat;
   for (int64_t p = p0; p < p1; p += P) {
     const int np = int(std::min<int64_t>(P, p1 - p));
     if ((p - p0) % kStreamBlock == 0 && p + kStreamAhead + kStreamBlock <= p1) {
-      const int64_t s = p + kStreamAhead;
-      if (!from_init) prefetch_bytes(a.unary + s * lanes, kStreamBlock * lanes * 4);
+      const int64_t ahead = p + kStreamAhead;
+      if (!from_init) prefetch_bytes(a.unary + ahead * lanes, kStreamBlock * lanes * 4);
       for (int k = 0; k < a.kernels; ++k) {
         const PassKernel& K = a.k[k];
-        prefetch_bytes(K.offset + s * K.d1, kStreamBlock * K.d1 * 4);
-        prefetch_bytes(K.weight + s * K.d1, kStreamBlock * K.d1 * 4);
-        if (splat) prefetch_bytes(K.pre + s, kStreamBlock * 4);
-        if (slice) prefetch_bytes(K.post + s, kStreamBlock * 4);
+        prefetch_bytes(K.offset + ahead * K.d1, kStreamBlock * K.d1 * 4);
+        prefetch_bytes(K.weight + ahead * K.d1, kStreamBlock * K.d1 * 4);
+        if (splat) prefetch_bytes(K.pre + ahead, kStreamBlock * 4);
+        if (slice) prefetch_bytes(K.post + ahead, kStreamBlock * 4);
       }
     }
     if (p + kPrefetchAhead + P <= p1) {
@@ -808,18 +812,17 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
       }
     }
     for (int q = 0; q < P; ++q) {
-      V* eq = e[q];
       if (q >= np) {
-        for (int v = 0; v < nv; ++v) eq[v] = vbroadcast<V>(0.0f);
+        for (int v = 0; v < nv; ++v) e[q][v] = vbroadcast<V>(0.0f);
         continue;
       }
       const int64_t pq = p + q;
       if (from_init) {
-        load_planes<V, W>(a.init, a.N, L, a.order ? a.order[pq] : pq, nv, eq);
+        load_planes<V, W>(a.init, a.N, L, a.order ? a.order[pq] : pq, nv, e[q]);
         continue;
       }
       const float* u = a.unary + pq * lanes;
-      for (int v = 0; v < nv; ++v) eq[v] = vload<V>(u + v * W);
+      for (int v = 0; v < nv; ++v) e[q][v] = vload<V>(u + v * W);
       if (!slice) continue;
       for (int k = 0; k < a.kernels; ++k) {
         const PassKernel& K = a.k[k];
@@ -827,13 +830,21 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
         slice_row<V, W>(K.sliced, K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, 1.0f, lanes, nv, s);
         const float scale = K.post[pq];
         if (K.diagonal) {
-          for (int v = 0; v < nv; ++v) eq[v] += scale * vload<V>(K.compat + v * W) * s[v];
+          for (int v = 0; v < nv; ++v) e[q][v] += scale * vload<V>(K.compat + v * W) * s[v];
         } else {
-          // C is symmetric: E += sum_m (scale s_m) C[m, :], row by row.
+          // C is symmetric: E += sum_m (scale s_m) C[m, :], row by row. The sliced values are read
+          // back from memory by label, so that s itself is only ever indexed by constants.
+          alignas(64) float sf[NV > 0 ? NV * W : 1];
+          const float* sv = sf;
+          if constexpr (NV > 0) {
+            for (int v = 0; v < nv; ++v) vstore(sf + v * W, s[v]);
+          } else {
+            sv = reinterpret_cast<const float*>(s);
+          }
           for (int m = 0; m < L; ++m) {
-            const float sm = scale * s[m / W][m % W];
+            const float sm = scale * sv[m];
             const float* c = K.compat + int64_t(m) * lanes;
-            for (int v = 0; v < nv; ++v) eq[v] += sm * vload<V>(c + v * W);
+            for (int v = 0; v < nv; ++v) e[q][v] += sm * vload<V>(c + v * W);
           }
         }
       }
@@ -870,14 +881,63 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
     }
     for (int q = 0; q < np; ++q) {
       const int64_t pq = p + q;
-      const V* eq = e[q];
-      if (a.out != nullptr) store_planes<V, W>(eq, a.N, L, a.order ? a.order[pq] : pq, a.out);
+      if (a.out != nullptr) out.add<V, W>(e[q], nv, a.order ? a.order[pq] : pq);
       if (!splat) continue;
       for (int k = 0; k < a.kernels; ++k) {
         const PassKernel& K = a.k[k];
-        splat_row<V, W>(K.splat[chunk], K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, K.pre[pq], lanes, nv, eq);
+        splat_row<V, W>(K.splat[chunk], K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, K.pre[pq], lanes, nv, e[q]);
       }
     }
+  }
+  if (a.out != nullptr) out.flush();
+}
+
+// LP is the row width when it is one of the compiled ones, 0 for a wider row (then `a.lanes`).
+template <int LP_>
+FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t p0, int64_t p1) {
+  constexpr int LP = LP_ == 1 ? 0 : LP_;  // label rows are never 1 wide (lanes_for_labels)
+  constexpr int W = LP == 4 ? 4 : 8;      // rows are 4 wide or a multiple of 8
+  using V = typename Vec<W>::F;
+  const int lanes = LP > 0 ? LP : a.lanes;
+  if (LP == 0 && lanes % W != 0) {
+    // Only a 4-wide row can get here with W = 8, and it has its own instantiation.
+    TORCH_CHECK(false, "dense_crf: internal error, row of ", lanes, " lanes");
+  }
+  // Two pixels at a time: the softmax of one pixel is a long dependency chain (min, exp, sum,
+  // divide); interleaving two independent chains keeps the core busy.
+  constexpr int P = 2;
+  auto fill_masks = [&](auto& pad, auto& keep, int nv) {
+    for (int v = 0; v < nv; ++v) {
+      for (int i = 0; i < W; ++i) {
+        pad[v][i] = v * W + i < a.L ? 0.0f : INFINITY;  // +inf on padding lanes, else 0
+        keep[v][i] = v * W + i < a.L ? 1.0f : 0.0f;     // 0 on padding lanes, else 1
+      }
+    }
+  };
+  Buffer<float> run;
+  if (a.out != nullptr) run.resize(int64_t(kRun) * lanes);
+  PlaneWriter out{a.out, a.N, a.L, lanes, run.data};
+  if constexpr (LP > 0) {
+    constexpr int NV = LP / W;
+    V e[P][NV], s[NV], pad[NV], keep[NV];
+    fill_masks(pad, keep, NV);
+    pixel_pass_rows<V, W, NV>(a, chunk, p0, p1, e, s, pad, keep, out);
+  } else {
+    // Rows wider than the fixed instantiations live on the heap, 64-byte aligned by hand: a
+    // std::vector<V> of these 32-byte vector-extension values was not reliably 32-byte aligned (the
+    // AVX2 clone's aligned stores then faulted, intermittently, for L > 64).
+    const int nv = lanes / W;
+    Buffer<V> heap_buffer;
+    heap_buffer.resize((P + 3) * int64_t(nv));
+    std::memset(static_cast<void*>(heap_buffer.data), 0, sizeof(V) * (P + 3) * size_t(nv));
+    V* heap = heap_buffer.data;
+    V* e[P];
+    for (int q = 0; q < P; ++q) e[q] = heap + (3 + q) * nv;
+    V* s = heap;
+    V* pad = heap + nv;
+    V* keep = heap + 2 * nv;
+    fill_masks(pad, keep, nv);
+    pixel_pass_rows<V, W, 0>(a, chunk, p0, p1, e, s, pad, keep, out);
   }
 }
 
@@ -1402,12 +1462,20 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
   // Unary energies as rows of `lanes` (padding 0; the softmax ignores it). unary_scale -1 makes
   // logits energies: -logits differs from -log_softmax(logits) by a per-pixel constant, which no
   // softmax sees.
+  // Run by run of consecutive pixels (as PlaneWriter), so that each plane is read contiguously.
   unary_rows.resize(N * lanes);
   at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      float* row = unary_rows.data + p * lanes;
-      const int64_t pixel = order ? order[p] : p;
-      for (int l = 0; l < lanes; ++l) row[l] = l < L ? unary_scale * unary[int64_t(l) * N + pixel] : 0.0f;
+    for (int64_t p = begin; p < end;) {
+      const int64_t first = order ? order[p] : p;
+      int64_t n = 1;
+      while (p + n < end && n < kRun && (order ? order[p + n] : p + n) == first + n) ++n;
+      float* rows = unary_rows.data + p * lanes;
+      for (int l = 0; l < L; ++l) {
+        const float* plane = unary + int64_t(l) * N + first;
+        for (int64_t i = 0; i < n; ++i) rows[i * lanes + l] = unary_scale * plane[i];
+      }
+      for (int64_t i = 0; i < n; ++i) std::fill(rows + i * lanes + L, rows + (i + 1) * lanes, 0.0f);
+      p += n;
     }
   });
 
