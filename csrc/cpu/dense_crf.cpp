@@ -628,6 +628,46 @@ FASTSEG_ALWAYS_INLINE V vbroadcast(float x) {
   return v + x;
 }
 
+// Lane i takes lane i ^ S: the butterfly steps of the reductions below.
+template <int W, int S>
+FASTSEG_ALWAYS_INLINE typename Vec<W>::F swap_lanes(typename Vec<W>::F v) {
+#if defined(__clang__)
+  if constexpr (W == 8) {
+    return __builtin_shufflevector(v, v, 0 ^ S, 1 ^ S, 2 ^ S, 3 ^ S, 4 ^ S, 5 ^ S, 6 ^ S, 7 ^ S);
+  } else {
+    return __builtin_shufflevector(v, v, 0 ^ S, 1 ^ S, 2 ^ S, 3 ^ S);
+  }
+#else
+  using I = typename Vec<W>::I;
+  if constexpr (W == 8) {
+    const I mask = {0 ^ S, 1 ^ S, 2 ^ S, 3 ^ S, 4 ^ S, 5 ^ S, 6 ^ S, 7 ^ S};
+    return __builtin_shuffle(v, mask);
+  } else {
+    const I mask = {0 ^ S, 1 ^ S, 2 ^ S, 3 ^ S};
+    return __builtin_shuffle(v, mask);
+  }
+#endif
+}
+
+// The minimum and the sum of the W lanes, in every lane: log2(W) shuffle steps instead of a
+// chain of W - 1 scalar operations on extracted lanes (the softmax's critical path).
+template <typename V>
+FASTSEG_ALWAYS_INLINE V vmin(V a, V b) {
+  return a < b ? a : b;
+}
+template <int W>
+FASTSEG_ALWAYS_INLINE typename Vec<W>::F min_all(typename Vec<W>::F v) {
+  if constexpr (W == 8) v = vmin(v, swap_lanes<W, 4>(v));
+  v = vmin(v, swap_lanes<W, 2>(v));
+  return vmin(v, swap_lanes<W, 1>(v));
+}
+template <int W>
+FASTSEG_ALWAYS_INLINE typename Vec<W>::F sum_all(typename Vec<W>::F v) {
+  if constexpr (W == 8) v += swap_lanes<W, 4>(v);
+  v += swap_lanes<W, 2>(v);
+  return v + swap_lanes<W, 1>(v);
+}
+
 // exp(x) for x <= 0, to about 2 ulp: Cody-Waite range reduction and the minimax polynomial of the
 // Cephes library; arguments below -87 give exp(-87) (~1.6e-38) instead of a denormal or zero.
 template <int W>
@@ -859,11 +899,8 @@ FASTSEG_ALWAYS_INLINE void pixel_pass_rows(const PassArgs& a, int64_t chunk, int
           low[q] = x < low[q] ? x : low[q];
         }
       }
-      float lowest[P];
-      for (int q = 0; q < P; ++q) {
-        lowest[q] = low[q][0];
-        for (int i = 1; i < W; ++i) lowest[q] = low[q][i] < lowest[q] ? low[q][i] : lowest[q];
-      }
+      V lowest[P];
+      for (int q = 0; q < P; ++q) lowest[q] = min_all<W>(low[q]);
       V sum[P];
       for (int q = 0; q < P; ++q) sum[q] = vbroadcast<V>(0.0f);
       for (int v = 0; v < nv; ++v) {
@@ -873,9 +910,7 @@ FASTSEG_ALWAYS_INLINE void pixel_pass_rows(const PassArgs& a, int64_t chunk, int
         }
       }
       for (int q = 0; q < P; ++q) {
-        float total = 0.0f;
-        for (int i = 0; i < W; ++i) total += sum[q][i];
-        const float inv = 1.0f / total;
+        const V inv = vbroadcast<V>(1.0f) / sum_all<W>(sum[q]);
         for (int v = 0; v < nv; ++v) e[q][v] *= inv;
       }
     }
@@ -1036,8 +1071,7 @@ FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int
     // gE = Q * (<gQ, Q> - gQ), the backward of Q = softmax(-E).
     V dot = gq[0] * q[0];
     for (int v = 1; v < nv; ++v) dot += gq[v] * q[v];
-    float total = 0.0f;
-    for (int i = 0; i < W; ++i) total += dot[i];
+    const V total = sum_all<W>(dot);
     for (int v = 0; v < nv; ++v) gq[v] = q[v] * (total - gq[v]);
     float* sum = a.grad_energy + p * lanes;
     for (int v = 0; v < nv; ++v) vstore(sum + v * W, a.first_energy ? gq[v] : vload<V>(sum + v * W) + gq[v]);
