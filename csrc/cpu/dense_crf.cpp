@@ -818,10 +818,14 @@ struct PassArgs {
 // W-wide vectors per label row when the row width is a compiled one (then e, s, pad and keep are
 // local arrays indexed by constants, which the compiler keeps in registers), 0 otherwise (then
 // they point into a heap buffer and nv = a.lanes / W).
+// Pixels per step of a pass: the softmax of one pixel is a long dependency chain (min, exp, sum,
+// divide); interleaving two independent chains keeps the core busy.
+constexpr int kPassPixels = 2;
+
 template <typename V, int W, int NV, typename Rows, typename Row>
 FASTSEG_ALWAYS_INLINE void pixel_pass_rows(const PassArgs& a, int64_t chunk, int64_t p0, int64_t p1, Rows& e,
                                            Row& s, const Row& pad, const Row& keep, PlaneWriter& out) {
-  constexpr int P = 2;  // pixels at a time (see pixel_pass)
+  constexpr int P = kPassPixels;
   const int lanes = NV > 0 ? NV * W : a.lanes;
   const int nv = NV > 0 ? NV : a.lanes / W;
   const int L = a.L;
@@ -938,9 +942,7 @@ FASTSEG_ALWAYS_INLINE void pixel_pass(const PassArgs& a, int64_t chunk, int64_t 
     // Only a 4-wide row can get here with W = 8, and it has its own instantiation.
     TORCH_CHECK(false, "dense_crf: internal error, row of ", lanes, " lanes");
   }
-  // Two pixels at a time: the softmax of one pixel is a long dependency chain (min, exp, sum,
-  // divide); interleaving two independent chains keeps the core busy.
-  constexpr int P = 2;
+  constexpr int P = kPassPixels;
   auto fill_masks = [&](auto& pad, auto& keep, int nv) {
     for (int v = 0; v < nv; ++v) {
       for (int i = 0; i < W; ++i) {
@@ -1495,8 +1497,8 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
   const int K = int(specs.size());
   // Unary energies as rows of `lanes` (padding 0; the softmax ignores it). unary_scale -1 makes
   // logits energies: -logits differs from -log_softmax(logits) by a per-pixel constant, which no
-  // softmax sees.
-  // Run by run of consecutive pixels (as PlaneWriter), so that each plane is read contiguously.
+  // softmax sees. Packed run by run of consecutive pixels (as PlaneWriter writes), so that each
+  // plane is read contiguously.
   unary_rows.resize(N * lanes);
   at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end;) {
