@@ -1,4 +1,6 @@
 """Argument checks shared by the ops: messages name the op, the argument, and what came."""
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -48,12 +50,17 @@ def to_pair(op, name, value, *, minimum):
     return items
 
 
+def value_range(t):
+    """(min, max) of a non-empty real floating tensor as Python floats, in one reduction pass
+    (aminmax propagates nan into both): 0.6 ms against isfinite's 10 ms on 21 x 375 x 500."""
+    low, high = torch.aminmax(t)
+    return float(low), float(high)
+
+
 def all_finite(t):
-    """Whether tensor t holds no nan or inf. One reduction pass (aminmax propagates nan into both
-    results) instead of isfinite's temporaries: 0.6 ms against 10 ms on a 21 x 375 x 500 tensor."""
+    """Whether tensor t holds no nan or inf (one value_range pass, no temporaries)."""
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return True
     if t.is_complex():
         return all_finite(torch.view_as_real(t))
-    low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    return all(math.isfinite(v) for v in value_range(t))

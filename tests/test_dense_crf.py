@@ -365,6 +365,13 @@ def test_unary_kinds_and_zero_iterations():
     assert torch.allclose(fastseg.dense_crf(probs, image, iterations=3, unary="probs"), q, atol=1e-4)
 
 
+@pytest.mark.parametrize("unary", ["logits", "energy", "probs"])
+def test_empty_batch(unary):
+    # A batch of no images is not bad input: the result is empty too (the value checks see no values).
+    q = fastseg.dense_crf(torch.rand(0, 3, 4, 5), torch.zeros(0, 3, 4, 5, dtype=torch.uint8), unary=unary)
+    assert q.shape == (0, 3, 4, 5)
+
+
 def test_multichannel_and_float_images():
     H, W, L = 30, 28, 3
     logits = _smooth_logits(L, H, W, seed=4)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends
-from .._checks import FLOAT_DTYPES, all_finite, check_tensor
+from .._checks import FLOAT_DTYPES, all_finite, check_tensor, value_range
 from ._reference import dense_crf as reference
 
 __all__ = ["dense_crf", "permutohedral_filter", "NORMALIZATIONS"]
@@ -129,12 +129,12 @@ def dense_crf(
     # float64 stays float64 on the reference (gradcheck's oracle); the C++ and Triton kernels are float32.
     dtype = reference.compute_dtype(scores.dtype) if impl == "reference" else torch.float32
 
-    if not torch.compiler.is_compiling():
-        if not all_finite(scores):
+    if not torch.compiler.is_compiling() and scores.numel() > 0:  # an empty batch has no values
+        low, high = value_range(scores)  # one pass for both checks
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(f"{OP}: scores contains non-finite values (nan or inf)")
-        if unary == "probs" and bool(((scores < 0) | (scores > 1)).any()):
-            raise ValueError(f"{OP}: unary='probs' needs scores in [0, 1], got values in "
-                             f"[{scores.min().item():.4g}, {scores.max().item():.4g}]")
+        if unary == "probs" and (low < 0 or high > 1):
+            raise ValueError(f"{OP}: unary='probs' needs scores in [0, 1], got values in [{low:.4g}, {high:.4g}]")
     if not (isinstance(clip, numbers.Real) and 0 < clip <= 1):
         raise ValueError(f"{OP}: clip must be in (0, 1], got {clip!r}")
 
