@@ -53,7 +53,7 @@ def to_pair(op, name, value, *, minimum):
 def value_range(t):
     """(min, max) of a non-empty real floating tensor as Python floats, in one reduction pass
     (aminmax propagates nan into both): 0.6 ms against isfinite's 10 ms on 21 x 375 x 500."""
-    low, high = torch.aminmax(t)
+    low, high = torch.aminmax(t.detach())  # a check, not part of any graph
     return float(low), float(high)
 
 
