@@ -533,6 +533,13 @@ FASTSEG_ALWAYS_INLINE void number_entries_d(KeyTable& table, Lattice& lat, int r
   int32_t key[D > 0 ? D : kMaxFeatures];
   // The slots miss the cache: prefetch the one of the entry kAhead ahead.
   constexpr int64_t kAhead = 16;
+  // Most entries name a point that a pixel shortly before named too (1.1M entries for 68k points in
+  // the bilateral lattice at 500x375): a small direct-mapped cache of recent keys (number, key)
+  // answers those from L1 instead of the table (that step 11-12 ms instead of 13-17, 2 threads).
+  // Compiled feature counts only.
+  constexpr int kRecentWords = 8, kRecent = D > 0 && D < kRecentWords ? 1024 : 1;
+  alignas(64) int32_t recent[kRecent * kRecentWords];
+  for (int r = 0; r < kRecent; ++r) recent[r * kRecentWords] = -1;
   for (int64_t i = first; i < last; ++i) {
     const int64_t e = list ? list[i] : i;
     const int64_t p = e / d1;
@@ -542,7 +549,20 @@ FASTSEG_ALWAYS_INLINE void number_entries_d(KeyTable& table, Lattice& lat, int r
     }
     if (i + kAhead < last) table.prefetch(lat.hashes.data[list ? list[i + kAhead] : i + kAhead]);
     vertex_key(lat.rem0s.data + p * d, lat.ranks.data + p * d, d, int(e - p * d1), key);
-    const int32_t number = table.insert<D>(key, lat.hashes.data[e]);
+    const uint32_t h = lat.hashes.data[e];
+    int32_t number;
+    if constexpr (kRecent > 1) {
+      int32_t* r = recent + (h & (kRecent - 1)) * kRecentWords;
+      if (r[0] >= 0 && same_key(r + 1, key, D)) {
+        number = r[0];
+      } else {
+        number = table.insert<D>(key, h);
+        r[0] = number;
+        std::memcpy(r + 1, key, sizeof(int32_t) * D);
+      }
+    } else {
+      number = table.insert<D>(key, h);
+    }
     if (list) {
       list[i] = uint32_t(number);
     } else {
