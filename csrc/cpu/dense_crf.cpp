@@ -598,11 +598,25 @@ FASTSEG_ALWAYS_INLINE void find_neighbours_range(Lattice& lat, const std::vector
     for (int64_t m = m0; m < m1; ++m) {
       while (m >= base[t + 1]) ++t;
       const int32_t* key = tables[t].key(m - base[t]);
+      if constexpr (D > 0 && D < 8) {
+        // hash_key of the d + 1 neighbour keys at once, one per lane (lanes past d unused).
+        typedef uint32_t U8 __attribute__((vector_size(32)));
+        U8 h = U8{} + kHashSeed;
+        for (int i = 0; i < D; ++i) {
+          U8 step;
+          for (int j = 0; j < 8; ++j) step[j] = j == i ? uint32_t(D) : uint32_t(-1);
+          h = (h ^ (U8{} + uint32_t(key[i]) + step)) * kHashStep;
+          h ^= h >> 15;
+        }
+        h *= kHashFinal;
+        h ^= h >> 16;
+        for (int j = 0; j < d1; ++j) hashes[m - m0][j] = h[j];
+      }
       for (int j = 0; j < d1; ++j) {
         int32_t* n = plus[m - m0][j];
         for (int i = 0; i < d; ++i) n[i] = key[i] + (i == j ? d : -1);
-        const uint32_t h = hash_key(n, d);
-        hashes[m - m0][j] = h;
+        if constexpr (!(D > 0 && D < 8)) hashes[m - m0][j] = hash_key(n, d);
+        const uint32_t h = hashes[m - m0][j];
         tables[owner_of(h, owners)].prefetch(h);
       }
     }
@@ -618,6 +632,14 @@ FASTSEG_ALWAYS_INLINE void find_neighbours_range(Lattice& lat, const std::vector
     }
   }
 }
+#if FASTSEG_HAVE_AVX2_CLONE
+template <int D>
+FASTSEG_AVX2_NO_FMA void find_neighbours_range_avx2(Lattice& lat, const std::vector<KeyTable>& tables,
+                                                    const std::vector<int64_t>& base, int owners, int64_t begin,
+                                                    int64_t end) {
+  find_neighbours_range<D>(lat, tables, base, owners, lat.d, begin, end);
+}
+#endif
 template <int D>
 void find_neighbours_d(Lattice& lat, const std::vector<KeyTable>& tables, const std::vector<int64_t>& base,
                        int owners) {
@@ -627,6 +649,12 @@ void find_neighbours_d(Lattice& lat, const std::vector<KeyTable>& tables, const 
     for (int64_t i = begin; i < end; ++i) neighbours[2 * i] = int32_t(M);
   });
   at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
+#if FASTSEG_HAVE_AVX2_CLONE
+    if (cpu_has_avx2()) {
+      find_neighbours_range_avx2<D>(lat, tables, base, owners, begin, end);
+      return;
+    }
+#endif
     find_neighbours_range<D>(lat, tables, base, owners, lat.d, begin, end);
   });
 }
