@@ -1454,9 +1454,11 @@ struct FilterBuffers {
       for (int64_t c = 0; c < chunks; ++c) {
         std::fill(splat[c].data + begin * lanes, splat[c].data + end * lanes, 0.0f);
       }
-      std::fill(x.data + begin * lanes, x.data + end * lanes, 0.0f);
-      std::fill(y.data + begin * lanes, y.data + end * lanes, 0.0f);
     });
+    // Of x and y only the zero row: every other row is written (by the gather, or by the blur)
+    // before it is read, and with one chunk x is zeroed before it becomes a splat buffer.
+    std::fill(x.data + lat.M * lanes, x.data + n, 0.0f);
+    std::fill(y.data + lat.M * lanes, y.data + n, 0.0f);
   }
 
   // With one chunk there is nothing to sum: its splat buffer becomes the blur's source and the
