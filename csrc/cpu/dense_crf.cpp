@@ -1694,6 +1694,46 @@ void prepare_kernels(std::vector<KernelState>& states, const std::vector<KernelS
   }
 }
 
+#if FASTSEG_HAVE_AVX2_CLONE
+// Rows of `lanes` (a multiple of 8) for the first n / 8 * 8 of n consecutive pixels, from L planes
+// (stride N) starting at those pixels: 8 pixels by 8 labels at a time, loaded plane-wise and
+// transposed in registers (the scalar loop stored one float per row per label). Each value is
+// scale * plane[i], as the scalar loop computes it; padding lanes are exactly 0. Returns the number
+// of pixels done.
+FASTSEG_TARGET_AVX2 int64_t pack_rows_avx2(const float* planes, int64_t N, int L, int lanes, float scale, int64_t n,
+                                           float* rows) {
+  const __m256 s = _mm256_set1_ps(scale);
+  const int64_t blocks = n / 8 * 8;
+  for (int64_t i0 = 0; i0 < blocks; i0 += 8) {
+    for (int g = 0; g < lanes; g += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) {
+        r[j] = g + j < L ? _mm256_mul_ps(s, _mm256_loadu_ps(planes + int64_t(g + j) * N + i0)) : _mm256_setzero_ps();
+      }
+      // 8x8 transpose: r[j][i] (label g + j, pixel i0 + i) -> row i.
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* out = rows + i0 * lanes + g;
+      _mm256_storeu_ps(out + 0 * lanes, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(out + 1 * lanes, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(out + 2 * lanes, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(out + 3 * lanes, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(out + 4 * lanes, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(out + 5 * lanes, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(out + 6 * lanes, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(out + 7 * lanes, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+  return blocks;
+}
+#endif
+
 // Mean field on prepared kernels. Writes the last Q to out or, with out_stride > 0, every Q_t
 // (t = 0 .. iterations) to out + t * out_stride.
 void run_mean_field(const float* unary, float unary_scale, const float* init, float* out, int64_t out_stride,
@@ -1713,11 +1753,15 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
       int64_t n = 1;
       while (p + n < end && n < kRun && (order ? order[p + n] : p + n) == first + n) ++n;
       float* rows = unary_rows.data + p * lanes;
+      int64_t done = 0;
+#if FASTSEG_HAVE_AVX2_CLONE
+      if (lanes % 8 == 0 && cpu_has_avx2()) done = pack_rows_avx2(unary + first, N, L, lanes, unary_scale, n, rows);
+#endif
       for (int l = 0; l < L; ++l) {
         const float* plane = unary + int64_t(l) * N + first;
-        for (int64_t i = 0; i < n; ++i) rows[i * lanes + l] = unary_scale * plane[i];
+        for (int64_t i = done; i < n; ++i) rows[i * lanes + l] = unary_scale * plane[i];
       }
-      for (int64_t i = 0; i < n; ++i) std::fill(rows + i * lanes + L, rows + (i + 1) * lanes, 0.0f);
+      for (int64_t i = done; i < n; ++i) std::fill(rows + i * lanes + L, rows + (i + 1) * lanes, 0.0f);
       p += n;
     }
   });
