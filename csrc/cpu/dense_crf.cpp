@@ -397,7 +397,8 @@ FASTSEG_AVX2_NO_FMA FASTSEG_ALWAYS_INLINE bool locate_block8(Lattice& lat, const
     const __m256 v = _mm256_mul_ps(elevated[i], down_factor);
     const __m256 up = _mm256_mul_ps(_mm256_round_ps(v, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC), up_factor);
     const __m256 down = _mm256_mul_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), up_factor);
-    const __m256 closer_up = _mm256_cmp_ps(_mm256_sub_ps(up, elevated[i]), _mm256_sub_ps(elevated[i], down), _CMP_LT_OQ);
+    const __m256 closer_up =
+        _mm256_cmp_ps(_mm256_sub_ps(up, elevated[i]), _mm256_sub_ps(elevated[i], down), _CMP_LT_OQ);
     rem0f[i] = _mm256_blendv_ps(down, up, closer_up);
     total = _mm256_add_ps(total, rem0f[i]);
   }
@@ -459,7 +460,8 @@ FASTSEG_AVX2_NO_FMA FASTSEG_ALWAYS_INLINE bool locate_block8(Lattice& lat, const
     __m256i h = _mm256_set1_epi32(int32_t(kHashSeed));
     for (int i = 0; i < d; ++i) {
       const __m256i high = _mm256_cmpgt_epi32(rank[i], _mm256_set1_epi32(d - k));
-      const __m256i key = _mm256_add_epi32(rem0[i], _mm256_add_epi32(_mm256_set1_epi32(k), _mm256_and_si256(high, _mm256_set1_epi32(-d1))));
+      const __m256i offset = _mm256_add_epi32(_mm256_set1_epi32(k), _mm256_and_si256(high, _mm256_set1_epi32(-d1)));
+      const __m256i key = _mm256_add_epi32(rem0[i], offset);
       h = _mm256_mullo_epi32(_mm256_xor_si256(h, key), _mm256_set1_epi32(int32_t(kHashStep)));
       h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
     }
