@@ -104,6 +104,19 @@ FASTSEG_ALWAYS_INLINE uint32_t hash_key(const int32_t* key, int d) {
   return h ^ (h >> 16);
 }
 
+// hash_key of 8 keys at once, lane by lane: key[i] holds coordinate i of every lane's key.
+typedef uint32_t HashLanes __attribute__((vector_size(32)));
+template <int D>
+FASTSEG_ALWAYS_INLINE HashLanes hash_key_lanes(const HashLanes* key) {
+  HashLanes h = HashLanes{} + kHashSeed;
+  for (int i = 0; i < D; ++i) {
+    h = (h ^ key[i]) * kHashStep;
+    h ^= h >> 15;
+  }
+  h *= kHashFinal;
+  return h ^ (h >> 16);
+}
+
 // Which of `owners` threads numbers the lattice point of hash h (uses the high bits; the table
 // slot uses the low ones).
 FASTSEG_ALWAYS_INLINE int owner_of(uint32_t h, int owners) {
@@ -457,16 +470,14 @@ FASTSEG_AVX2_NO_FMA FASTSEG_ALWAYS_INLINE bool locate_block8(Lattice& lat, const
   }
   // hash_key of every vertex key rem0 + (rank <= d - k ? k : k - (d + 1)).
   for (int k = 0; k <= d; ++k) {
-    __m256i h = _mm256_set1_epi32(int32_t(kHashSeed));
+    HashLanes key[D];
     for (int i = 0; i < d; ++i) {
       const __m256i high = _mm256_cmpgt_epi32(rank[i], _mm256_set1_epi32(d - k));
       const __m256i offset = _mm256_add_epi32(_mm256_set1_epi32(k), _mm256_and_si256(high, _mm256_set1_epi32(-d1)));
-      const __m256i key = _mm256_add_epi32(rem0[i], offset);
-      h = _mm256_mullo_epi32(_mm256_xor_si256(h, key), _mm256_set1_epi32(int32_t(kHashStep)));
-      h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+      key[i] = HashLanes(_mm256_add_epi32(rem0[i], offset));
     }
-    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int32_t(kHashFinal)));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(hash_out[k]), _mm256_xor_si256(h, _mm256_srli_epi32(h, 16)));
+    const HashLanes h = hash_key_lanes<D>(key);
+    std::memcpy(hash_out[k], &h, sizeof(h));
   }
   for (int l = 0; l < 8; ++l) {
     const int64_t q = p + l;
@@ -601,17 +612,12 @@ FASTSEG_ALWAYS_INLINE void find_neighbours_range(Lattice& lat, const std::vector
       while (m >= base[t + 1]) ++t;
       const int32_t* key = tables[t].key(m - base[t]);
       if constexpr (D > 0 && D < 8) {
-        // hash_key of the d + 1 neighbour keys at once, one per lane (lanes past d unused).
-        typedef uint32_t U8 __attribute__((vector_size(32)));
-        U8 h = U8{} + kHashSeed;
+        // The d + 1 neighbour keys at once, one per lane (lanes past d unused).
+        HashLanes lanes[D];
         for (int i = 0; i < D; ++i) {
-          U8 step;
-          for (int j = 0; j < 8; ++j) step[j] = j == i ? uint32_t(D) : uint32_t(-1);
-          h = (h ^ (U8{} + uint32_t(key[i]) + step)) * kHashStep;
-          h ^= h >> 15;
+          for (int j = 0; j < 8; ++j) lanes[i][j] = uint32_t(key[i]) + (j == i ? uint32_t(D) : uint32_t(-1));
         }
-        h *= kHashFinal;
-        h ^= h >> 16;
+        const HashLanes h = hash_key_lanes<D>(lanes);
         for (int j = 0; j < d1; ++j) hashes[m - m0][j] = h[j];
       }
       for (int j = 0; j < d1; ++j) {
