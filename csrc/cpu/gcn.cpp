@@ -20,11 +20,14 @@
 //
 // float16/bfloat16 inputs are computed in float32 (15+ tap sums would lose too much in 16 bits) and
 // rounded once at the end; float32 and float64 run natively.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "common.h"
+#include "fft.h"
 
 namespace fastseg {
 namespace {
@@ -235,6 +238,173 @@ void gcn_forward(const at::Tensor& x, const at::Tensor& w_l1, const at::Tensor& 
   }
 }
 
+// ---- The FFT route ---------------------------------------------------------------------------------
+// Both first convolutions are products in the frequency domain along their long axis, and so are
+// the second ones, whose axis is the other: with x's 2-D spectrum X, the left branch is
+// L = H_l(kw) G_l(kh) X(kh, kw) and the right R = H_r(kh) G_r(kw) X(kh, kw), where G (Cmid x Cin) and
+// H (Cout x Cmid) are the taps' spectra, a matrix per frequency. Each branch is computed as
+//   1. a real FFT of x along its first axis (fft.h, zero-padded to n >= size + pad so the circular
+//      convolution equals the zero-padded one on the image), written bins-outermost;
+//   2. per bin, one complex GEMM over Cin (MKL's cgemm through at::bmm);
+//   3. an FFT of the Cmid-channel result along the other axis, per bin a Cmid -> Cout complex GEMM,
+//      and the inverse transforms (torch.fft: these move only Cmid and Cout channels).
+// Per output pixel and branch, step 2 costs about 4 (n / 2 + 1) / size real multiply-adds per
+// (Cmid, Cin) pair (2.3 at 128 px, 2.5 at 64, 2.6 at 32 and 3.3 at 16) where the direct convolution
+// costs k (15 in the paper). Float32 only (half and bfloat16 inputs computed in float32): the
+// transforms' rounding is about 3e-7 relative here.
+
+// The 16-sequence transform batches of one image, compiled for AVX2 + FMA and for the baseline.
+struct SpectraJobs {
+  const float* x;  // one image: (Cin, H, W) planar or (H, W, Cin) channels_last
+  int64_t Cin, H, W;
+  bool channels_last;
+  const fft::Plan *ph, *pw;  // along H (left branch) and along W (right branch)
+  float *XL, *XR;            // complex spectra, see spectra()
+  int64_t left_jobs() const { return channels_last ? W * div_ceil(Cin, 16) : Cin * div_ceil(W, 16); }
+  int64_t right_jobs() const { return channels_last ? H * div_ceil(Cin, 16) : Cin * div_ceil(H, 16); }
+};
+
+FASTSEG_ALWAYS_INLINE void run_spectra_jobs_impl(const SpectraJobs& s, int64_t j0, int64_t j1) {
+  const int64_t Cin = s.Cin, H = s.H, W = s.W, nl = s.left_jobs(), nr = s.right_jobs(), n2 = 2 * std::min(nl, nr);
+  fft::Scratch scratch(std::max(s.ph->n, s.pw->n));
+  for (int64_t j = j0; j < j1; ++j) {
+    fft::Batch b;
+    // Left and right jobs alternate (they differ in cost), then the longer list's rest.
+    const bool left = j < n2 ? j % 2 == 0 : nl > nr;
+    const int64_t i = j < n2 ? j / 2 : j - n2 + n2 / 2;
+    if (s.channels_last) {
+      // 16 channels at one pixel column (left) or row (right): contiguous lanes.
+      const int64_t groups = div_ceil(Cin, 16), c0 = (i % groups) * 16, at = i / groups;
+      b.lane = 1, b.lanes = std::min<int64_t>(16, Cin - c0);
+      if (left) {
+        b.src = s.x + at * Cin + c0, b.step = W * Cin, b.len = H;
+        b.dst = s.XL + 2 * (at * Cin + c0), b.bin_stride = W * Cin;
+      } else {
+        b.src = s.x + at * W * Cin + c0, b.step = Cin, b.len = W;
+        b.dst = s.XR + 2 * (at * Cin + c0), b.bin_stride = H * Cin;
+      }
+    } else if (left) {
+      // 16 neighbouring columns of one channel, down the image.
+      const int64_t groups = div_ceil(W, 16), w0 = (i % groups) * 16, c = i / groups;
+      b.src = s.x + c * H * W + w0, b.step = W, b.lane = 1, b.lanes = std::min<int64_t>(16, W - w0), b.len = H;
+      b.dst = s.XL + 2 * (c * W + w0), b.bin_stride = Cin * W;
+    } else {
+      // 16 rows of one channel, along the rows.
+      const int64_t groups = div_ceil(H, 16), h0 = (i % groups) * 16, c = i / groups;
+      b.src = s.x + (c * H + h0) * W, b.step = 1, b.lane = W, b.lanes = std::min<int64_t>(16, H - h0), b.len = W;
+      b.dst = s.XR + 2 * (c * H + h0), b.bin_stride = Cin * H;
+    }
+    fft::real_fft16(left ? *s.ph : *s.pw, b, scratch);
+  }
+}
+
+#if FASTSEG_HAVE_AVX2_CLONE
+FASTSEG_TARGET_AVX2 void run_spectra_jobs_avx2(const SpectraJobs& s, int64_t j0, int64_t j1) {
+  run_spectra_jobs_impl(s, j0, j1);
+}
+#endif
+void run_spectra_jobs_base(const SpectraJobs& s, int64_t j0, int64_t j1) { run_spectra_jobs_impl(s, j0, j1); }
+
+// x's half spectra along H (XL) and along W (XR), bins outermost: XL (n_h/2+1, Cin, W) and XR
+// (n_w/2+1, Cin, H) for a planar image, XL (n_h/2+1, W, Cin) and XR (n_w/2+1, H, Cin) for
+// channels_last, so the step-2 GEMMs read every bin's matrix in place either way.
+void spectra(const SpectraJobs& s) {
+  const int64_t jobs = s.left_jobs() + s.right_jobs();
+  at::parallel_for(0, jobs, 1, [&](int64_t j0, int64_t j1) {
+#if FASTSEG_HAVE_AVX2_CLONE
+    if (cpu_has_avx2()) return run_spectra_jobs_avx2(s, j0, j1);
+#endif
+    run_spectra_jobs_base(s, j0, j1);
+  });
+}
+
+// The spectra of a k-tap cross-correlation's weights w (O, I, k), as the n-point DFT of the taps
+// flipped and placed circularly (tap t at index (pad - t d) mod n), bins 0 .. bins-1: a real GEMM
+// of w with the taps' cos/sin table. Returned complex, (bins, I, O): each bin's matrix transposed,
+// the right operand of the GEMMs below.
+at::Tensor taps_spectrum(const at::Tensor& w, int64_t d, int64_t n, int64_t bins) {
+  const int64_t O = w.size(0), I = w.size(1), k = w.size(2) * w.size(3), pad = d * (k - 1) / 2;
+  at::Tensor table = at::empty({k, bins, 2}, w.options().dtype(at::kFloat));
+  float* tab = table.mutable_data_ptr<float>();
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t j = ((pad - t * d) % n + n) % n;
+    for (int64_t f = 0; f < bins; ++f) {
+      const double a = -2.0 * M_PI * double((f * j) % n) / double(n);
+      tab[(t * bins + f) * 2] = float(std::cos(a));
+      tab[(t * bins + f) * 2 + 1] = float(std::sin(a));
+    }
+  }
+  at::Tensor spec = at::mm(w.reshape({O * I, k}), table.view({k, 2 * bins}));  // (O I, bins, 2)
+  return at::view_as_complex(spec.view({O, I, bins, 2})).permute({2, 1, 0}).contiguous();
+}
+
+// The n-point DFT, bins 0 .. bins-1, of the indicator of [0, len): the spectrum of a bias that
+// covers the image and not its zero padding.
+at::Tensor box_spectrum(int64_t len, int64_t n, int64_t bins) {
+  at::Tensor s = at::empty({bins, 2}, at::TensorOptions().dtype(at::kFloat));
+  float* p = s.mutable_data_ptr<float>();
+  for (int64_t f = 0; f < bins; ++f) {
+    double re = 0, im = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const double a = -2.0 * M_PI * double((f * i) % n) / double(n);
+      re += std::cos(a), im += std::sin(a);
+    }
+    p[2 * f] = float(re), p[2 * f + 1] = float(im);
+  }
+  return at::view_as_complex(s);
+}
+
+// Steps 2 and 3 of one branch: Y (F1, Lo, Cm) = per bin X_bin (Lo x Cin) @ G_bin (Cin x Cm), plus
+// the first bias; then the FFT along the other (spatial, length Lo) axis, the Cm -> Co GEMM per bin
+// of that axis, and both inverse transforms. Returns the branch's output (Lo, L1, Co), real.
+at::Tensor branch(const at::Tensor& X, const at::Tensor& G, const at::Tensor& Hs, const at::Tensor& b1, int64_t L1,
+                  int64_t n1, int64_t Lo, int64_t no) {
+  at::Tensor Y = at::bmm(X, G);
+  if (b1.defined()) {
+    const int64_t F1 = Y.size(0);
+    Y.add_(box_spectrum(L1, n1, F1).view({F1, 1, 1}) * b1.to(at::kComplexFloat).view({1, 1, -1}));
+  }
+  at::Tensor Z = at::fft_fft(Y, no, 1).transpose(0, 1).contiguous();  // (no, F1, Cm)
+  at::Tensor O = at::bmm(Z, Hs);                                        // (no, F1, Co)
+  at::Tensor o = at::fft_ifft(O, std::nullopt, 0).narrow(0, 0, Lo);     // (Lo, F1, Co)
+  return at::fft_irfft(o, n1, 1).narrow(1, 0, L1);                      // (Lo, L1, Co)
+}
+
+void gcn_forward_fft(const at::Tensor& x, const at::Tensor& w_l1, const at::Tensor& w_l2, const at::Tensor& w_r1,
+                     const at::Tensor& w_r2, const at::Tensor& b_l1, const at::Tensor& b_l2, const at::Tensor& b_r1,
+                     const at::Tensor& b_r2, at::Tensor& out, int64_t k, int64_t d, bool channels_last) {
+  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), pad = d * (k - 1) / 2;
+  const fft::Plan ph(fft::good_length(H + pad)), pw(fft::good_length(W + pad));
+  const int64_t Fh = ph.n / 2 + 1, Fw = pw.n / 2 + 1;
+  const at::Tensor Gl = taps_spectrum(w_l1, d, ph.n, Fh), Gr = taps_spectrum(w_r1, d, pw.n, Fw);
+  const at::Tensor Hl = taps_spectrum(w_l2, d, pw.n, pw.n), Hr = taps_spectrum(w_r2, d, ph.n, ph.n);
+  // The spectra (a little more than x, twice) live in a buffer kept between calls: fresh pages for
+  // them cost about as much as the transforms that fill them (a page fault per 4 KiB).
+  static thread_local at::Tensor workspace;
+  const int64_t need = Fh * Cin * W + Fw * Cin * H;
+  if (!workspace.defined() || workspace.numel() < need) {
+    workspace = at::Tensor();
+    workspace = at::empty({need}, x.options().dtype(at::kComplexFloat));
+  }
+  at::Tensor XL = workspace.narrow(0, 0, Fh * Cin * W).view({Fh, Cin * W});
+  at::Tensor XR = workspace.narrow(0, Fh * Cin * W, Fw * Cin * H).view({Fw, Cin * H});
+  // Every bin's left operand as (pixels x Cin): a transposed view of the planar layout.
+  const at::Tensor XLm = channels_last ? XL.view({Fh, W, Cin}) : XL.view({Fh, Cin, W}).transpose(1, 2);
+  const at::Tensor XRm = channels_last ? XR.view({Fw, H, Cin}) : XR.view({Fw, Cin, H}).transpose(1, 2);
+  const float* xp = x.const_data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    SpectraJobs jobs{xp + b * Cin * H * W, Cin, H, W, channels_last, &ph, &pw,
+                     reinterpret_cast<float*>(XL.mutable_data_ptr()), reinterpret_cast<float*>(XR.mutable_data_ptr())};
+    spectra(jobs);
+    const at::Tensor left = branch(XLm, Gl, Hl, b_l1, H, ph.n, W, pw.n);   // (W, H, Co)
+    const at::Tensor right = branch(XRm, Gr, Hr, b_r1, W, pw.n, H, ph.n);  // (H, W, Co)
+    at::Tensor o = out[b].permute({1, 2, 0});                               // (H, W, Co)
+    at::add_out(o, right, left.transpose(0, 1));
+    if (b_l2.defined()) o.add_(b_l2);
+    if (b_r2.defined()) o.add_(b_r2);
+  }
+}
+
 void check_weight(const at::Tensor& w, const char* name, int64_t O, int64_t I, int64_t kh, int64_t kw,
                   const at::Tensor& x) {
   TORCH_CHECK_VALUE(w.dim() == 4 && w.size(0) == O && w.size(1) == I && w.size(2) == kh && w.size(3) == kw,
@@ -255,8 +425,9 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
                           const at::Tensor& w_r1, const at::Tensor& w_r2, const std::optional<at::Tensor>& b_l1,
                           const std::optional<at::Tensor>& b_l2, const std::optional<at::Tensor>& b_r1,
                           const std::optional<at::Tensor>& b_r2, int64_t dilation, c10::string_view algorithm) {
-  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "gemm" || algorithm == "conv",
-                    "gcn_conv2d: algorithm must be 'auto', 'gemm' or 'conv', got '", std::string(algorithm), "'");
+  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "gemm" || algorithm == "conv" || algorithm == "fft",
+                    "gcn_conv2d: algorithm must be 'auto', 'gemm', 'conv' or 'fft', got '", std::string(algorithm),
+                    "'");
   TORCH_CHECK_VALUE(input.dim() == 4, "gcn_conv2d: input must be 4-D (B, Cin, H, W), got ", input.dim(), "-D");
   TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), "gcn_conv2d: input must be floating point, got ",
                    input.scalar_type());
@@ -291,6 +462,19 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
   // Cin 512 (P = 1.23 x) 1.24x eager in two runs of three, 1.03x in the other; Cin 448 1.16x; Cin 384
   // (1.64 x) 0.91x); on channels_last, where oneDNN reads x as it is, the 512-channel stage loses (0.87x).
   const bool gemm_pays = channels_last ? 2 * k * Cm <= Cin : 2 * 2 * k * Cm <= 3 * Cin;
+  const bool use_fft = algorithm == "fft";
+  if (use_fft) {
+    TORCH_CHECK_TYPE(compute == at::kFloat, "gcn_conv2d: algorithm 'fft' computes in float32; input has dtype ",
+                     type);
+    auto cast = [&](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+    auto cast_opt = [&](const std::optional<at::Tensor>& t) { return t.has_value() ? cast(*t) : at::Tensor(); };
+    const at::Tensor x = input.to(at::kFloat).contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                       : at::MemoryFormat::Contiguous);
+    at::Tensor out = at::empty({B, Co, H, W}, x.options().memory_format(format));
+    gcn_forward_fft(x, cast(w_l1), cast(w_l2), cast(w_r1), cast(w_r2), cast_opt(b_l1), cast_opt(b_l2), cast_opt(b_r1),
+                    cast_opt(b_r2), out, k, dilation, channels_last);
+    return type == at::kFloat ? out : out.to(type);
+  }
   const bool use_conv = algorithm == "conv" || (algorithm == "auto" && !gemm_pays);
   if (use_conv) {
     const int64_t p = dilation * (k - 1) / 2;
