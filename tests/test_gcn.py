@@ -111,14 +111,18 @@ def test_empty_batch():
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
-@pytest.mark.parametrize("algorithm", ["gemm", "conv"])
+@pytest.mark.parametrize("algorithm", ["gemm", "conv", "fft"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cpu_routes(case, dtype, layout, algorithm, poison):
-    # Both routes of the C++ kernel, whichever 'auto' would pick for the shape.
+    # Every route of the C++ kernel, whichever 'auto' would pick for the shape.
     pr = _problem(case)
     cast = lambda t: t.to(dtype)
+    if algorithm == "fft" and dtype == torch.float64:
+        with pytest.raises(TypeError, match="algorithm 'fft' computes in float32"):
+            torch.ops.fastseg.gcn_conv2d(cast(pr["x"]), *map(cast, pr["weights"]), None, None, None, None, 1, "fft")
+        return
     out = torch.ops.fastseg.gcn_conv2d(
         _layout(cast(pr["x"]), layout), *map(cast, pr["weights"]), *map(cast, pr["biases"]), pr["dilation"], algorithm,
     )
@@ -130,6 +134,54 @@ def test_cpu_routes(case, dtype, layout, algorithm, poison):
         assert out.is_contiguous(memory_format=torch.channels_last)
     else:
         assert out.is_contiguous()
+
+
+# Shapes for the FFT route's batched transforms: full 16-sequence batches and partial ones along
+# every axis and channel count (Cin 40 = 16 + 16 + 8; 37 and 35 px), transform lengths with factors 4,
+# 3 and 2 only (37 + 7 -> 48, 35 + 7 -> 48; 16 + 14 -> 32 at dilation 2; 20 + 31 -> 54), k from 3 to
+# 63, and Cmid / Cout above and below the paper's 21.
+FFT_CASES = [
+    (2, 40, 21, 21, 37, 35, 15, 1),
+    (1, 16, 8, 3, 16, 16, 15, 2),
+    (1, 33, 24, 17, 20, 64, 63, 1),
+    (3, 17, 5, 1, 9, 48, 3, 1),
+    (1, 64, 70, 64, 32, 18, 9, 3),
+]
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FFT_CASES, ids=["B{}-{}-{}-{}-{}x{}-k{}-d{}".format(*c) for c in FFT_CASES])
+def test_cpu_fft_route(case, dtype, layout, poison):
+    pr = _problem(case, seed=3)
+    cast = lambda t: t.to(dtype)
+    for biases in (pr["biases"], [None, None, pr["biases"][2], None]):
+        out = torch.ops.fastseg.gcn_conv2d(
+            _layout(cast(pr["x"]), layout), *map(cast, pr["weights"]), *[None if b is None else cast(b) for b in biases],
+            pr["dilation"], "fft",
+        )
+        rounded = lambda t: None if t is None else t.to(dtype).double()
+        expected = _four_convs(rounded(pr["x"]), *map(rounded, pr["weights"]), *map(rounded, biases), pr["dilation"])
+        assert_relative_close(out, expected, dtype)
+        assert out.dtype == dtype
+        assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_cpu_fft_route_sees_changed_weights():
+    # The weights' spectra are kept between calls: a change in place must not reuse them.
+    pr = _problem(FFT_CASES[0], seed=5)
+    x = pr["x"].float()
+    ws, bs = [w.float() for w in pr["weights"]], [b.float() for b in pr["biases"]]
+    op = lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, "fft")
+    first = op()
+    assert_relative_close(first, _four_convs(x.double(), *[t.double() for t in ws + bs], 1), torch.float32)
+    assert torch.equal(op(), first)
+    for w in ws:
+        with torch.no_grad():
+            w[0, 0].mul_(-3)
+        assert_relative_close(op(), _four_convs(x.double(), *[t.double() for t in ws + bs], 1), torch.float32)
 
 
 def test_poison_fixture_poisons(poison):
@@ -179,8 +231,9 @@ def test_opcheck(layout, backend, device):
     bs[0].requires_grad_()
     torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 1))
     torch.library.opcheck(_op_for(backend), (x, *ws, None, None, None, None, 2))
-    if backend == "cpp":  # the GEMM route too (these channels pick the conv route)
+    if backend == "cpp":  # the other routes too (these shapes pick the conv route)
         torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 1, "gemm"))
+        torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 1, "fft"))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in COMPILED if p.values[0] == "cpp"])
@@ -321,5 +374,5 @@ def test_compiled_op_checks_its_arguments():
         op(x, w_l1, w_l2.double(), w_r1, w_r2, None, None, None, None, 1)
     with pytest.raises(ValueError, match="dilation must be >= 1"):
         op(x, w_l1, w_l2, w_r1, w_r2, None, None, None, None, 0)
-    with pytest.raises(ValueError, match="algorithm must be 'auto', 'gemm' or 'conv'"):
+    with pytest.raises(ValueError, match="algorithm must be 'auto', 'auto_training', 'gemm', 'conv' or 'fft'"):
         op(x, w_l1, w_l2, w_r1, w_r2, None, None, None, None, 1, "winograd")

@@ -26,12 +26,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <list>
-#include <mutex>
 #include <vector>
 
 #include "atrous.h"
 #include "common.h"
+#include "weight_cache.h"
 
 namespace fastseg {
 namespace {
@@ -487,62 +486,12 @@ at::Tensor compute_weight_transforms(const at::Tensor& weight, const std::vector
   return U;
 }
 
-// Weight transforms of recent weights. Inference runs a layer with the same weights on every call,
-// and transforming them (nG^2 x C x O values) costs up to a third of the GEMMs. An entry is reused
-// only while the weights' bytes equal its copy of them (a memcmp: a few ms for 2048 x 256 x 3 x 3),
-// so in-place changes, ones that bypass the version counter included, are never missed.
-class WeightTransformCache {
- public:
-  template <typename scalar_t>
-  at::Tensor get(const at::Tensor& weight, const std::vector<std::array<double, 3>>& grows) {
-    const int64_t nbytes = weight.numel() * int64_t(sizeof(scalar_t));
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-        if (it->grows == grows && it->weight.sizes() == weight.sizes() &&
-            it->weight.scalar_type() == weight.scalar_type() &&
-            std::memcmp(it->weight.const_data_ptr(), weight.const_data_ptr(), nbytes) == 0) {
-          entries_.splice(entries_.begin(), entries_, it);
-          return it->U;
-        }
-      }
-    }
-    at::Tensor U = compute_weight_transforms<scalar_t>(weight, grows);
-    const int64_t bytes = nbytes + U.numel() * int64_t(sizeof(scalar_t));
-    if (bytes > limit_bytes()) return U;  // would evict itself: not kept, and the weights not copied
-    Entry e{weight.clone(), grows, U};
-    std::lock_guard<std::mutex> lock(mutex_);
-    entries_.push_front(e);
-    bytes_ += bytes;
-    while (bytes_ > limit_bytes() && !entries_.empty()) {
-      const Entry& last = entries_.back();
-      bytes_ -= last.weight.nbytes() + last.U.nbytes();
-      entries_.pop_back();
-    }
-    return e.U;
-  }
-
- private:
-  struct Entry {
-    at::Tensor weight;
-    std::vector<std::array<double, 3>> grows;
-    at::Tensor U;
-  };
-  // 512 MiB, or FASTSEG_WINOGRAD_CACHE_MB (read once; 0 keeps nothing).
-  static int64_t limit_bytes() {
-    static const int64_t bytes = env_setting("FASTSEG_WINOGRAD_CACHE_MB", 512, 0) << 20;
-    return bytes;
-  }
-  std::mutex mutex_;
-  std::list<Entry> entries_;
-  int64_t bytes_ = 0;
-};
-
 template <typename scalar_t>
 at::Tensor weight_transforms(const at::Tensor& weight, const GRows& grows, bool cached) {
   if (!cached) return compute_weight_transforms<scalar_t>(weight, grows.rows);
-  static WeightTransformCache cache;
-  return cache.get<scalar_t>(weight, grows.rows);
+  std::vector<double> key;  // the transform's rows
+  for (const auto& row : grows.rows) key.insert(key.end(), row.begin(), row.end());
+  return DerivedWeightCache::get("atrous_conv2d", weight, key, [&] { return compute_weight_transforms<scalar_t>(weight, grows.rows); });
 }
 
 // A tile's input pixels (null: padding) and where its products' inputs go, C values each.

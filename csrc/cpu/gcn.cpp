@@ -25,9 +25,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "common.h"
 #include "fft.h"
+#include "weight_cache.h"
 
 namespace fastseg {
 namespace {
@@ -319,23 +321,65 @@ void spectra(const SpectraJobs& s) {
 }
 
 // The spectra of a k-tap cross-correlation's weights w (O, I, k), as the n-point DFT of the taps
-// flipped and placed circularly (tap t at index (pad - t d) mod n), bins 0 .. bins-1: a real GEMM
-// of w with the taps' cos/sin table. Returned complex, (bins, I, O): each bin's matrix transposed,
-// the right operand of the GEMMs below.
-at::Tensor taps_spectrum(const at::Tensor& w, int64_t d, int64_t n, int64_t bins) {
-  const int64_t O = w.size(0), I = w.size(1), k = w.size(2) * w.size(3), pad = d * (k - 1) / 2;
-  at::Tensor table = at::empty({k, bins, 2}, w.options().dtype(at::kFloat));
-  float* tab = table.mutable_data_ptr<float>();
+// flipped and placed circularly (tap t at index (pad - t d) mod n), bins 0 .. bins-1. Returned
+// complex, (bins, O, I) contiguous. Blocks of (o, i) pairs at a time: their taps transposed into L1,
+// then every bin's cos/sin-weighted sum of them (k is too short an inner dimension for MKL's GEMMs:
+// at::mm with the table ran several times slower).
+template <typename T>
+FASTSEG_ALWAYS_INLINE void taps_spectrum_block(const T* w, const T* tab, T* out, int64_t j0, int64_t j1, int64_t k,
+                                               int64_t bins, int64_t OI) {
+  constexpr int64_t kBlock = 128;
+  std::vector<T> block(size_t(k * kBlock));
+  T* taps = block.data();
+  T re[kBlock], im[kBlock];
+  for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
+    const int64_t nb = std::min(kBlock, j1 - b0);
+    for (int64_t j = 0; j < nb; ++j) {
+      for (int64_t t = 0; t < k; ++t) taps[t * kBlock + j] = w[(b0 + j) * k + t];
+    }
+    for (int64_t f = 0; f < bins; ++f) {
+      for (int64_t j = 0; j < kBlock; ++j) re[j] = 0, im[j] = 0;
+      for (int64_t t = 0; t < k; ++t) {
+        const T c = tab[(2 * f) * k + t], sn = tab[(2 * f + 1) * k + t];
+        const T* __restrict__ row = taps + t * kBlock;
+        for (int64_t j = 0; j < kBlock; ++j) re[j] += c * row[j], im[j] += sn * row[j];
+      }
+      T* __restrict__ o = out + 2 * (f * OI + b0);
+      for (int64_t j = 0; j < nb; ++j) o[2 * j] = re[j], o[2 * j + 1] = im[j];
+    }
+  }
+}
+FASTSEG_CLONES void taps_spectrum_block(const float* w, const float* tab, float* out, int64_t j0, int64_t j1,
+                                        int64_t k, int64_t bins, int64_t OI) {
+  taps_spectrum_block<float>(w, tab, out, j0, j1, k, bins, OI);
+}
+
+at::Tensor compute_taps_spectrum(const at::Tensor& w, int64_t d, int64_t n, int64_t bins) {
+  const int64_t O = w.size(0), I = w.size(1), k = w.size(2) * w.size(3), pad = d * (k - 1) / 2, OI = O * I;
+  std::vector<float> tab(size_t(2 * bins * k));  // row (f, 0): cos, row (f, 1): sin
   for (int64_t t = 0; t < k; ++t) {
     const int64_t j = ((pad - t * d) % n + n) % n;
     for (int64_t f = 0; f < bins; ++f) {
       const double a = -2.0 * M_PI * double((f * j) % n) / double(n);
-      tab[(t * bins + f) * 2] = float(std::cos(a));
-      tab[(t * bins + f) * 2 + 1] = float(std::sin(a));
+      tab[(2 * f) * k + t] = float(std::cos(a));
+      tab[(2 * f + 1) * k + t] = float(std::sin(a));
     }
   }
-  at::Tensor spec = at::mm(w.reshape({O * I, k}), table.view({k, 2 * bins}));  // (O I, bins, 2)
-  return at::view_as_complex(spec.view({O, I, bins, 2})).permute({2, 1, 0}).contiguous();
+  at::Tensor spec = at::empty({bins, O, I}, w.options().dtype(at::kComplexFloat));
+  const float* wp = w.const_data_ptr<float>();
+  float* out = reinterpret_cast<float*>(spec.mutable_data_ptr());
+  at::parallel_for(0, OI, 1024, [&](int64_t j0, int64_t j1) {
+    taps_spectrum_block(wp, tab.data(), out, j0, j1, k, bins, OI);
+  });
+  return spec;
+}
+
+// The same, kept between calls for unchanged weights (weight_cache.h): at 2048 input channels the
+// spectra of w_l1 and w_r1 cost as much as the GEMMs that use them.
+at::Tensor taps_spectrum(const at::Tensor& w, int64_t d, int64_t n, int64_t bins, bool cached) {
+  if (!cached) return compute_taps_spectrum(w, d, n, bins);
+  return DerivedWeightCache::get("gcn_conv2d", w, {double(d), double(n), double(bins)},
+                                 [&] { return compute_taps_spectrum(w, d, n, bins); });
 }
 
 // The n-point DFT, bins 0 .. bins-1, of the indicator of [0, len): the spectrum of a bias that
@@ -370,21 +414,31 @@ at::Tensor branch(const at::Tensor& X, const at::Tensor& G, const at::Tensor& Hs
   return at::fft_irfft(o, n1, 1).narrow(1, 0, L1);                      // (Lo, L1, Co)
 }
 
+constexpr int64_t kMaxKeptWorkspaceBytes = int64_t(256) << 20;
+
 void gcn_forward_fft(const at::Tensor& x, const at::Tensor& w_l1, const at::Tensor& w_l2, const at::Tensor& w_r1,
                      const at::Tensor& w_r2, const at::Tensor& b_l1, const at::Tensor& b_l2, const at::Tensor& b_r1,
-                     const at::Tensor& b_r2, at::Tensor& out, int64_t k, int64_t d, bool channels_last) {
+                     const at::Tensor& b_r2, at::Tensor& out, int64_t k, int64_t d, bool channels_last,
+                     bool cache_weights) {
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), pad = d * (k - 1) / 2;
   const fft::Plan ph(fft::good_length(H + pad)), pw(fft::good_length(W + pad));
   const int64_t Fh = ph.n / 2 + 1, Fw = pw.n / 2 + 1;
-  const at::Tensor Gl = taps_spectrum(w_l1, d, ph.n, Fh), Gr = taps_spectrum(w_r1, d, pw.n, Fw);
-  const at::Tensor Hl = taps_spectrum(w_l2, d, pw.n, pw.n), Hr = taps_spectrum(w_r2, d, ph.n, ph.n);
+  const bool c = cache_weights;
+  // Each bin's matrix transposed (I x O), the right operand of the GEMMs: a view.
+  const at::Tensor Gl = taps_spectrum(w_l1, d, ph.n, Fh, c).transpose(1, 2);
+  const at::Tensor Gr = taps_spectrum(w_r1, d, pw.n, Fw, c).transpose(1, 2);
+  const at::Tensor Hl = taps_spectrum(w_l2, d, pw.n, pw.n, c).transpose(1, 2);
+  const at::Tensor Hr = taps_spectrum(w_r2, d, ph.n, ph.n, c).transpose(1, 2);
   // The spectra (a little more than x, twice) live in a buffer kept between calls: fresh pages for
   // them cost about as much as the transforms that fill them (a page fault per 4 KiB).
-  static thread_local at::Tensor workspace;
+  // Up to kMaxKeptWorkspaceBytes (per calling thread); larger ones are allocated per call.
+  static thread_local at::Tensor kept;
   const int64_t need = Fh * Cin * W + Fw * Cin * H;
+  at::Tensor workspace = kept;
   if (!workspace.defined() || workspace.numel() < need) {
-    workspace = at::Tensor();
+    kept = at::Tensor();
     workspace = at::empty({need}, x.options().dtype(at::kComplexFloat));
+    if (need * 8 <= kMaxKeptWorkspaceBytes) kept = workspace;
   }
   at::Tensor XL = workspace.narrow(0, 0, Fh * Cin * W).view({Fh, Cin * W});
   at::Tensor XR = workspace.narrow(0, Fh * Cin * W, Fw * Cin * H).view({Fw, Cin * H});
@@ -404,6 +458,16 @@ void gcn_forward_fft(const at::Tensor& x, const at::Tensor& w_l1, const at::Tens
     if (b_r2.defined()) o.add_(b_r2);
   }
 }
+
+// Multiplications of the direct first convolutions (k per pixel and (Cmid, Cin) pair, per branch)
+// over those of the FFT route's GEMMs (4 per complex multiply-add, n / 2 + 1 bins along one axis
+// times the other axis' pixels, per branch).
+double fft_saving(int64_t k, int64_t d, int64_t H, int64_t W) {
+  const int64_t pad = d * (k - 1) / 2;
+  const double bins_h = double(fft::good_length(H + pad) / 2 + 1), bins_w = double(fft::good_length(W + pad) / 2 + 1);
+  return double(k) / (2.0 * (bins_h / double(H) + bins_w / double(W)));
+}
+constexpr double kFftMinSaving = 3.0;
 
 void check_weight(const at::Tensor& w, const char* name, int64_t O, int64_t I, int64_t kh, int64_t kw,
                   const at::Tensor& x) {
@@ -425,9 +489,14 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
                           const at::Tensor& w_r1, const at::Tensor& w_r2, const std::optional<at::Tensor>& b_l1,
                           const std::optional<at::Tensor>& b_l2, const std::optional<at::Tensor>& b_r1,
                           const std::optional<at::Tensor>& b_r2, int64_t dilation, c10::string_view algorithm) {
-  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "gemm" || algorithm == "conv" || algorithm == "fft",
-                    "gcn_conv2d: algorithm must be 'auto', 'gemm', 'conv' or 'fft', got '", std::string(algorithm),
-                    "'");
+  TORCH_CHECK_VALUE(algorithm == "auto" || algorithm == "auto_training" || algorithm == "gemm" ||
+                        algorithm == "conv" || algorithm == "fft",
+                    "gcn_conv2d: algorithm must be 'auto', 'auto_training', 'gemm', 'conv' or 'fft', got '",
+                    std::string(algorithm), "'");
+  // 'auto_training' (what fastseg.gcn_conv2d passes when autograd will update the weights): 'auto',
+  // without keeping the weights' spectra (they change on every call).
+  const bool training = algorithm == "auto_training";
+  if (training) algorithm = "auto";
   TORCH_CHECK_VALUE(input.dim() == 4, "gcn_conv2d: input must be 4-D (B, Cin, H, W), got ", input.dim(), "-D");
   TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), "gcn_conv2d: input must be floating point, got ",
                    input.scalar_type());
@@ -462,7 +531,14 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
   // Cin 512 (P = 1.23 x) 1.24x eager in two runs of three, 1.03x in the other; Cin 448 1.16x; Cin 384
   // (1.64 x) 0.91x); on channels_last, where oneDNN reads x as it is, the 512-channel stage loses (0.87x).
   const bool gemm_pays = channels_last ? 2 * k * Cm <= Cin : 2 * 2 * k * Cm <= 3 * Cin;
-  const bool use_fft = algorithm == "fft";
+  // The "fft" route (float32, float16 and bfloat16) wins wherever its per-bin GEMMs multiply at
+  // least kFftMinSaving times fewer numbers than the direct first convolutions (fft_saving), and that
+  // is every stage of the paper's network (k = 15: 4.6x at 16 px, 4.8x at 32, 6.5x at 64, 6.6x at
+  // 128). Measured against the other routes, forced, alternating calls (benchmarks/RESULTS.md): 1.3-2.5x
+  // eager at 2048..256 channels and 16..128 px; k = 7 at 16x16 (saving 2.2) lost to the GEMM route
+  // (0.82x), k = 7 at 64x64 (3.0) ran level with oneDNN on channels_last, k = 15 at 8x8 (3.3) won.
+  const bool use_fft = algorithm == "fft" ||
+                       (algorithm == "auto" && compute == at::kFloat && fft_saving(k, dilation, H, W) >= kFftMinSaving);
   if (use_fft) {
     TORCH_CHECK_TYPE(compute == at::kFloat, "gcn_conv2d: algorithm 'fft' computes in float32; input has dtype ",
                      type);
@@ -472,7 +548,7 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
                                                                        : at::MemoryFormat::Contiguous);
     at::Tensor out = at::empty({B, Co, H, W}, x.options().memory_format(format));
     gcn_forward_fft(x, cast(w_l1), cast(w_l2), cast(w_r1), cast(w_r2), cast_opt(b_l1), cast_opt(b_l2), cast_opt(b_r1),
-                    cast_opt(b_r2), out, k, dilation, channels_last);
+                    cast_opt(b_r2), out, k, dilation, channels_last, /*cache_weights=*/!training);
     return type == at::kFloat ? out : out.to(type);
   }
   const bool use_conv = algorithm == "conv" || (algorithm == "auto" && !gemm_pays);
