@@ -69,7 +69,7 @@ def gcn(rounds):
             bs = [torch.randn(n, generator=g) for n in (Cm, Co, Cm, Co)]
             fns = {"fastseg": lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, "auto"),
                    "eager": lambda: bench._four_convs(x, *ws, *bs)}
-            for route in ("gemm", "conv"):  # the C++ kernel's two routes, forced
+            for route in ("gemm", "conv", "fft"):  # the C++ kernel's routes, forced
                 fns[f"forced {route}"] = (lambda r: lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, r))(route)
             compare(f"gcn_conv2d {B}x{Cin}x{H}x{H} ->{Cm}->{Co} k{k} {layout}", fns, rounds)
 

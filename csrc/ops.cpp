@@ -71,8 +71,9 @@ TORCH_LIBRARY(fastseg, m) {
   // conv_1xk(conv_kx1(input, w_l1) + b_l1, w_l2) + b_l2 and conv_kx1(conv_1xk(input, w_r1) + b_r1,
   // w_r2) + b_r2, 'same' padding dilation * (k - 1) / 2 along each long axis. input (B, Cin, H, W),
   // w_l1 (Cmid, Cin, k, 1), w_l2 (Cout, Cmid, 1, k), w_r1 (Cmid, Cin, 1, k), w_r2 (Cout, Cmid, k, 1);
-  // the output (B, Cout, H, W) takes input's memory format. algorithm: 'auto', or force the CPU
-  // kernel's 'gemm' or 'conv' route (tests).
+  // the output (B, Cout, H, W) takes input's memory format. algorithm: 'auto' ('auto_training' when
+  // autograd will update the weights, so that their spectra are not kept), or force the CPU kernel's
+  // 'fft', 'gemm' or 'conv' route (tests, benchmarks).
   m.def(
       "gcn_conv2d(Tensor input, Tensor w_l1, Tensor w_l2, Tensor w_r1, Tensor w_r2, Tensor? b_l1, "
       "Tensor? b_l2, Tensor? b_r1, Tensor? b_r2, int dilation, str algorithm=\"auto\") -> Tensor");

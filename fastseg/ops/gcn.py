@@ -6,11 +6,14 @@ sum of two separable branches, (k x 1 then 1 x k) + (1 x k then k x 1), whose co
 instead of k^2. Eager PyTorch runs it as four convolutions and an add, writing both middle maps of
 each branch to memory; here it is one call:
 
-- CPU (``cpp``): both first convolutions read the same Cin-channel input, so they are ONE GEMM that
-  reads x once; the middle maps are shift-and-adds of its per-tap products and the two second
-  convolutions accumulate straight into the output. Where the per-tap products would outgrow the
-  input (2 k Cmid > Cin; > 1.5 Cin for NCHW inputs, which oneDNN's convolutions reorder) it runs
-  oneDNN's four convolutions instead (csrc/cpu/gcn.cpp gives the rule and the measurements).
+- CPU (``cpp``): large kernels in the frequency domain. x is transformed once along H and once
+  along W (csrc/cpu/fft.h); per frequency bin each branch's first convolution is a complex GEMM over
+  Cin and its second one over Cmid, and the two branches are summed before the inverse transforms
+  (k = 15 on the paper's stages: 4.6-6.6x fewer multiplications than the direct convolutions).
+  Short kernels on small maps (and float64) take one GEMM that reads x once, whose per-tap
+  products the middle maps shift and add, or oneDNN's four convolutions where those products would
+  outgrow the input (csrc/cpu/gcn.cpp gives the rules and the measurements). The weights' spectra
+  are kept for unchanged weights unless autograd will update them.
 - GPU (``triton``): four launches of the atrous-convolution implicit-GEMM kernel
   (kernels/atrous.py) with the biases in its fused epilogue, the last one adding the left branch as
   its residual, so the final add makes no pass of its own.
