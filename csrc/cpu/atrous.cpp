@@ -491,7 +491,8 @@ at::Tensor weight_transforms(const at::Tensor& weight, const GRows& grows, bool 
   if (!cached) return compute_weight_transforms<scalar_t>(weight, grows.rows);
   std::vector<double> key;  // the transform's rows
   for (const auto& row : grows.rows) key.insert(key.end(), row.begin(), row.end());
-  return DerivedWeightCache::get("atrous_conv2d", weight, key, [&] { return compute_weight_transforms<scalar_t>(weight, grows.rows); });
+  return DerivedWeightCache::get("atrous_conv2d", weight, key,
+                                 [&] { return compute_weight_transforms<scalar_t>(weight, grows.rows); });
 }
 
 // A tile's input pixels (null: padding) and where its products' inputs go, C values each.

@@ -14,8 +14,10 @@
 // A[k] = (Z[k] + conj Z[n-k]) / 2, B[k] = (Z[k] - conj Z[n-k]) / (2 i).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace fastseg {
@@ -83,7 +85,8 @@ FASTSEG_FFT_INLINE void complex_fft8(const Plan& plan, F8*& re, F8*& im, F8*& re
     const float* tw = plan.twiddles.data() + plan.twiddle_start[pass];
     for (int64_t p = 0; p < m; ++p, tw += 2 * (r - 1)) {
       if (r == 4) {
-        const F8 c1 = FASTSEG_SPLAT(tw[0]), s1 = FASTSEG_SPLAT(tw[1]), c2 = FASTSEG_SPLAT(tw[2]), s2 = FASTSEG_SPLAT(tw[3]);
+        const F8 c1 = FASTSEG_SPLAT(tw[0]), s1 = FASTSEG_SPLAT(tw[1]);
+        const F8 c2 = FASTSEG_SPLAT(tw[2]), s2 = FASTSEG_SPLAT(tw[3]);
         const F8 c3 = FASTSEG_SPLAT(tw[4]), s3 = FASTSEG_SPLAT(tw[5]);
         for (int64_t q = 0; q < s; ++q) {
           const int64_t i0 = q + s * p, i1 = i0 + s * m, i2 = i1 + s * m, i3 = i2 + s * m;
@@ -103,7 +106,8 @@ FASTSEG_FFT_INLINE void complex_fft8(const Plan& plan, F8*& re, F8*& im, F8*& re
           yr[o + 3 * s] = y3r * c3 - y3i * s3, yi[o + 3 * s] = y3r * s3 + y3i * c3;
         }
       } else if (r == 3) {
-        const F8 c1 = FASTSEG_SPLAT(tw[0]), s1 = FASTSEG_SPLAT(tw[1]), c2 = FASTSEG_SPLAT(tw[2]), s2 = FASTSEG_SPLAT(tw[3]);
+        const F8 c1 = FASTSEG_SPLAT(tw[0]), s1 = FASTSEG_SPLAT(tw[1]);
+        const F8 c2 = FASTSEG_SPLAT(tw[2]), s2 = FASTSEG_SPLAT(tw[3]);
         const F8 h = FASTSEG_SPLAT(0.5f), k = FASTSEG_SPLAT(0.86602540378443864676f);  // sqrt(3) / 2
         for (int64_t q = 0; q < s; ++q) {
           const int64_t i0 = q + s * p, i1 = i0 + s * m, i2 = i1 + s * m;

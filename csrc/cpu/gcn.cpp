@@ -6,9 +6,10 @@
 // Three routes. The FFT route (below, "The FFT route") takes large kernels: every stage of the paper
 // at k = 15, 1.8-2.9x eager here. The two direct routes take the rest (short kernels on small maps,
 // float64). Their rule (measured on this shared 2-core EPYC, side by side with eager,
-// benchmarks/test_bench_gcn.py): nearly all the work is the two first convolutions, which both read the Cin-channel input. They
-// become ONE GEMM that reads x once, P = [W_l1 taps ; W_r1 taps] (2 k Cmid x Cin) @ X_b (Cin x H W),
-// every tap's partial product at every input pixel (MKL, through at::mm_out). Each middle map is then
+// benchmarks/test_bench_gcn.py): nearly all the work is the two first convolutions, which both
+// read the Cin-channel input. They become ONE GEMM that reads x once, P = [W_l1 taps ; W_r1 taps]
+// (2 k Cmid x Cin) @ X_b (Cin x H W), every tap's partial product at every input pixel (MKL, through
+// at::mm_out). Each middle map is then
 // a shift-and-add of P's k per-tap planes (vertical shifts for the left branch, horizontal for the
 // right; taps that fall outside the image are skipped, which is exactly zero padding), starting from
 // its bias. The two second convolutions (Cmid -> Cout, k taps: 1-8% of the FLOPs at Cmid = Cout = 21, Cin 2048..256)
@@ -253,8 +254,8 @@ void gcn_forward(const at::Tensor& x, const at::Tensor& w_l1, const at::Tensor& 
 //   3. an FFT of the Cmid-channel result along the other axis, per bin a Cmid -> Cout complex GEMM,
 //      and the inverse transforms (torch.fft: these move only Cmid and Cout channels).
 // Per output pixel and branch, step 2 costs about 4 (n / 2 + 1) / size real multiply-adds per
-// (Cmid, Cin) pair (2.3 at 128 px, 2.5 at 64, 2.6 at 32 and 3.3 at 16) where the direct convolution
-// costs k (15 in the paper). Float32 only (half and bfloat16 inputs computed in float32): the
+// (Cmid, Cin) pair (2.3 at 128 and 64 px, 3.1 at 32, 3.3 at 16) where the direct convolution costs
+// k (15 in the paper). Float32 only (half and bfloat16 inputs computed in float32): the
 // transforms' rounding is about 3e-7 relative here.
 
 // The 16-sequence transform batches of one image, compiled for AVX2 + FMA and for the baseline.

@@ -43,7 +43,8 @@ class DerivedWeightCache {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-        if (it->op == op && it->key == key && it->weight.sizes() == w.sizes() && it->weight.scalar_type() == w.scalar_type() &&
+        if (it->op == op && it->key == key && it->weight.sizes() == w.sizes() &&
+            it->weight.scalar_type() == w.scalar_type() &&
             std::memcmp(it->weight.const_data_ptr(), w.const_data_ptr(), nbytes) == 0) {
           entries_.splice(entries_.begin(), entries_, it);
           return it->derived;
