@@ -13,7 +13,10 @@ each branch to memory; here it is one call:
   Short kernels on small maps (and float64) take one GEMM that reads x once, whose per-tap
   products the middle maps shift and add, or oneDNN's four convolutions where those products would
   outgrow the input (csrc/cpu/gcn.cpp gives the rules and the measurements). The weights' spectra
-  are kept for unchanged weights unless autograd will update them.
+  are kept for unchanged weights unless autograd will update them. As with any FFT convolution, the
+  rounding error is relative to the whole map's magnitude rather than each output's, and a
+  non-finite value in x makes that image's whole output non-finite (a direct convolution spreads it
+  over the kernel's footprint only).
 - GPU (``triton``): four launches of the atrous-convolution implicit-GEMM kernel
   (kernels/atrous.py) with the biases in its fused epilogue, the last one adding the left branch as
   its residual, so the final add makes no pass of its own.
