@@ -1,7 +1,7 @@
 """Side-by-side checks on a shared machine: fastseg and its eager peer called alternately, call by
 call, in one process, so that both see the same load (pytest-benchmark runs each case's rounds back
-to back, and on the 2-core development VM a neighbour's burst can land on one side only). Prints
-medians and the range of the per-round ratios.
+to back, and on the 2-core development VM a neighbour's burst can land on one side only), in an
+order that rotates from round to round. Prints medians and the range of the per-round ratios.
 
     python benchmarks/interleaved.py unpool_conv --rounds 9
     python benchmarks/interleaved.py gcn --rounds 9        # also the CPU kernel's forced routes
@@ -28,10 +28,13 @@ def compare(name, fns, rounds):
     with torch.no_grad():
         for fn in fns.values():
             fn()  # warm up
-        for _ in range(rounds):
-            for label, fn in fns.items():
+        labels = list(fns)
+        for r in range(rounds):
+            # The order rotates from round to round: a call can pay for the one before it (caches,
+            # freed memory), so no label always follows the same other one.
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
                 start = time.perf_counter()
-                fn()
+                fns[label]()
                 times[label].append(time.perf_counter() - start)
     ours, *peers = fns
     parts = [f"{ours} {statistics.median(times[ours]) * 1e3:.1f} ms"]
