@@ -386,17 +386,17 @@ at::Tensor taps_spectrum(const at::Tensor& w, int64_t d, int64_t n, int64_t bins
 }
 
 // The n-point DFT, bins 0 .. bins-1, of the indicator of [0, len): the spectrum of a bias that
-// covers the image and not its zero padding.
+// covers the image and not its zero padding. The geometric sum in closed form, in double:
+// (1 - z^len) / (1 - z) with z = exp(-2 pi i f / n), and len at f = 0 (bins <= n / 2 + 1 < n).
 at::Tensor box_spectrum(int64_t len, int64_t n, int64_t bins) {
   at::Tensor s = at::empty({bins, 2}, at::TensorOptions().dtype(at::kFloat));
   float* p = s.mutable_data_ptr<float>();
-  for (int64_t f = 0; f < bins; ++f) {
-    double re = 0, im = 0;
-    for (int64_t i = 0; i < len; ++i) {
-      const double a = -2.0 * M_PI * double((f * i) % n) / double(n);
-      re += std::cos(a), im += std::sin(a);
-    }
-    p[2 * f] = float(re), p[2 * f + 1] = float(im);
+  p[0] = float(len), p[1] = 0.f;
+  for (int64_t f = 1; f < bins; ++f) {
+    const double a = -2.0 * M_PI * double(f) / double(n), b = -2.0 * M_PI * double((f * len) % n) / double(n);
+    const double nr = 1.0 - std::cos(b), ni = -std::sin(b), dr = 1.0 - std::cos(a), di = -std::sin(a);
+    const double den = dr * dr + di * di;
+    p[2 * f] = float((nr * dr + ni * di) / den), p[2 * f + 1] = float((ni * dr - nr * di) / den);
   }
   return at::view_as_complex(s);
 }
