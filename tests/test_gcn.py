@@ -184,6 +184,24 @@ def test_cpu_fft_route_sees_changed_weights():
         assert_relative_close(op(), _four_convs(x.double(), *[t.double() for t in ws + bs], 1), torch.float32)
 
 
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_cpu_fft_route_under_autograd():
+    # 'auto' picks the FFT route here (16 channels, k = 15 on 20x24); with weights that require grad
+    # it passes 'auto_training' (spectra not kept), and the gradients go through ATen's convolutions.
+    pr = _problem((2, 16, 21, 5, 20, 24, 15, 1), seed=6)
+    f32 = lambda t: t.float().requires_grad_()
+    x, ws, bs = f32(pr["x"]), [f32(w) for w in pr["weights"]], [f32(b) for b in pr["biases"]]
+    out = fastseg.gcn_conv2d(x, *ws, *bs)
+    ref_args = [t.detach().double().requires_grad_() for t in [x, *ws, *bs]]
+    ref = _four_convs(*ref_args, 1)
+    assert_relative_close(out.detach(), ref.detach(), torch.float32)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad)
+    ref.backward(grad.double())
+    for mine, theirs in zip([x, *ws, *bs], ref_args):
+        assert_relative_close(mine.grad, theirs.grad, torch.float32)
+
+
 def test_poison_fixture_poisons(poison):
     assert torch.isnan(torch.empty(64)).all()
 

@@ -471,6 +471,7 @@ double fft_saving(int64_t k, int64_t d, int64_t H, int64_t W) {
   return double(k) / (2.0 * (bins_h / double(H) + bins_w / double(W)));
 }
 constexpr double kFftMinSaving = 3.0;
+constexpr int64_t kFftMinInChannels = 6;
 
 void check_weight(const at::Tensor& w, const char* name, int64_t O, int64_t I, int64_t kh, int64_t kw,
                   const at::Tensor& x) {
@@ -540,8 +541,12 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
   // 128). Measured against the other routes, forced, alternating calls (benchmarks/RESULTS.md): 1.3-2.5x
   // eager at 2048..256 channels and 16..128 px; k = 7 at 16x16 (saving 2.2) lost to the GEMM route
   // (0.82x), k = 7 at 64x64 (3.0) ran level with oneDNN on channels_last, k = 15 at 8x8 (3.3) won.
+  // Below kFftMinInChannels input channels the route's own transforms (of the Cmid- and Cout-channel
+  // maps) outweigh what the first convolutions save: 3 and 4 channels into Cmid = Cout = 21 at
+  // 512x512 ran at 0.81-0.92x oneDNN's speed, 6 and 8 channels at 1.05-1.09x.
   const bool use_fft = algorithm == "fft" ||
-                       (algorithm == "auto" && compute == at::kFloat && fft_saving(k, dilation, H, W) >= kFftMinSaving);
+                       (algorithm == "auto" && compute == at::kFloat && Cin >= kFftMinInChannels &&
+                        fft_saving(k, dilation, H, W) >= kFftMinSaving);
   if (use_fft) {
     TORCH_CHECK_TYPE(compute == at::kFloat, "gcn_conv2d: algorithm 'fft' computes in float32; input has dtype ",
                      type);
