@@ -85,7 +85,9 @@ class ASPP(nn.Module):
     (default 6/12/18 at output stride 16, 12/24/36 at output stride 8) and image pooling (global
     average, 1x1 convolution, broadcast back), each with BatchNorm and ReLU, concatenated and
     projected by a 1x1 convolution with BatchNorm and ReLU. (The paper's dropout after the
-    projection belongs to the head that uses it.)
+    projection belongs to the head that uses it.) In eval mode the concatenation is never written:
+    the projection is one fused 1x1 convolution per branch, each adding the sum so far, with the
+    pooled branch's constant term folded in.
 
     ``forward(x)``: (B, in_channels, H, W) -> (B, out_channels, H, W).
 
