@@ -28,7 +28,11 @@ CASES = [
     (2, 3, 2, 21, 1, 6, 15, 1),
     (2, 4, 70, 64, 6, 7, 5, 1),
 ]
-CASE_IDS = ["B{}-{}-{}-{}-{}x{}-k{}-d{}".format(*c) for c in CASES]
+def _case_id(case):
+    return "B{}-{}-{}-{}-{}x{}-k{}-d{}".format(*case)
+
+
+CASE_IDS = [_case_id(c) for c in CASES]
 # The interpreter is slow: under it Triton runs these cases only, in float32 and bfloat16.
 INTERPRETER_CASES = {0, 4, 5}
 
@@ -152,7 +156,7 @@ FFT_CASES = [
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", FFT_CASES, ids=["B{}-{}-{}-{}-{}x{}-k{}-d{}".format(*c) for c in FFT_CASES])
+@pytest.mark.parametrize("case", FFT_CASES, ids=_case_id)
 def test_cpu_fft_route(case, dtype, layout, poison):
     pr = _problem(case, seed=3)
     cast = lambda t: t.to(dtype)
