@@ -10,9 +10,9 @@ each branch to memory; here it is one call:
   along W (csrc/cpu/fft.h); per frequency bin each branch's first convolution is a complex GEMM over
   Cin and its second one over Cmid, and the two branches are summed before the inverse transforms
   (k = 15 on the paper's stages: 4.6-6.6x fewer multiplications than the direct convolutions).
-  Short kernels on small maps (and float64) take one GEMM that reads x once, whose per-tap
-  products the middle maps shift and add, or oneDNN's four convolutions where those products would
-  outgrow the input (csrc/cpu/gcn.cpp gives the rules and the measurements). The weights' spectra
+  Short kernels on small maps, inputs of fewer than 6 channels and float64 take one GEMM that reads
+  x once, whose per-tap products the middle maps shift and add, or oneDNN's four convolutions where
+  those products would outgrow the input (csrc/cpu/gcn.cpp gives the rules and the measurements). The weights' spectra
   are kept for unchanged weights unless autograd will update them. As with any FFT convolution, the
   rounding error is relative to the whole map's magnitude rather than each output's, and a
   non-finite value in x makes that image's whole output non-finite (a direct convolution spreads it
