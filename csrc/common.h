@@ -3,6 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstdlib>
+
 #if defined(__GNUC__)
 #define FASTSEG_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -46,6 +49,12 @@ FASTSEG_HOST_DEVICE int64_t div_ceil(int64_t a, int64_t b) {
 }
 
 #if !defined(__CUDACC__)
+// An integer setting from the environment, at least `minimum`, or `fallback` when unset.
+inline int64_t env_setting(const char* name, int64_t fallback, int64_t minimum) {
+  const char* s = std::getenv(name);
+  return s ? std::max<int64_t>(minimum, std::atoll(s)) : fallback;
+}
+
 inline bool cpu_has_avx2() {
 #if FASTSEG_HAVE_AVX2_CLONE
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

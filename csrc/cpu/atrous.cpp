@@ -431,12 +431,6 @@ constexpr int64_t kTransformBlock = 128;
 // transformed back before the next band's. Large, because each band reads every weight transform
 // again (32 MiB bands made a 2048-channel layer's GEMMs 1.3x slower); bands only bound the scratch
 // memory of very large inputs. FASTSEG_WINOGRAD_BAND_BYTES overrides it (tests).
-// An integer setting from the environment, at least `minimum`, or `fallback` when unset.
-int64_t env_setting(const char* name, int64_t fallback, int64_t minimum) {
-  const char* s = std::getenv(name);
-  return s ? std::max<int64_t>(minimum, std::atoll(s)) : fallback;
-}
-
 int64_t winograd_band_bytes() {
   static const int64_t bytes = env_setting("FASTSEG_WINOGRAD_BAND_BYTES", int64_t(256) << 20, 1);
   return bytes;

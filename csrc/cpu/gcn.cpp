@@ -538,8 +538,7 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
   // The "fft" route (float32, float16 and bfloat16) wins wherever its per-bin GEMMs multiply at
   // least kFftMinSaving times fewer numbers than the direct first convolutions (fft_saving), and that
   // is every stage of the paper's network (k = 15: 4.6x at 16 px, 4.8x at 32, 6.5x at 64, 6.6x at
-  // 128). Measured against the other routes, forced, alternating calls (benchmarks/RESULTS.md): 1.3-2.5x
-  // eager at 2048..256 channels and 16..128 px; k = 7 at 16x16 (saving 2.2) lost to the GEMM route
+  // 128). Measured (benchmarks/RESULTS.md): 1.6-3.3x eager at 2048..256 channels and 16..128 px; k = 7 at 16x16 (saving 2.2) lost to the GEMM route
   // (0.82x), k = 7 at 64x64 (3.0) ran level with oneDNN on channels_last, k = 15 at 8x8 (3.3) won.
   // Below kFftMinInChannels input channels the route's own transforms (of the Cmid- and Cout-channel
   // maps) outweigh what the first convolutions save: 3 and 4 channels into Cmid = Cout = 21 at
@@ -550,16 +549,8 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
   if (use_fft) {
     TORCH_CHECK_TYPE(compute == at::kFloat, "gcn_conv2d: algorithm 'fft' computes in float32; input has dtype ",
                      type);
-    auto cast = [&](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
-    auto cast_opt = [&](const std::optional<at::Tensor>& t) { return t.has_value() ? cast(*t) : at::Tensor(); };
-    const at::Tensor x = input.to(at::kFloat).contiguous(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                       : at::MemoryFormat::Contiguous);
-    at::Tensor out = at::empty({B, Co, H, W}, x.options().memory_format(format));
-    gcn_forward_fft(x, cast(w_l1), cast(w_l2), cast(w_r1), cast(w_r2), cast_opt(b_l1), cast_opt(b_l2), cast_opt(b_r1),
-                    cast_opt(b_r2), out, k, dilation, channels_last, /*cache_weights=*/!training);
-    return type == at::kFloat ? out : out.to(type);
   }
-  const bool use_conv = algorithm == "conv" || (algorithm == "auto" && !gemm_pays);
+  const bool use_conv = !use_fft && (algorithm == "conv" || (algorithm == "auto" && !gemm_pays));
   if (use_conv) {
     const int64_t p = dilation * (k - 1) / 2;
     auto conv = [&](const at::Tensor& t, const at::Tensor& w, const std::optional<at::Tensor>& b, bool tall) {
@@ -576,10 +567,15 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
   const at::Tensor x = input.to(compute).contiguous(channels_last ? at::MemoryFormat::ChannelsLast
                                                                    : at::MemoryFormat::Contiguous);
   at::Tensor out = at::empty({B, Co, H, W}, x.options().memory_format(format));
-  AT_DISPATCH_FLOATING_TYPES(compute, "gcn_conv2d", [&] {
-    gcn_forward<scalar_t>(x, cast(w_l1), cast(w_l2), cast(w_r1), cast(w_r2), cast_opt(b_l1), cast_opt(b_l2),
-                          cast_opt(b_r1), cast_opt(b_r2), out, k, dilation, channels_last);
-  });
+  if (use_fft) {
+    gcn_forward_fft(x, cast(w_l1), cast(w_l2), cast(w_r1), cast(w_r2), cast_opt(b_l1), cast_opt(b_l2), cast_opt(b_r1),
+                    cast_opt(b_r2), out, k, dilation, channels_last, /*cache_weights=*/!training);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(compute, "gcn_conv2d", [&] {
+      gcn_forward<scalar_t>(x, cast(w_l1), cast(w_l2), cast(w_r1), cast(w_r2), cast_opt(b_l1), cast_opt(b_l2),
+                            cast_opt(b_r1), cast_opt(b_r2), out, k, dilation, channels_last);
+    });
+  }
   return type == compute ? out : out.to(type);
 }
 

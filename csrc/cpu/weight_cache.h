@@ -8,13 +8,14 @@
 
 #include <ATen/ATen.h>
 
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <list>
 #include <mutex>
 #include <string>
 #include <vector>
+
+#include "common.h"
 
 namespace fastseg {
 
@@ -67,10 +68,7 @@ class DerivedWeightCache {
   }
 
   static int64_t limit_bytes() {
-    static const int64_t bytes = [] {
-      const char* s = std::getenv("FASTSEG_WINOGRAD_CACHE_MB");
-      return (s ? std::max<int64_t>(0, std::atoll(s)) : 512) << 20;
-    }();
+    static const int64_t bytes = env_setting("FASTSEG_WINOGRAD_CACHE_MB", 512, 0) << 20;
     return bytes;
   }
 

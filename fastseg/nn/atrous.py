@@ -165,12 +165,13 @@ class ASPP(nn.Module):
             if term.shape[0] == 1:
                 shift = shift + term.flatten()
             else:
-                total = term.expand(-1, -1, *outs[0].shape[-2:]).contiguous(memory_format=output_memory_format(outs[0]))
+                total = term.expand(-1, -1, *outs[0].shape[-2:])
+                total = total.contiguous(memory_format=output_memory_format(outs[0]))
         for i, out in enumerate(outs):
             last = i == len(outs) - 1
             total = atrous_conv2d(
                 out, weight[:, i * C:(i + 1) * C], shift=shift if last else None, residual=total,
-                activation="relu" if last else None, backend=self.backend,
+                activation="relu" if last and proj.relu else None, backend=self.backend,
             )
         return total
 
