@@ -538,8 +538,9 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
   // The "fft" route (float32, float16 and bfloat16) wins wherever its per-bin GEMMs multiply at
   // least kFftMinSaving times fewer numbers than the direct first convolutions (fft_saving), and that
   // is every stage of the paper's network (k = 15: 4.6x at 16 px, 4.8x at 32, 6.5x at 64, 6.6x at
-  // 128). Measured (benchmarks/RESULTS.md): 1.6-3.3x eager at 2048..256 channels and 16..128 px; k = 7 at 16x16 (saving 2.2) lost to the GEMM route
-  // (0.82x), k = 7 at 64x64 (3.0) ran level with oneDNN on channels_last, k = 15 at 8x8 (3.3) won.
+  // 128). Measured (benchmarks/RESULTS.md): 1.6-3.3x eager at 2048..256 channels and 16..128 px;
+  // k = 7 at 16x16 (saving 2.2) lost to the GEMM route (0.82x), k = 7 at 64x64 (3.0) ran level with
+  // oneDNN on channels_last, k = 15 at 8x8 (3.3) won.
   // Below kFftMinInChannels input channels the route's own transforms (of the Cmid- and Cout-channel
   // maps) outweigh what the first convolutions save: 3 and 4 channels into Cmid = Cout = 21 at
   // 512x512 ran at 0.81-0.92x oneDNN's speed, 6 and 8 channels at 1.05-1.09x.
