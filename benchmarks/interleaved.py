@@ -5,6 +5,7 @@ order that rotates from round to round. Prints medians and the range of the per-
 
     python benchmarks/interleaved.py unpool_conv --rounds 9
     python benchmarks/interleaved.py gcn --rounds 9        # also the CPU kernel's forced routes
+    python benchmarks/interleaved.py gcn_training --rounds 7  # forward + backward
     python benchmarks/interleaved.py models --rounds 7     # fastseg.models and fastseg.convert
     python benchmarks/interleaved.py atrous --rounds 7     # also the CPU kernel's forced paths, and ASPP
 
@@ -22,10 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def compare(name, fns, rounds):
-    """fns: {label: callable}, the first being fastseg's; prints each median and speed-up."""
+def compare(name, fns, rounds, grad=False):
+    """fns: {label: callable}, the first being fastseg's; prints each median and speed-up. Autograd
+    records only with grad."""
     times = {label: [] for label in fns}
-    with torch.no_grad():
+    with torch.enable_grad() if grad else torch.no_grad():
         for fn in fns.values():
             fn()  # warm up
         labels = list(fns)
@@ -77,6 +79,48 @@ def gcn(rounds):
             compare(f"gcn_conv2d {B}x{Cin}x{H}x{H} ->{Cm}->{Co} k{k} {layout}", fns, rounds)
 
 
+def gcn_training(rounds):
+    """Forward + backward of the GCN block, every input requiring grad, against eager autograd through
+    the four convolutions; 'fastseg, ATen backward' is the backward the frequency-domain one replaced
+    (ATen's convolution backward for all four convolutions)."""
+    import test_bench_gcn as bench
+    import fastseg
+    import fastseg.ops.gcn as gcn_ops
+
+    def aten_backward(step):
+        def run():
+            rule, gcn_ops._fft_backward_pays = gcn_ops._fft_backward_pays, lambda *args: False
+            try:
+                step()
+            finally:
+                gcn_ops._fft_backward_pays = rule
+        return run
+
+    for B, Cin, H, Cm, Co, k in bench.GCN_SHAPES:
+        for layout in ("nchw", "channels_last"):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(B, Cin, H, H, generator=g)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            make = lambda *s: torch.randn(*s, generator=g) / (s[1] * k) ** 0.5  # noqa: E731
+            leaves = [x, make(Cm, Cin, k, 1), make(Co, Cm, 1, k), make(Cm, Cin, 1, k), make(Co, Cm, k, 1)]
+            leaves += [torch.randn(n, generator=g) for n in (Cm, Co, Cm, Co)]
+            leaves = [t.requires_grad_() for t in leaves]
+            grad = torch.randn(B, Co, H, H, generator=g)
+
+            def step(block):
+                def run():
+                    for t in leaves:
+                        t.grad = None
+                    block(*leaves).backward(grad)
+                return run
+
+            fastseg_step = step(fastseg.gcn_conv2d)
+            fns = {"fastseg": fastseg_step, "eager": step(bench._four_convs),
+                   "fastseg, ATen backward": aten_backward(fastseg_step)}
+            compare(f"gcn_conv2d training {B}x{Cin}x{H}x{H} ->{Cm}->{Co} k{k} {layout}", fns, rounds, grad=True)
+
+
 def atrous(rounds):
     import fastseg
     import test_bench_atrous as bench
@@ -126,7 +170,7 @@ def models(rounds):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["unpool_conv", "gcn", "models", "atrous"])
+    parser.add_argument("what", choices=["unpool_conv", "gcn", "gcn_training", "models", "atrous"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()

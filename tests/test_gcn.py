@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastseg
+import fastseg.ops.gcn as gcn_ops
 from common import assert_relative_close, backend_params, skip_if_interpreter_lacks
 
 BACKENDS = backend_params(("reference", "cpp", "triton"))
@@ -206,6 +207,84 @@ def test_cpu_fft_route_under_autograd():
         assert_relative_close(mine.grad, theirs.grad, torch.float32)
 
 
+# The frequency-domain backward (fastseg/ops/gcn.py, _backward_fft) on every FFT_CASES shape,
+# forced where the rule would pick ATen's (k = 3, 9x48), in every dtype it serves and both layouts,
+# with every gradient or only some of them.
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FFT_CASES, ids=_case_id)
+def test_cpu_fft_backward(case, dtype, layout, monkeypatch):
+    monkeypatch.setattr(gcn_ops, "_fft_backward_pays", lambda *args: True)
+    pr = _problem(case, seed=7)
+    tensors = [pr["x"], *pr["weights"], *pr["biases"]]
+    for wanted in (range(9), [0], [1, 4, 5], [2, 3, 6, 7]):
+        leaves = [_layout(t.to(dtype), layout) if i == 0 else t.to(dtype) for i, t in enumerate(tensors)]
+        for i in wanted:
+            leaves[i].requires_grad_()
+        out = fastseg.gcn_conv2d(*leaves, dilation=pr["dilation"])
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        out.backward(grad.to(dtype))
+        ref_leaves = [t.detach().double().requires_grad_(i in wanted) for i, t in enumerate(leaves)]
+        ref = _four_convs(*ref_leaves, pr["dilation"])
+        ref.backward(grad.to(dtype).double())
+        for i in range(9):
+            if i not in wanted:
+                assert leaves[i].grad is None
+                continue
+            assert leaves[i].grad.dtype == dtype
+            assert_relative_close(leaves[i].grad, ref_leaves[i].grad, dtype)
+        if 0 in wanted:
+            memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            assert leaves[0].grad.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", [(2, 3, 2, 2, 5, 4, 3, 2), (1, 2, 3, 2, 3, 6, 9, 1)], ids=_case_id)
+def test_fft_backward_gradcheck(case, layout, monkeypatch):
+    # In float64 the frequency-domain backward is exact up to rounding: gradcheck holds it to the
+    # numerical Jacobian, maps smaller than the kernel included.
+    monkeypatch.setattr(gcn_ops, "_fft_backward_pays", lambda *args: True)
+    pr = _problem(case, seed=4)
+    x = _layout(pr["x"], layout).requires_grad_()
+    ws = [w.clone().requires_grad_() for w in pr["weights"]]
+    bs = [b.clone().requires_grad_() for b in pr["biases"]]
+    gcn = lambda *a: fastseg.gcn_conv2d(*a, dilation=pr["dilation"], backend="cpp")
+    assert torch.autograd.gradcheck(gcn, (x, *ws, *bs))
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("case", [(1, 3, 21, 21, 20, 64, 41, 1), (2, 4, 17, 5, 64, 20, 39, 1)], ids=_case_id)
+def test_backward_kernel_longer_than_map(case):
+    # Shapes on which oneDNN's weight gradient corrupted the heap (eager PyTorch 2.14 too): with a
+    # kernel longer than the map the backward runs in the frequency domain, even for 3 channels.
+    pr = _problem(case, seed=8)
+    for _ in range(3):
+        leaves = [t.float().requires_grad_() for t in [pr["x"], *pr["weights"], *pr["biases"]]]
+        out = fastseg.gcn_conv2d(*leaves)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        out.backward(grad.float())
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        _four_convs(*ref_leaves, 1).backward(grad)
+        for mine, theirs in zip(leaves, ref_leaves):
+            assert_relative_close(mine.grad, theirs.grad, torch.float32)
+
+
+def test_fft_backward_rule():
+    # The forward's rule (csrc/cpu/gcn.cpp): CPU, not float64, Cin >= 6, fft_saving >= 3; or a kernel
+    # longer than the map.
+    pays = gcn_ops._fft_backward_pays
+    assert pays(torch.empty(1, 16, 20, 24), 15, 1)
+    assert pays(torch.empty(1, 2048, 16, 16, dtype=torch.bfloat16), 15, 1)
+    assert not pays(torch.empty(1, 16, 20, 24, dtype=torch.float64), 15, 1)
+    assert not pays(torch.empty(1, 5, 20, 24), 15, 1)
+    assert not pays(torch.empty(1, 16, 16, 16), 7, 1)
+    # A kernel reaching past the map (oneDNN's weight gradient is unsafe there): any channel count.
+    assert pays(torch.empty(1, 3, 20, 64), 41, 1) and pays(torch.empty(1, 3, 64, 7), 5, 2)
+    assert not pays(torch.empty(1, 16, 20, 24, device="meta"), 15, 1)
+
+
 def test_poison_fixture_poisons(poison):
     assert torch.isnan(torch.empty(64)).all()
 
@@ -271,6 +350,25 @@ def test_torch_compile_fullgraph(backend, device):
 
     expected = _four_convs(x * 2, *ws, *bs, 1) + 1
     assert_relative_close(block(x).cpu(), expected.cpu(), torch.float32)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_fft_backward_opcheck_and_compiled_training():
+    # A shape whose backward runs in the frequency domain: opcheck (its AOT checks run the
+    # backward), and gradients of a compiled training step equal the eager ones.
+    torch._dynamo.reset()
+    pr = _problem((2, 16, 21, 5, 20, 24, 15, 1), seed=6)
+    leaves = [t.float().requires_grad_() for t in [pr["x"], *pr["weights"], *pr["biases"]]]
+    assert gcn_ops._fft_backward_pays(leaves[0], 15, 1)
+    torch.library.opcheck(torch.ops.fastseg.gcn_conv2d.default, (*leaves, 1, "auto_training"))
+    step = lambda *a: fastseg.gcn_conv2d(*a).square().sum()  # noqa: E731
+    torch.compile(step, fullgraph=True)(*leaves).backward()
+    compiled = [t.grad for t in leaves]
+    for t in leaves:
+        t.grad = None
+    step(*leaves).backward()
+    for mine, eager in zip(compiled, leaves):
+        assert_relative_close(mine, eager.grad, torch.float32)
 
 
 # --- layers -----------------------------------------------------------------------------------------

@@ -21,9 +21,13 @@ each branch to memory; here it is one call:
   (kernels/atrous.py) with the biases in its fused epilogue, the last one adding the left branch as
   its residual, so the final add makes no pass of its own.
 
-Backward, for every input: the middle maps are recomputed with ATen's convolution and the gradients
-chained through ATen's convolution backward (four calls), so it matches PyTorch's own.
+Backward, for every input, with the middle maps recomputed: on the CPU where the forward's FFT
+route runs, in the frequency domain as well (per bin, each convolution's input gradient is one
+complex GEMM with the conjugate taps' spectrum and its weight gradient a cross-correlation read off
+one GEMM's inverse transform at the taps' lags); elsewhere through ATen's convolution backward
+(four calls), as PyTorch's own.
 """
+import math
 from typing import Optional
 
 import torch
@@ -154,49 +158,196 @@ def _setup_context(ctx, inputs, output):
     ctx.n_extra = len(inputs) - 10
 
 
+# --- backward ------------------------------------------------------------------------------------
+# The middle maps are recomputed (saving them would double the forward's memory). On the CPU, where
+# the forward's FFT route runs (and where the kernel reaches past the map), the whole backward runs
+# in the frequency domain, in plain PyTorch (torch.fft and batched complex matmuls, exact up to
+# rounding); elsewhere ATen's convolution backward runs each of the four convolutions in reverse.
+
+
+def _fft_length(n):
+    """The smallest even n' >= n with no prime factor above 3 (csrc/cpu/fft.h's good_length)."""
+    m = max(n, 2)
+    while True:
+        r = m
+        for q in (2, 3):
+            while r % q == 0:
+                r //= q
+        if r == 1 and m % 2 == 0:
+            return m
+        m += 1
+
+
+def _fft_backward_pays(input, k, d):
+    """Whether the backward runs in the frequency domain: on the CPU, not in float64, where the
+    forward's FFT route runs (csrc/cpu/gcn.cpp: fft_saving >= 3 and Cin >= 6), and wherever the
+    kernel reaches past the map (d (k - 1) >= min(H, W)): there oneDNN's weight gradient (torch 2.14)
+    corrupts the heap on some shapes (39 or 41 x 1 taps over 20 x 64, 17 to 32 channels), in eager
+    PyTorch too. float64 never goes through oneDNN."""
+    if input.device.type != "cpu" or input.dtype == torch.float64:
+        return False
+    H, W = input.shape[-2:]
+    p = d * (k - 1) // 2
+    if 2 * p >= min(H, W):
+        return True
+    bins = lambda size: (_fft_length(size + p) // 2 + 1) / size  # noqa: E731
+    return input.shape[1] >= 6 and k / (2 * (bins(H) + bins(W))) >= 3.0
+
+
+def _tap_positions(k, d, n):
+    """Where a 'same' convolution's taps t = 0..k-1 (dilation d) sit in a length-n circular one:
+    (p - t d) mod n. Positions that coincide (k > n) add up; with n >= L + p each such tap still
+    meets only x's zero padding wherever the circular and the linear convolution differ."""
+    p = d * (k - 1) // 2
+    return torch.tensor([(p - t * d) % n for t in range(k)], dtype=torch.float64)
+
+
+def _taps_spectrum(w, d, n):
+    """(n // 2 + 1, O, I) complex: the half spectrum of w's (O, I, k) taps placed at _tap_positions,
+    as one real matmul with the k x (n // 2 + 1) DFT terms (cheaper than placing and transforming)."""
+    O, I, k = w.shape
+    angle = (2 * math.pi / n) * _tap_positions(k, d, n).unsqueeze(1) * torch.arange(n // 2 + 1, dtype=torch.float64)
+    terms = torch.cat([torch.cos(angle), -torch.sin(angle)], 1).to(w.dtype).to(w.device)  # (k, 2 bins)
+    re_im = (w.reshape(O * I, k) @ terms).view(O, I, 2, -1).permute(3, 0, 1, 2)
+    return torch.view_as_complex(re_im.contiguous())
+
+
+def _taps_from_spectrum(S, d, k, n):
+    """(O, I, k): the inverse of _taps_spectrum's placement, read back at the taps' lags: for the
+    half spectrum S (n // 2 + 1, O, I) of a length-n real sequence, its values at -position of each
+    tap (the cross-correlation's lags t d - p), as one real matmul with the inverse DFT terms."""
+    bins, O, I = S.shape
+    weight = torch.full((bins,), 2.0, dtype=torch.float64)
+    weight[0] = 1.0
+    if n % 2 == 0:
+        weight[-1] = 1.0
+    angle = (-2 * math.pi / n) * _tap_positions(k, d, n).unsqueeze(1) * torch.arange(bins, dtype=torch.float64)
+    terms = torch.cat([torch.cos(angle) * weight, -torch.sin(angle) * weight], 1) / n  # (k, 2 bins)
+    re_im = torch.view_as_real(S).permute(3, 0, 1, 2).reshape(2 * bins, O * I)
+    return (terms.to(re_im.dtype).to(S.device) @ re_im).view(k, O, I).permute(1, 2, 0)
+
+
+class _AxisTransform:
+    """Real FFTs of (B, C, H, W) maps along one axis (2 or 3) of length L, zero-padded to n >= L + p
+    points so that no wrap-around reaches an output of a 'same' convolution with padding p, and laid
+    out bins-major, (n // 2 + 1, B * Lo, C), Lo the other axis' length: per bin, a convolution over
+    channels is one matmul."""
+
+    def __init__(self, shape, axis, p):
+        self.B, _, H, W = shape
+        self.axis = axis
+        self.L, self.Lo = (H, W) if axis == 2 else (W, H)
+        self.n = _fft_length(self.L + p)
+        self.bins = self.n // 2 + 1
+        self.to_bins = (2, 0, 3, 1) if axis == 2 else (3, 0, 2, 1)
+        self.from_bins = (1, 3, 0, 2) if axis == 2 else (1, 3, 2, 0)
+
+    def forward(self, t):
+        spectrum = torch.fft.rfft(t, n=self.n, dim=self.axis)
+        return spectrum.permute(*self.to_bins).reshape(self.bins, self.B * self.Lo, t.shape[1])
+
+    def inverse(self, spectrum):
+        C = spectrum.shape[-1]
+        t = spectrum.view(self.bins, self.B, self.Lo, C).permute(*self.from_bins)
+        return torch.fft.irfft(t, n=self.n, dim=self.axis).narrow(self.axis, 0, self.L)
+
+
+def _conv_backward_fft(transform, GY, X, G, d, k, need_x, need_w):
+    """Gradients of y = conv(x, w) ('same', dilation d, k taps along the transform's axis, G the
+    taps' spectrum from _taps_spectrum) from the spectra GY of dL/dy and X of x: per bin, grad_x is
+    GY conj(G); grad_w (O, I, k) is the cross-correlation of dL/dy with x at the taps' lags, read
+    from the inverse transform of GY^H X."""
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = transform.inverse(torch.bmm(GY, G.conj().resolve_conj()))
+    if need_w:
+        S = torch.bmm(GY.conj().resolve_conj().transpose(1, 2), X)  # (bins, O, I)
+        grad_w = _taps_from_spectrum(S, d, k, transform.n)
+    return grad_x, grad_w
+
+
+def _branch_backward_fft(x, w1, w2, b1, g, d, along_h, need_x, need_w1, need_w2, need_b1):
+    """One branch's gradients in the frequency domain: w1 (Cmid, Cin, k) the first convolution's
+    taps along H (along_h) or W, w2 (Cout, Cmid, k) the second's along the other axis. The middle
+    map is recomputed from x's spectrum (Y = X G^T per bin); each convolution's gradients come
+    from _conv_backward_fft."""
+    k = w1.shape[-1]
+    p = d * (k - 1) // 2
+    first = _AxisTransform(x.shape, 2 if along_h else 3, p)
+    second = _AxisTransform(x.shape, 3 if along_h else 2, p)
+    X = first.forward(x)
+    G1 = _taps_spectrum(w1, d, first.n)
+    mid = first.inverse(torch.bmm(X, G1.transpose(1, 2)))
+    if b1 is not None:
+        mid = mid + b1.view(1, -1, 1, 1)
+    need_mid = need_x or need_w1 or need_b1
+    grad_mid, grad_w2 = _conv_backward_fft(second, second.forward(g), second.forward(mid),
+                                           _taps_spectrum(w2, d, second.n), d, k, need_mid, need_w2)
+    grad_b1 = grad_mid.sum((0, 2, 3)) if need_b1 else None
+    grad_x = grad_w1 = None
+    if need_x or need_w1:
+        grad_x, grad_w1 = _conv_backward_fft(first, first.forward(grad_mid), X, G1, d, k, need_x, need_w1)
+    return grad_x, grad_w1, grad_w2, grad_b1
+
+
+def _branch_backward_aten(x, w1, w2, b1, g, d, along_h, need_x, need_w1, need_w2, need_b1):
+    """One branch's gradients through ATen's convolution backward (w1, w2 4-D)."""
+    p = d * (w1.shape[2 if along_h else 3] - 1) // 2
+    tall, wide = ([p, 0], [d, 1]), ([0, p], [1, d])
+    geo1, geo2 = (tall, wide) if along_h else (wide, tall)
+    need_mid = need_x or need_w1 or need_b1
+    mid = torch.ops.aten.convolution(x, w1, b1, [1, 1], geo1[0], geo1[1], False, [0, 0], 1)
+    grad_mid, grad_w2, _ = torch.ops.aten.convolution_backward(
+        g, mid, w2, None, [1, 1], geo2[0], geo2[1], False, [0, 0], 1, [need_mid, need_w2, False],
+    )
+    grad_b1 = grad_mid.sum((0, 2, 3)) if need_b1 else None
+    grad_x = grad_w1 = None
+    if need_x or need_w1:
+        grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
+            grad_mid, x, w1, None, [1, 1], geo1[0], geo1[1], False, [0, 0], 1, [need_x, need_w1, False],
+        )
+    return grad_x, grad_w1, grad_w2, grad_b1
+
+
 def _backward(ctx, grad_output):
-    # The middle maps are recomputed (not saved: they would double the forward's memory), then ATen's
-    # convolution backward runs each branch's two convolutions in reverse.
     input, w_l1, w_l2, w_r1, w_r2, b_l1, b_r1 = ctx.saved_tensors
     d = ctx.dilation
-    k = w_l1.shape[2]
-    p = d * (k - 1) // 2
-    tall = ([p, 0], [d, 1])
-    wide = ([0, p], [1, d])
     needs = ctx.needs_input_grad
-    g = grad_output
-    grad_b2 = g.sum((0, 2, 3)) if (needs[6] or needs[8]) else None
+    fft = _fft_backward_pays(input, w_l1.shape[2], d)
+    # The frequency-domain backward computes in float32 (as the forward's FFT route does).
+    cast = (lambda t: None if t is None else t.float()) if fft else (lambda t: t)  # noqa: E731
+    x, g = cast(input), cast(grad_output)
     grads = [None] * (10 + ctx.n_extra)
     grad_x = None
-    # Branch: (first weight, second weight, first bias, first geometry, second geometry, slots).
-    for w1, w2, b1, geo1, geo2, (i1, i2, ib1) in (
-        (w_l1, w_l2, b_l1, tall, wide, (1, 2, 5)),
-        (w_r1, w_r2, b_r1, wide, tall, (3, 4, 7)),
+    # Branch: (first weight, second weight, first bias, first convolution along H, slots).
+    for w1, w2, b1, along_h, (i1, i2, ib1) in (
+        (w_l1, w_l2, b_l1, True, (1, 2, 5)),
+        (w_r1, w_r2, b_r1, False, (3, 4, 7)),
     ):
-        need_mid = needs[0] or needs[i1] or needs[ib1]
-        if not (need_mid or needs[i2]):
+        if not (needs[0] or needs[i1] or needs[i2] or needs[ib1]):
             continue
-        mid = torch.ops.aten.convolution(input, w1, b1, [1, 1], geo1[0], geo1[1], False, [0, 0], 1)
-        grad_mid, grad_w2, _ = torch.ops.aten.convolution_backward(
-            g, mid, w2, None, [1, 1], geo2[0], geo2[1], False, [0, 0], 1, [need_mid, needs[i2], False],
-        )
-        grads[i2] = grad_w2
-        if not need_mid:
-            continue
-        if needs[ib1]:
-            grads[ib1] = grad_mid.sum((0, 2, 3))
-        if needs[0] or needs[i1]:
-            gx, gw1, _ = torch.ops.aten.convolution_backward(
-                grad_mid, input, w1, None, [1, 1], geo1[0], geo1[1], False, [0, 0], 1, [needs[0], needs[i1], False],
-            )
-            grads[i1] = gw1
-            if gx is not None:
-                grad_x = gx if grad_x is None else grad_x + gx
-    grads[0] = grad_x
-    if needs[6]:
-        grads[6] = grad_b2
-    if needs[8]:
-        grads[8] = grad_b2
+        if fft:
+            # Taps as (O, I, k): the k x 1 kernels' H axis, the 1 x k kernels' W axis.
+            tall_taps, wide_taps = (lambda w: w[..., 0]), (lambda w: w[:, :, 0, :])  # noqa: E731
+            taps1, taps2 = (tall_taps, wide_taps) if along_h else (wide_taps, tall_taps)
+            gx, gw1, gw2, gb1 = _branch_backward_fft(x, cast(taps1(w1)), cast(taps2(w2)), cast(b1), g, d, along_h,
+                                                      needs[0], needs[i1], needs[i2], needs[ib1])
+            unsqueeze = lambda t, tall: None if t is None else t.unsqueeze(-1 if tall else -2)  # noqa: E731
+            gw1, gw2 = unsqueeze(gw1, along_h), unsqueeze(gw2, not along_h)
+        else:
+            gx, gw1, gw2, gb1 = _branch_backward_aten(x, w1, w2, b1, g, d, along_h,
+                                                       needs[0], needs[i1], needs[i2], needs[ib1])
+        for i, grad, like in ((i1, gw1, w1), (i2, gw2, w2), (ib1, gb1, b1)):
+            if grad is not None:
+                grads[i] = grad.to(like.dtype)
+        if gx is not None:
+            grad_x = gx if grad_x is None else grad_x + gx
+    if grad_x is not None:
+        grads[0] = grad_x.to(input.dtype).contiguous(memory_format=output_memory_format(input))
+    if needs[6] or needs[8]:
+        grad_b2 = grad_output.sum((0, 2, 3))
+        grads[6] = grad_b2 if needs[6] else None
+        grads[8] = grad_b2 if needs[8] else None
     return tuple(grads)
 
 
