@@ -1007,8 +1007,9 @@ struct PassKernel {
   int d1;
   const int32_t* offset;
   const float* weight;
-  const float* pre;      // splat scale per pixel (normalisation)
-  const float* post;     // slice scale per pixel (normalisation, and the lattice's alpha)
+  const float* pre;      // splat scale per pixel (normalisation), or null: 1
+  const float* post;     // slice scale per pixel (normalisation, and the lattice's alpha), or null:
+  float post_constant;   // this one (symmetric normalisation, its scale folded into the weights)
   const float* sliced;   // blurred lattice values to slice, (M+1) x lanes; null on the first pass
   float* const* splat;   // per chunk: the buffer this chunk splats into; null on the last pass
   bool diagonal;
@@ -1054,8 +1055,8 @@ FASTSEG_ALWAYS_INLINE void pixel_pass_rows(const PassArgs& a, int64_t chunk, int
         const PassKernel& K = a.k[k];
         prefetch_bytes(K.offset + ahead * K.d1, kStreamBlock * K.d1 * 4);
         prefetch_bytes(K.weight + ahead * K.d1, kStreamBlock * K.d1 * 4);
-        if (splat) prefetch_bytes(K.pre + ahead, kStreamBlock * 4);
-        if (slice) prefetch_bytes(K.post + ahead, kStreamBlock * 4);
+        if (splat && K.pre) prefetch_bytes(K.pre + ahead, kStreamBlock * 4);
+        if (slice && K.post) prefetch_bytes(K.post + ahead, kStreamBlock * 4);
       }
     }
     if (p + kPrefetchAhead + P <= p1) {
@@ -1085,7 +1086,7 @@ FASTSEG_ALWAYS_INLINE void pixel_pass_rows(const PassArgs& a, int64_t chunk, int
         const PassKernel& K = a.k[k];
         // w * 1.0f is exact: the post scale multiplies the sum below instead.
         slice_row<V, W>(K.sliced, K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, 1.0f, lanes, nv, s);
-        const float scale = K.post[pq];
+        const float scale = K.post ? K.post[pq] : K.post_constant;
         if (K.diagonal) {
           for (int v = 0; v < nv; ++v) e[q][v] += scale * vload<V>(K.compat + v * W) * s[v];
         } else {
@@ -1137,7 +1138,8 @@ FASTSEG_ALWAYS_INLINE void pixel_pass_rows(const PassArgs& a, int64_t chunk, int
       if (!splat) continue;
       for (int k = 0; k < a.kernels; ++k) {
         const PassKernel& K = a.k[k];
-        splat_row<V, W>(K.splat[chunk], K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, K.pre[pq], lanes, nv, e[q]);
+        splat_row<V, W>(K.splat[chunk], K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, K.pre ? K.pre[pq] : 1.0f,
+                        lanes, nv, e[q]);
       }
     }
   }
@@ -1569,8 +1571,36 @@ struct KernelSpec {
 struct KernelState {
   Lattice lattice;
   Buffer<float> pre, post;
+  // With symmetric normalisation pre = post / alpha, so the mean-field passes splat and slice with
+  // the lattice weights times pre and scale by alpha alone: two fewer per-pixel streams per pass.
+  Buffer<float> folded_weight;
   FilterBuffers buffers, norm_buffers;
+  // For a lattice of a pixel grid's positions (grid_positions), what it was built from: the grid's
+  // x row and y column, then H, W, the pixel chunks and the normalisation; empty otherwise.
+  std::vector<float> grid;
 };
+
+// Whether d = 2 feature planes of an H x W image are a pixel grid's positions, as the Gaussian
+// (smoothness) kernel's are: plane 0 the same in every row, plane 1 constant along each row. Then
+// key gets plane 0's first row and plane 1's first column, which determine the lattice: every
+// image of that size and kernel width shares it. Reads the planes once (about 0.2 ms at 500x375;
+// the lattice and its normalisers take 4-7 ms to build there).
+bool grid_positions(const float* features, int64_t H, int64_t W, std::vector<float>& key) {
+  const float* xs = features;
+  const float* ys = features + H * W;
+  for (int64_t y = 1; y < H; ++y) {
+    if (std::memcmp(xs + y * W, xs, sizeof(float) * W) != 0) return false;
+  }
+  for (int64_t y = 0; y < H; ++y) {
+    const float* row = ys + y * W;
+    for (int64_t x = 1; x < W; ++x) {
+      if (row[x] != row[0]) return false;
+    }
+  }
+  key.assign(xs, xs + W);
+  for (int64_t y = 0; y < H; ++y) key.push_back(ys[y * W]);
+  return true;
+}
 
 // Everything one thread's images need, kept between calls: a call on an image of the size of the
 // previous one allocates nothing (and so takes no page faults).
@@ -1688,17 +1718,42 @@ std::vector<KernelSpec> image_specs(const std::vector<KernelSpec>& prototype, co
   return specs;
 }
 
-// Builds every kernel's lattice (pixel i of the lattice is pixel order[i], or i) and normalisers,
-// and sizes its buffers for label rows of `lanes`.
-void prepare_kernels(std::vector<KernelState>& states, const std::vector<KernelSpec>& specs, int64_t N,
+// folded_weight = weight * pre, per pixel (see KernelState).
+void fold_pre_into_weights(KernelState& s) {
+  const Lattice& lat = s.lattice;
+  const int d1 = lat.d + 1;
+  s.folded_weight.resize(lat.N * d1);
+  at::parallel_for(0, lat.N, 8192, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int j = 0; j < d1; ++j) s.folded_weight.data[p * d1 + j] = lat.weight.data[p * d1 + j] * s.pre.data[p];
+    }
+  });
+}
+
+// Builds every kernel's lattice (pixel i of the lattice is pixel order[i], or i; order depends on
+// H and W only) and normalisers, and sizes its buffers for label rows of `lanes`. A lattice of grid
+// positions that this state already holds for the same grid, chunks and normalisation is kept.
+void prepare_kernels(std::vector<KernelState>& states, const std::vector<KernelSpec>& specs, int64_t H, int64_t W,
                      int64_t chunks, int lanes, const int64_t* order) {
   const int K = int(specs.size());
+  const int64_t N = H * W;
   states.resize(K);
+  std::vector<float> grid;
   for (int k = 0; k < K; ++k) {
-    build_lattice(states[k].lattice, specs[k].features, N, specs[k].d, N, int(chunks), order);
-    normalisers(states[k].lattice, specs[k].normalization, chunks, states[k].pre, states[k].post,
-                states[k].norm_buffers);
-    states[k].buffers.allocate(states[k].lattice, lanes, chunks);
+    KernelState& s = states[k];
+    grid.clear();
+    if (specs[k].d == 2 && grid_positions(specs[k].features, H, W, grid)) {
+      for (const int64_t v : {H, W, chunks, specs[k].normalization}) grid.push_back(float(v));
+    }
+    if (grid.empty() || grid != s.grid || s.lattice.N != N) {
+      s.grid.clear();  // while rebuilding: an exception must not leave a stale key
+      build_lattice(s.lattice, specs[k].features, N, specs[k].d, N, int(chunks), order);
+      normalisers(s.lattice, specs[k].normalization, chunks, s.pre, s.post, s.norm_buffers);
+      if (specs[k].normalization == kNormalizeSymmetric) fold_pre_into_weights(s);
+      s.grid = std::move(grid);
+      grid = std::vector<float>();
+    }
+    s.buffers.allocate(s.lattice, lanes, chunks);
   }
 }
 
@@ -1777,8 +1832,11 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
   std::vector<PassKernel> pass(K);
   for (int k = 0; k < K; ++k) {
     KernelState& s = states[k];
-    pass[k] = PassKernel{s.lattice.d + 1, s.lattice.offset.data, s.lattice.weight.data, s.pre.data,
-                         s.post.data, nullptr, s.buffers.splat_ptrs.data(), specs[k].diagonal,
+    const bool folded = specs[k].normalization == kNormalizeSymmetric;
+    pass[k] = PassKernel{s.lattice.d + 1, s.lattice.offset.data,
+                         folded ? s.folded_weight.data : s.lattice.weight.data, folded ? nullptr : s.pre.data,
+                         folded ? nullptr : s.post.data, s.lattice.alpha, nullptr, s.buffers.splat_ptrs.data(),
+                         specs[k].diagonal,
                          specs[k].compat.data()};
   }
   PassArgs args{N, L, lanes, K, pass.data(), unary_rows.data, init, nullptr, true, order};
@@ -1920,7 +1978,7 @@ at::Tensor mean_field_batch(const at::Tensor& unary, at::TensorList features, at
   auto image = [&](int64_t b, std::vector<KernelState>& states, Buffer<float>& rows) {
     const std::vector<KernelSpec> specs = image_specs(prototype, feats, b, N);
     const int64_t chunks = pixel_chunks(N);
-    prepare_kernels(states, specs, N, chunks, int(lanes_for_labels(L)), order);
+    prepare_kernels(states, specs, unary.size(2), unary.size(3), chunks, int(lanes_for_labels(L)), order);
     run_mean_field(U.const_data_ptr<float>() + b * L * N, float(unary_scale),
                    Q0.defined() ? Q0.const_data_ptr<float>() + b * L * N : nullptr,
                    out.mutable_data_ptr<float>() + b * L * N, out_stride, N, int(L), specs, iterations, states,
@@ -2013,7 +2071,7 @@ std::vector<at::Tensor> dense_crf_backward_cpu(const at::Tensor& grad, const at:
       const float* g_data = G.const_data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) {
         const std::vector<KernelSpec> specs = image_specs(prototype, feats, b, N);
-        prepare_kernels(ws.states, specs, N, chunks, lanes, order);
+        prepare_kernels(ws.states, specs, H, W, chunks, lanes, order);
         if (recompute) {
           run_mean_field(U.const_data_ptr<float>() + b * L * N, float(unary_scale),
                          Q0.defined() ? Q0.const_data_ptr<float>() + b * L * N : nullptr,
