@@ -228,6 +228,26 @@ def test_cpp_every_label_row_width(L, poison):
         assert (q - ref).norm() / ref.norm() <= 1e-5
 
 
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("normalization", ["symmetric", "before", "after", "none"])
+def test_cpp_grid_lattice_reuse(normalization):
+    # The C++ kernel keeps the Gaussian kernel's lattice (grid positions) for the next image of the
+    # same size, kernel width and normalisation: every change of these must rebuild it, and images
+    # in between (another size, H and W swapped, another sxy) must not leave a stale one behind.
+    L = 5
+    calls = [(40, 36, 3.0), (40, 36, 3.0), (36, 40, 3.0), (40, 36, 5.0), (12, 120, 3.0), (40, 36, 3.0)]
+    first = {}
+    for H, W, sxy in calls:
+        logits = _smooth_logits(L, H, W, seed=H + W)
+        image = _random_image(H, W, seed=H)
+        kw = dict(iterations=3, gaussian=dict(sxy=sxy, compat=3, normalization=normalization),
+                  bilateral=dict(sxy=20, srgb=13, compat=5, normalization=normalization))
+        q = fastseg.dense_crf(logits, image, backend="cpp", **kw)
+        ref = fastseg.dense_crf(logits, image, backend="reference", **kw)
+        assert (q - ref).norm() / ref.norm() <= 1e-5
+        assert torch.equal(q, first.setdefault((H, W, sxy), q))
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_backends_agree(backend, device):
     H, W, L, B = 19, 26, 4, 2
