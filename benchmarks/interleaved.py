@@ -60,7 +60,8 @@ def unpool_conv(rounds):
                      "eager": bench._fn("torch eager", t, size, "cpu")}, rounds)
 
 
-def gcn(rounds):
+def _gcn_problems():
+    """(name, x, [4 weights], [4 biases], generator) for test_bench_gcn.py's shapes in both layouts."""
     import test_bench_gcn as bench
 
     for B, Cin, H, Cm, Co, k in bench.GCN_SHAPES:
@@ -72,11 +73,18 @@ def gcn(rounds):
             make = lambda *s: torch.randn(*s, generator=g) / (s[1] * k) ** 0.5  # noqa: E731
             ws = [make(Cm, Cin, k, 1), make(Co, Cm, 1, k), make(Cm, Cin, 1, k), make(Co, Cm, k, 1)]
             bs = [torch.randn(n, generator=g) for n in (Cm, Co, Cm, Co)]
-            fns = {"fastseg": lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, "auto"),
-                   "eager": lambda: bench._four_convs(x, *ws, *bs)}
-            for route in ("gemm", "conv", "fft"):  # the C++ kernel's routes, forced
-                fns[f"forced {route}"] = (lambda r: lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, r))(route)
-            compare(f"gcn_conv2d {B}x{Cin}x{H}x{H} ->{Cm}->{Co} k{k} {layout}", fns, rounds)
+            yield f"{B}x{Cin}x{H}x{H} ->{Cm}->{Co} k{k} {layout}", x, ws, bs, g
+
+
+def gcn(rounds):
+    import test_bench_gcn as bench
+
+    for name, x, ws, bs, _ in _gcn_problems():
+        fns = {"fastseg": lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, "auto"),
+               "eager": lambda: bench._four_convs(x, *ws, *bs)}
+        for route in ("gemm", "conv", "fft"):  # the C++ kernel's routes, forced
+            fns[f"forced {route}"] = (lambda r: lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, r))(route)
+        compare(f"gcn_conv2d {name}", fns, rounds)
 
 
 def gcn_training(rounds):
@@ -96,29 +104,21 @@ def gcn_training(rounds):
                 gcn_ops._fft_backward_pays = rule
         return run
 
-    for B, Cin, H, Cm, Co, k in bench.GCN_SHAPES:
-        for layout in ("nchw", "channels_last"):
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(B, Cin, H, H, generator=g)
-            if layout == "channels_last":
-                x = x.contiguous(memory_format=torch.channels_last)
-            make = lambda *s: torch.randn(*s, generator=g) / (s[1] * k) ** 0.5  # noqa: E731
-            leaves = [x, make(Cm, Cin, k, 1), make(Co, Cm, 1, k), make(Cm, Cin, 1, k), make(Co, Cm, k, 1)]
-            leaves += [torch.randn(n, generator=g) for n in (Cm, Co, Cm, Co)]
-            leaves = [t.requires_grad_() for t in leaves]
-            grad = torch.randn(B, Co, H, H, generator=g)
+    for name, x, ws, bs, g in _gcn_problems():
+        leaves = [t.requires_grad_() for t in [x, *ws, *bs]]
+        grad = torch.randn(x.shape[0], ws[1].shape[0], *x.shape[2:], generator=g)
 
-            def step(block):
-                def run():
-                    for t in leaves:
-                        t.grad = None
-                    block(*leaves).backward(grad)
-                return run
+        def step(block):
+            def run():
+                for t in leaves:
+                    t.grad = None
+                block(*leaves).backward(grad)
+            return run
 
-            fastseg_step = step(fastseg.gcn_conv2d)
-            fns = {"fastseg": fastseg_step, "eager": step(bench._four_convs),
-                   "fastseg, ATen backward": aten_backward(fastseg_step)}
-            compare(f"gcn_conv2d training {B}x{Cin}x{H}x{H} ->{Cm}->{Co} k{k} {layout}", fns, rounds, grad=True)
+        fastseg_step = step(fastseg.gcn_conv2d)
+        fns = {"fastseg": fastseg_step, "eager": step(bench._four_convs),
+               "fastseg, ATen backward": aten_backward(fastseg_step)}
+        compare(f"gcn_conv2d training {name}", fns, rounds, grad=True)
 
 
 def atrous(rounds):
