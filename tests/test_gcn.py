@@ -113,6 +113,13 @@ def test_empty_batch():
     pr = _problem(CASES[0])
     out = fastseg.gcn_conv2d(pr["x"][:0], *pr["weights"], *pr["biases"], backend="cpp")
     assert out.shape == (0, 21, 9, 8)
+    # The backward too, where a non-empty batch would take the frequency domain (MKL's FFT refuses
+    # an empty one): zero weight gradients, an empty input gradient.
+    pr = _problem((2, 16, 21, 5, 20, 24, 15, 1))
+    leaves = [t.float().requires_grad_() for t in [pr["x"][:0], *pr["weights"], *pr["biases"]]]
+    fastseg.gcn_conv2d(*leaves).sum().backward()
+    assert leaves[0].grad.shape == (0, 16, 20, 24)
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in leaves[1:])
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")

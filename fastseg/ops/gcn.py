@@ -183,8 +183,9 @@ def _fft_backward_pays(input, k, d):
     forward's FFT route runs (csrc/cpu/gcn.cpp: fft_saving >= 3 and Cin >= 6), and wherever the
     kernel reaches past the map (d (k - 1) >= min(H, W)): there oneDNN's weight gradient (torch 2.14)
     corrupts the heap on some shapes (39 or 41 x 1 taps over 20 x 64 at 17 to 32 channels), in eager
-    PyTorch too. float64 never goes through oneDNN."""
-    if input.device.type != "cpu" or input.dtype == torch.float64:
+    PyTorch too. float64 never goes through oneDNN; an empty batch has nothing to transform (MKL's FFT
+    refuses it)."""
+    if input.device.type != "cpu" or input.dtype == torch.float64 or input.numel() == 0:
         return False
     H, W = input.shape[-2:]
     p = d * (k - 1) // 2
