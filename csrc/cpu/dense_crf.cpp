@@ -8,6 +8,7 @@
 //  * Each pairwise kernel's lattice is built once (in parallel: pixels locate their simplices, then
 //    each thread owns the lattice points whose hash falls in its share and numbers them) and reused
 //    by every iteration. Indices are int32 inside a lattice (checked) and int64 everywhere else.
+//    A lattice of grid positions (the Gaussian kernel's) is kept for the next image of that size.
 //  * Label vectors are rows of `lanes` floats (L rounded up to 4 or a multiple of 8, zero padded),
 //    so splat, blur and slice are short fixed-length vector loops.
 //  * One pass over the pixels per iteration does everything per pixel: slice every kernel, apply
