@@ -214,7 +214,7 @@ def test_cpu_fft_route_under_autograd():
         assert_relative_close(mine.grad, theirs.grad, torch.float32)
 
 
-# The frequency-domain backward (fastseg/ops/gcn.py, _backward_fft) on every FFT_CASES shape,
+# The frequency-domain backward (fastseg/ops/gcn.py, _branch_backward_fft) on every FFT_CASES shape,
 # forced where the rule would pick ATen's (k = 3, 9x48), in every dtype it serves and both layouts,
 # with every gradient or only some of them.
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")

@@ -1746,7 +1746,7 @@ void prepare_kernels(std::vector<KernelState>& states, const std::vector<KernelS
     if (specs[k].d == 2 && grid_positions(specs[k].features, H, W, grid)) {
       for (const int64_t v : {H, W, chunks, specs[k].normalization}) grid.push_back(float(v));
     }
-    if (grid.empty() || grid != s.grid || s.lattice.N != N) {
+    if (grid.empty() || grid != s.grid) {  // the key holds H and W
       s.grid.clear();  // while rebuilding: an exception must not leave a stale key
       build_lattice(s.lattice, specs[k].features, N, specs[k].d, N, int(chunks), order);
       normalisers(s.lattice, specs[k].normalization, chunks, s.pre, s.post, s.norm_buffers);

@@ -277,20 +277,23 @@ def _conv_backward_fft(transform, GY, X, G, d, k, need_x, need_w):
 def _branch_backward_fft(x, w1, w2, b1, g, d, along_h, need_x, need_w1, need_w2, need_b1):
     """One branch's gradients in the frequency domain: w1 (Cmid, Cin, k) the first convolution's
     taps along H (along_h) or W, w2 (Cout, Cmid, k) the second's along the other axis. The middle
-    map is recomputed from x's spectrum (Y = X G^T per bin); each convolution's gradients come
-    from _conv_backward_fft."""
+    map, which only the second weight's gradient reads, is recomputed from x's spectrum
+    (Y = X G^T per bin); each convolution's gradients come from _conv_backward_fft."""
     k = w1.shape[-1]
     p = d * (k - 1) // 2
     first = _AxisTransform(x.shape, 2 if along_h else 3, p)
     second = _AxisTransform(x.shape, 3 if along_h else 2, p)
-    X = first.forward(x)
     G1 = _taps_spectrum(w1, d, first.n)
-    mid = first.inverse(torch.bmm(X, G1.transpose(1, 2)))
-    if b1 is not None:
-        mid = mid + b1.view(1, -1, 1, 1)
+    X = first.forward(x) if need_w1 or need_w2 else None
+    MID = None
+    if need_w2:
+        mid = first.inverse(torch.bmm(X, G1.transpose(1, 2)))
+        if b1 is not None:
+            mid = mid + b1.view(1, -1, 1, 1)
+        MID = second.forward(mid)
     need_mid = need_x or need_w1 or need_b1
-    grad_mid, grad_w2 = _conv_backward_fft(second, second.forward(g), second.forward(mid),
-                                           _taps_spectrum(w2, d, second.n), d, k, need_mid, need_w2)
+    grad_mid, grad_w2 = _conv_backward_fft(second, second.forward(g), MID, _taps_spectrum(w2, d, second.n), d, k,
+                                           need_mid, need_w2)
     grad_b1 = grad_mid.sum((0, 2, 3)) if need_b1 else None
     grad_x = grad_w1 = None
     if need_x or need_w1:
