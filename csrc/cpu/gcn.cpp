@@ -470,6 +470,7 @@ double fft_saving(int64_t k, int64_t d, int64_t H, int64_t W) {
   const double bins_h = double(fft::good_length(H + pad) / 2 + 1), bins_w = double(fft::good_length(W + pad) / 2 + 1);
   return double(k) / (2.0 * (bins_h / double(H) + bins_w / double(W)));
 }
+// fastseg/ops/gcn.py's _fft_backward_pays restates this rule for the backward: change both together.
 constexpr double kFftMinSaving = 3.0;
 constexpr int64_t kFftMinInChannels = 6;
 
