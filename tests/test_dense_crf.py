@@ -374,6 +374,34 @@ def test_threads_do_not_change_the_result():
     assert (one[:1] - single).abs().max() <= 1e-5
 
 
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_cpp_schedule_any_thread_count():
+    # The C++ mean field runs as phases (pass, gather, one per blur direction) whose shares go to
+    # whichever threads arrive, blurs in place along chains, and must leave its splat buffers zero
+    # (odd and even iteration counts end with different buffers in place; one chunk and several
+    # take different paths): every thread count, oversubscribed ones too, against the reference,
+    # and the same call again (after one of another size) bit for bit.
+    L = 5
+    big = (120, 110)  # 13200 pixels: up to 3 pixel chunks
+    small = (20, 30)  # one chunk
+    inputs = {}
+    for H, W in (big, small):
+        inputs[H, W] = (_smooth_logits(L, H, W, seed=H), _random_image(H, W, seed=W))
+    before = torch.get_num_threads()
+    try:
+        for iterations in (0, 1, 2, 3):
+            refs = {hw: fastseg.dense_crf(*x, iterations=iterations, backend="reference") for hw, x in inputs.items()}
+            for threads in (1, 2, 3, 4):
+                torch.set_num_threads(threads)
+                first = {}
+                for hw in (big, small, big, small):
+                    q = fastseg.dense_crf(*inputs[hw], iterations=iterations, backend="cpp")
+                    assert (q - refs[hw]).norm() / refs[hw].norm() <= 1e-5, (iterations, threads, hw)
+                    assert torch.equal(q, first.setdefault(hw, q)), (iterations, threads, hw)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_unary_kinds_and_zero_iterations():
     H, W, L = 10, 12, 4
     logits = _smooth_logits(L, H, W, seed=3)

@@ -23,10 +23,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <new>
+#include <thread>
 #include <vector>
 
 #include "common.h"
@@ -233,6 +237,16 @@ struct Lattice {
   Buffer<int32_t> offset;      // N x (d+1)
   Buffer<float> weight;        // N x (d+1)
   Buffer<int32_t> neighbours;  // (d+1) x M x 2
+  // The blur's walk: per direction j, chains[chain_begin[j], chain_begin[j + 1]) lists the points
+  // that have a neighbour along j, chain by chain (minus to plus), each chain's last point tagged
+  // with kChainEnd. A point with no neighbour along j is in no chain: the blur leaves it as it is.
+  Buffer<uint32_t> chains;
+  std::vector<int64_t> chain_begin;  // d+2
+  // Which of the `chunks` pixel chunks (the passes' split of the pixels) splat into which points:
+  // chunk c's bitmap of M bits at touched[c * touched_words]. Most points have one chunk, so the
+  // gather reads and re-zeroes one splat buffer per point instead of all of them.
+  int64_t chunks = 0, touched_words = 0;
+  Buffer<uint64_t> touched;
   // Scratch of the build, kept for the next image.
   Buffer<int32_t> rem0s;
   Buffer<uint8_t> ranks;
@@ -241,6 +255,8 @@ struct Lattice {
   Buffer<uint32_t> entries;  // (pixel, vertex) entries binned by owner
   std::vector<KeyTable> tables;
 };
+
+constexpr uint32_t kChainEnd = 0x80000000u;  // points are numbered below 2^30 (KeyTable::insert)
 
 // Locates feature vector f (d values, stride `stride`) in the lattice (Adams et al. 2010, section
 // 3.1): rem0 is the remainder-0 point the simplex is built from, rank the order of the residuals,
@@ -672,9 +688,55 @@ void find_neighbours(Lattice& lat, const std::vector<KeyTable>& tables, const st
   FASTSEG_FEATURES_SWITCH(lat.d, find_neighbours_d, lat, tables, base, owners)
 }
 
-// Builds the lattice of features (d planes of N floats, plane stride `stride`), numbering its
-// points with `owners` threads. Lattice pixel i is feature pixel order[i] (i without an order).
-void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, int64_t N, int owners,
+// Step 5 of build_lattice: lat.chains from lat.neighbours. Along one direction the neighbour links
+// form chains (the keys step by a fixed vector, so there are no cycles); the blur walks each chain
+// minus to plus and so can work in place, reading every point once. Listed by first point, in
+// number order, whatever the number of parts.
+void link_chains(Lattice& lat) {
+  const int64_t M = lat.M;
+  const int d1 = lat.d + 1;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(64, M / 8192));
+  std::vector<std::vector<uint32_t>> found(size_t(parts * d1));
+  at::parallel_for(0, parts * d1, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t j = t / parts, c = t % parts;
+      const int32_t* nb = lat.neighbours.data + j * M * 2;
+      std::vector<uint32_t>& out = found[size_t(t)];
+      for (int64_t m = M * c / parts; m < M * (c + 1) / parts; ++m) {
+        if (nb[2 * m] != M || nb[2 * m + 1] == M) continue;  // not a chain's first point, or alone
+        int64_t p = m;
+        for (; nb[2 * p + 1] != M; p = nb[2 * p + 1]) out.push_back(uint32_t(p));
+        out.push_back(uint32_t(p) | kChainEnd);
+      }
+    }
+  });
+  std::vector<int64_t> at(size_t(parts * d1) + 1, 0);
+  for (int64_t t = 0; t < parts * d1; ++t) at[t + 1] = at[t] + int64_t(found[size_t(t)].size());
+  lat.chains.resize(std::max<int64_t>(1, at.back()));
+  lat.chain_begin.resize(d1 + 1);
+  for (int j = 0; j <= d1; ++j) lat.chain_begin[j] = at[size_t(j * parts)];
+  at::parallel_for(0, parts * d1, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      std::copy(found[size_t(t)].begin(), found[size_t(t)].end(), lat.chains.data + at[size_t(t)]);
+    }
+  });
+}
+
+// lat.touched for the passes' split of the pixels into `chunks`, sized and cleared.
+void clear_chunk_marks(Lattice& lat, int64_t chunks) {
+  lat.chunks = chunks;
+  lat.touched_words = (lat.M + 63) / 64;
+  lat.touched.resize(std::max<int64_t>(1, chunks * lat.touched_words));
+  std::fill(lat.touched.data, lat.touched.data + chunks * lat.touched_words, uint64_t(0));
+}
+FASTSEG_ALWAYS_INLINE void mark_chunk(Lattice& lat, int64_t chunk, int32_t point) {
+  lat.touched.data[chunk * lat.touched_words + (point >> 6)] |= uint64_t(1) << (point & 63);
+}
+
+// Builds the lattice of features (d planes of N floats, plane stride `stride`) for passes that
+// split the pixels into `chunks` (chunk_begin), numbering its points with one thread per chunk.
+// Lattice pixel i is feature pixel order[i] (i without an order).
+void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, int64_t N, int64_t chunks,
                    const int64_t* order = nullptr) {
   TORCH_CHECK_VALUE(d >= 1 && d <= kMaxFeatures, "dense_crf: a kernel needs 1 to ", kMaxFeatures,
                     " features, got ", d);
@@ -700,6 +762,7 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
   lat.same.resize(N);
   // Entries (vertex k of pixel p) are binned by owner as p * d1 + k in 32 bits; lattices too big
   // for that use one owner.
+  int owners = int(chunks);
   if (N * d1 > int64_t(UINT32_MAX)) owners = 1;
   // Every step splits the pixels into the same parts, one per owner (a part's first pixel is never
   // `same`, so each part is self-contained).
@@ -787,10 +850,17 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
       }
     });
     for (int t = 0; t < owners; ++t) base[t + 1] = base[t] + tables[t].size();
-    // 3. Global numbers: owner t's points follow those of owners 0..t-1.
+    // 3. Global numbers: owner t's points follow those of owners 0..t-1. The parts are the passes'
+    //    chunks: each marks the points it touches (its `same` pixels touch its own points).
+    lat.M = base[owners];
+    clear_chunk_marks(lat, chunks);
     at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
-        walk_part(c, [&](int64_t e, int t, int64_t i) { lat.offset.data[e] = int32_t(base[t] + entries[i]); });
+        walk_part(c, [&](int64_t e, int t, int64_t i) {
+          const int32_t number = int32_t(base[t] + entries[i]);
+          lat.offset.data[e] = number;
+          mark_chunk(lat, c, number);
+        });
       }
     });
   }
@@ -804,9 +874,18 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
   const int64_t M = base[owners];
   TORCH_CHECK(M < INT32_MAX, "dense_crf: the lattice has ", M, " points, more than int32 holds");
   lat.M = M;
-  // 4. Blur neighbours along each of the d+1 directions.
+  // 4. Blur neighbours along each of the d+1 directions, and the chains they form.
   lat.neighbours.resize(int64_t(d1) * M * 2);
   find_neighbours(lat, tables, base, owners);
+  link_chains(lat);
+  if (owners == 1) {  // one table numbered every point: mark them chunk by chunk
+    clear_chunk_marks(lat, chunks);
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        for (int64_t e = N * c / chunks * d1; e < N * (c + 1) / chunks * d1; ++e) mark_chunk(lat, c, lat.offset.data[e]);
+      }
+    });
+  }
 }
 
 // --- the vector loops (compiled per ISA) --------------------------------------------------------
@@ -1301,44 +1380,57 @@ FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int
   }
 }
 
-// Lattice rows [m0, m1): dst = sum of the chunks' splat buffers, which are zeroed for the next pass.
+// Lattice rows [m0, m1): dst = sum of the chunks' splat buffers, in chunk order, of the chunks that
+// touch the row (bitmaps of `words` words per chunk; the others hold zeros there, and adding a
+// zero changes nothing), which are zeroed for the next pass.
 template <int LP>
-FASTSEG_ALWAYS_INLINE void gather_rows(float* const* parts, int64_t nparts, float* dst, int runtime_lanes,
-                                       int64_t m0, int64_t m1) {
+FASTSEG_ALWAYS_INLINE void gather_rows(float* const* parts, int64_t nparts, const uint64_t* touched, int64_t words,
+                                       float* dst, int runtime_lanes, int64_t m0, int64_t m1) {
   const int lanes = LP > 0 ? LP : runtime_lanes;
   for (int64_t m = m0; m < m1; ++m) {
     float* out = dst + m * lanes;
-    float* first = parts[0] + m * lanes;
-    for (int l = 0; l < lanes; ++l) {
-      out[l] = first[l];
-      first[l] = 0.0f;
-    }
-    for (int64_t c = 1; c < nparts; ++c) {
+    bool written = false;
+    for (int64_t c = 0; c < nparts; ++c) {
+      if (!((touched[c * words + (m >> 6)] >> (m & 63)) & 1)) continue;
       float* in = parts[c] + m * lanes;
       for (int l = 0; l < lanes; ++l) {
-        out[l] += in[l];
+        out[l] = written ? out[l] + in[l] : in[l];
         in[l] = 0.0f;
       }
+      written = true;
     }
+    if (!written) std::fill(out, out + lanes, 0.0f);
   }
 }
 
-// Lattice rows [m0, m1) of one blur direction: dst = src + (src[n1] + src[n2]) / 2.
+// One blur direction, in place, on the chains (n entries) that start in chain[begin, end) (the last one is
+// finished past end): x[m] += (x[minus] + x[plus]) / 2 with the old values, a missing neighbour
+// reading 0. Walking a chain, the minus neighbour's old value is the copy kept from the step
+// before and the plus neighbour's is still in x, so each point is read and written once, where
+// a ping-pong blur reads three rows and writes a fourth. `zero` is a row of zeros.
 template <int LP>
-FASTSEG_ALWAYS_INLINE void blur_rows(const float* src, float* dst, const int32_t* neighbours,
-                                     int runtime_lanes, int64_t m0, int64_t m1) {
+FASTSEG_ALWAYS_INLINE void blur_chains(float* x, const float* zero, const uint32_t* chain, int64_t n,
+                                       int runtime_lanes, int64_t begin, int64_t end, float* scratch) {
   const int lanes = LP > 0 ? LP : runtime_lanes;
   constexpr int64_t kAhead = 8;
-  for (int64_t m = m0; m < m1; ++m) {
-    if (m + kAhead < m1) {
-      prefetch_row(src + int64_t(neighbours[2 * (m + kAhead)]) * lanes, lanes);
-      prefetch_row(src + int64_t(neighbours[2 * (m + kAhead) + 1]) * lanes, lanes);
+  alignas(64) float fixed[LP > 0 ? LP : 1];
+  float* old = LP > 0 ? fixed : scratch;  // the previous point's value before this step
+  int64_t i = begin;
+  while (i < end && i > 0 && !(chain[i - 1] & kChainEnd)) ++i;  // a chain that started before begin
+  bool first = true;
+  for (; i < end || !first; ++i) {
+    if (first) std::fill(old, old + lanes, 0.0f);
+    const uint32_t m = chain[i] & ~kChainEnd;
+    const bool last = chain[i] & kChainEnd;
+    float* c = x + int64_t(m) * lanes;
+    const float* b = last ? zero : x + int64_t(chain[i + 1] & ~kChainEnd) * lanes;
+    if (i + kAhead < n) prefetch_row(x + int64_t(chain[i + kAhead] & ~kChainEnd) * lanes, lanes);
+    for (int l = 0; l < lanes; ++l) {
+      const float o = c[l];
+      c[l] = o + 0.5f * (old[l] + b[l]);
+      old[l] = o;
     }
-    const float* a = src + int64_t(neighbours[2 * m]) * lanes;
-    const float* b = src + int64_t(neighbours[2 * m + 1]) * lanes;
-    const float* c = src + m * lanes;
-    float* out = dst + m * lanes;
-    for (int l = 0; l < lanes; ++l) out[l] = c[l] + 0.5f * (a[l] + b[l]);
+    first = last;
   }
 }
 
@@ -1418,7 +1510,7 @@ FASTSEG_ALWAYS_INLINE void splat_pixels(const Lattice& lat, const float* values,
 #define run_pixel_pass_impl pixel_pass
 #define run_reverse_pass_impl reverse_pass
 #define run_gather_rows_impl gather_rows
-#define run_blur_rows_impl blur_rows
+#define run_blur_chains_impl blur_chains
 #define run_slice_pixels_impl slice_pixels
 #define run_splat_pixels_impl splat_pixels
 FASTSEG_DISPATCHED(run_pixel_pass, (const PassArgs& a, int64_t chunk, int64_t p0, int64_t p1),
@@ -1426,11 +1518,13 @@ FASTSEG_DISPATCHED(run_pixel_pass, (const PassArgs& a, int64_t chunk, int64_t p0
 FASTSEG_DISPATCHED(run_reverse_pass, (const ReverseArgs& a, int64_t chunk, int64_t p0, int64_t p1),
                    a.lanes, a, chunk, p0, p1)
 FASTSEG_DISPATCHED(run_gather_rows,
-                   (float* const* parts, int64_t nparts, float* dst, int lanes, int64_t m0, int64_t m1),
-                   lanes, parts, nparts, dst, lanes, m0, m1)
-FASTSEG_DISPATCHED(run_blur_rows,
-                   (const float* src, float* dst, const int32_t* nb, int lanes, int64_t m0, int64_t m1),
-                   lanes, src, dst, nb, lanes, m0, m1)
+                   (float* const* parts, int64_t nparts, const uint64_t* touched, int64_t words, float* dst,
+                    int lanes, int64_t m0, int64_t m1),
+                   lanes, parts, nparts, touched, words, dst, lanes, m0, m1)
+FASTSEG_DISPATCHED(run_blur_chains,
+                   (float* x, const float* zero, const uint32_t* chain, int64_t n, int lanes, int64_t begin,
+                    int64_t end, float* scratch),
+                   lanes, x, zero, chain, n, lanes, begin, end, scratch)
 FASTSEG_DISPATCHED(run_slice_pixels,
                    (const Lattice& lat, const float* sliced, const float* post, int lanes, int C,
                     float* out, int64_t p0, int64_t p1),
@@ -1442,14 +1536,27 @@ FASTSEG_DISPATCHED(run_splat_pixels,
 
 // --- filtering with one lattice -----------------------------------------------------------------
 
+int64_t chain_count(const Lattice& lat, int j) { return lat.chain_begin[j + 1] - lat.chain_begin[j]; }
+
+// Direction j of the blur of x ((M+1) x lanes, row M zero), in place, on the chains starting in
+// entries [begin, end) of that direction's list.
+void blur_direction(const Lattice& lat, int j, float* x, int lanes, int64_t begin, int64_t end) {
+  std::vector<float> scratch(lanes);  // used by row widths without their own instantiation
+  run_blur_chains(x, x + lat.M * lanes, lat.chains.data + lat.chain_begin[j], chain_count(lat, j), lanes, begin,
+                  end, scratch.data());
+}
+
 // The splat buffers and blur buffers of one lattice at one row width.
 struct FilterBuffers {
   int64_t lanes = 0, chunks = 0;
   std::vector<Buffer<float>> splat;  // per chunk, (M+1) x lanes, kept zero between uses
   std::vector<float*> splat_ptrs;
-  Buffer<float> x, y;                // blur ping-pong, (M+1) x lanes, row M zero
+  Buffer<float> x;                   // the blur's values, (M+1) x lanes, row M zero
 
   void allocate(const Lattice& lat, int64_t lanes_, int64_t chunks_) {
+    // The gather reads the chunks' splats where lat.touched says they wrote.
+    TORCH_CHECK(chunks_ == lat.chunks, "dense_crf: internal error, ", chunks_, " chunks on a lattice built for ",
+                lat.chunks);
     lanes = lanes_;
     chunks = chunks_;
     const int64_t n = (lat.M + 1) * lanes;
@@ -1460,16 +1567,14 @@ struct FilterBuffers {
       splat_ptrs[c] = splat[c].data;
     }
     x.resize(n);
-    y.resize(n);
     at::parallel_for(0, lat.M + 1, 8192, [&](int64_t begin, int64_t end) {
       for (int64_t c = 0; c < chunks; ++c) {
         std::fill(splat[c].data + begin * lanes, splat[c].data + end * lanes, 0.0f);
       }
     });
-    // Of x and y only the zero row: every other row is written (by the gather, or by the blur)
-    // before it is read, and with one chunk x is zeroed before it becomes a splat buffer.
+    // Of x only the zero row: every other row is written by the gather before it is read, and
+    // with one chunk x is zeroed before it becomes a splat buffer.
     std::fill(x.data + lat.M * lanes, x.data + n, 0.0f);
-    std::fill(y.data + lat.M * lanes, y.data + n, 0.0f);
   }
 
   // With one chunk there is nothing to sum: its splat buffer becomes the blur's source and the
@@ -1484,11 +1589,11 @@ struct FilterBuffers {
 
   // Rows [m0, m1) of the blur's source x: the sum of the chunks' splats, which are zeroed for the
   // next pass; after take_single_splat only the zeroing.
-  void gather_rows(bool single, int64_t m0, int64_t m1) {
+  void gather_rows(const Lattice& lat, bool single, int64_t m0, int64_t m1) {
     if (single) {
       std::fill(splat[0].data + m0 * lanes, splat[0].data + m1 * lanes, 0.0f);
     } else {
-      run_gather_rows(splat_ptrs.data(), chunks, x.data, int(lanes), m0, m1);
+      run_gather_rows(splat_ptrs.data(), chunks, lat.touched.data, lat.touched_words, x.data, int(lanes), m0, m1);
     }
   }
 
@@ -1499,18 +1604,14 @@ struct FilterBuffers {
     const int l = int(lanes);
     const int64_t grain = std::max<int64_t>(256, 65536 / lanes);
     const bool single = take_single_splat();
-    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) { gather_rows(single, begin, end); });
-    float* src = x.data;
-    float* dst = y.data;
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) { gather_rows(lat, single, begin, end); });
     for (int i = 0; i <= lat.d; ++i) {
       const int j = reverse ? lat.d - i : i;
-      const int32_t* nb = lat.neighbours.data + int64_t(j) * M * 2;
-      at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-        run_blur_rows(src, dst, nb, l, begin, end);
+      at::parallel_for(0, chain_count(lat, j), grain, [&](int64_t begin, int64_t end) {
+        blur_direction(lat, j, x.data, l, begin, end);
       });
-      std::swap(src, dst);
     }
-    return src;
+    return x.data;
   }
 };
 
@@ -1662,49 +1763,39 @@ constexpr int64_t kKeepWorkspacePixels = int64_t(4) << 20;
 void gather_and_blur_kernels(std::vector<KernelState>& states, int K, bool reverse, const float** sliced) {
   int64_t lanes = 1;
   int directions = 0;
-  std::vector<float*> src(K), dst(K);
   for (int k = 0; k < K; ++k) {
     lanes = std::max(lanes, states[k].buffers.lanes);
     directions = std::max(directions, states[k].lattice.d + 1);
-    src[k] = states[k].buffers.x.data;
-    dst[k] = states[k].buffers.y.data;
   }
   const int64_t grain = std::max<int64_t>(256, 65536 / lanes);
-  // fn(k, b, e) over rows [begin, end) of the active kernels' rows laid end to end.
-  auto for_rows = [&](auto&& active, auto&& fn) {
-    int64_t rows = 0;
-    for (int k = 0; k < K; ++k) rows += active(k) ? states[k].lattice.M : 0;
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  // fn(k, b, e) over items [b, e) of kernel k, the kernels' size(k) items laid end to end.
+  auto for_items = [&](auto&& size, auto&& fn) {
+    int64_t items = 0;
+    for (int k = 0; k < K; ++k) items += size(k);
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
       int64_t first = 0;
       for (int k = 0; k < K && first < end; ++k) {
-        if (!active(k)) continue;
-        const int64_t M = states[k].lattice.M;
-        const int64_t b = std::max(begin, first), e = std::min(end, first + M);
+        const int64_t n = size(k);
+        const int64_t b = std::max(begin, first), e = std::min(end, first + n);
         if (b < e) fn(k, b - first, e - first);
-        first += M;
+        first += n;
       }
     });
   };
   std::vector<char> single(K);
-  for (int k = 0; k < K; ++k) {
-    single[k] = states[k].buffers.take_single_splat();
-    src[k] = states[k].buffers.x.data;
-  }
-  for_rows([](int) { return true; },
-           [&](int k, int64_t b, int64_t e) { states[k].buffers.gather_rows(single[k], b, e); });
+  for (int k = 0; k < K; ++k) single[k] = states[k].buffers.take_single_splat();
+  for_items([&](int k) { return states[k].lattice.M; },
+            [&](int k, int64_t b, int64_t e) { states[k].buffers.gather_rows(states[k].lattice, single[k], b, e); });
+  // Direction j of every kernel that has one (kernel k's j-th, or with reverse its (d - j)-th).
+  auto direction = [&](int k, int j) { return reverse ? states[k].lattice.d - j : j; };
   for (int j = 0; j < directions; ++j) {
-    auto active = [&](int k) { return states[k].lattice.d >= j; };
-    for_rows(active, [&](int k, int64_t b, int64_t e) {
-      const Lattice& lat = states[k].lattice;
-      const int direction = reverse ? lat.d - j : j;
-      run_blur_rows(src[k], dst[k], lat.neighbours.data + int64_t(direction) * lat.M * 2,
-                    int(states[k].buffers.lanes), b, e);
-    });
-    for (int k = 0; k < K; ++k) {
-      if (active(k)) std::swap(src[k], dst[k]);
-    }
+    for_items([&](int k) { return states[k].lattice.d >= j ? chain_count(states[k].lattice, direction(k, j)) : 0; },
+              [&](int k, int64_t b, int64_t e) {
+                blur_direction(states[k].lattice, direction(k, j), states[k].buffers.x.data,
+                               int(states[k].buffers.lanes), b, e);
+              });
   }
-  for (int k = 0; k < K; ++k) sliced[k] = src[k];
+  for (int k = 0; k < K; ++k) sliced[k] = states[k].buffers.x.data;
 }
 
 // The kernels of image b: the prototype's with that image's feature planes (batch 1 features are
@@ -1798,6 +1889,59 @@ FASTSEG_TARGET_AVX2 int64_t pack_rows_avx2(const float* planes, int64_t N, int L
 }
 #endif
 
+FASTSEG_ALWAYS_INLINE void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Runs phases 0 .. phases - 1 in order, phase p being share_count(p) independent shares
+// run_share(p, s), in one parallel region: every thread takes the next share of the current phase
+// until there is none, then waits (spinning, then yielding) until all of the phase's shares are
+// done. Mean field is 2 + d + 1 phases per iteration, most of them a fraction of a millisecond;
+// as one parallel region each, on this project's 2-core VM a team woken up for every phase
+// sometimes (whole processes at a time) spent 3x as long in the blur as its work takes.
+// Deadlock-free with any number of threads (one thread runs every share itself); the first
+// exception stops the remaining work and is rethrown.
+template <typename ShareCount, typename RunShare>
+void run_phases(int64_t phases, ShareCount&& share_count, RunShare&& run_share) {
+  struct alignas(64) Counter {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  std::vector<Counter> counters(size_t(std::max<int64_t>(phases, 1)));
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_lock;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t p = 0; p < phases; ++p) {
+      const int64_t n = share_count(p);
+      Counter& c = counters[size_t(p)];
+      for (int64_t s; (s = c.next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+        if (!failed.load(std::memory_order_relaxed)) {
+          try {
+            run_share(p, s);
+          } catch (...) {
+            std::lock_guard<std::mutex> lock(error_lock);
+            if (!error) error = std::current_exception();
+            failed = true;
+          }
+        }
+        c.done.fetch_add(1, std::memory_order_release);
+      }
+      for (int spin = 0; c.done.load(std::memory_order_acquire) < n; ++spin) {
+        if (spin < 4096) {
+          cpu_relax();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+    }
+  });
+  if (error) std::rethrow_exception(error);
+}
+
 // Mean field on prepared kernels. Writes the last Q to out or, with out_stride > 0, every Q_t
 // (t = 0 .. iterations) to out + t * out_stride.
 void run_mean_field(const float* unary, float unary_scale, const float* init, float* out, int64_t out_stride,
@@ -1830,32 +1974,94 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
     }
   });
 
+  // Where kernel k's pass t splats (per chunk) and where its blur of that splat lives. With several
+  // chunks: chunk c's own buffer, summed into x by the gather. With one there is nothing to sum,
+  // and the splat buffer and x trade places every iteration instead: pass t splats into
+  // own[t % 2], which the gather before pass t + 1 leaves in place as the values to blur, while it
+  // zeroes own[(t + 1) % 2] (the values pass t sliced) for pass t + 1 to splat into.
+  std::vector<std::array<float*, 2>> own(K);
+  for (int k = 0; k < K; ++k) own[k] = {states[k].buffers.splat[0].data, states[k].buffers.x.data};
+  auto splat_target = [&](int k, int64_t t) -> float* const* {
+    FilterBuffers& b = states[k].buffers;
+    return chunks > 1 ? b.splat_ptrs.data() : &own[k][t % 2];
+  };
+  auto blurred = [&](int k, int64_t t) {  // the values kernel k's gather and blur before pass t hold
+    return chunks > 1 ? states[k].buffers.x.data : own[k][(t - 1) % 2];
+  };
   std::vector<PassKernel> pass(K);
   for (int k = 0; k < K; ++k) {
     KernelState& s = states[k];
     const bool folded = specs[k].normalization == kNormalizeSymmetric;
     pass[k] = PassKernel{s.lattice.d + 1, s.lattice.offset.data,
                          folded ? s.folded_weight.data : s.lattice.weight.data, folded ? nullptr : s.pre.data,
-                         folded ? nullptr : s.post.data, s.lattice.alpha, nullptr, s.buffers.splat_ptrs.data(),
-                         specs[k].diagonal,
+                         folded ? nullptr : s.post.data, s.lattice.alpha, nullptr, nullptr, specs[k].diagonal,
                          specs[k].compat.data()};
   }
-  PassArgs args{N, L, lanes, K, pass.data(), unary_rows.data, init, nullptr, true, order};
-  // Pass t computes Q_t (pass 0: softmax(-U) or init) and splats it for the next, but the last.
-  std::vector<const float*> sliced(K);
-  for (int64_t t = 0; t <= iterations; ++t) {
-    if (t > 0) {
-      gather_and_blur_kernels(states, K, false, sliced.data());
-      for (int k = 0; k < K; ++k) pass[k].sliced = sliced[k];
-    }
-    args.splat = t < iterations;
-    args.out = out_stride > 0 ? out + t * out_stride : t == iterations ? out : nullptr;
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        run_pixel_pass(args, c, chunk_begin(N, chunks, c), chunk_begin(N, chunks, c + 1));
+
+  // The schedule: pass 0, then per iteration t = 1 .. T the gather, the blur's directions and pass
+  // t. Pass t computes Q_t (pass 0: softmax(-U) or init) and splats it for the next, but the last.
+  // The gather and blur phases do every kernel side by side, their rows (or chain entries) laid
+  // end to end and cut into `shares` equal parts.
+  int directions = 0;
+  for (int k = 0; k < K; ++k) directions = std::max(directions, states[k].lattice.d + 1);
+  const int64_t per_iteration = 2 + directions;
+  const int64_t phases = 1 + iterations * per_iteration;
+  const int64_t shares = std::max<int64_t>(1, 2 * int64_t(at::get_num_threads()));
+  auto phase_of = [&](int64_t p, int64_t& t, int64_t& step) {  // step 0: gather, 1 + j: blur j, last: pass
+    t = p == 0 ? 0 : (p - 1) / per_iteration + 1;
+    step = p == 0 ? per_iteration - 1 : (p - 1) % per_iteration;
+  };
+  auto direction = [&](int k, int64_t j) { return states[k].lattice.d >= j ? int(j) : -1; };
+  auto items = [&](int k, int64_t step) -> int64_t {
+    if (step == 0) return states[k].lattice.M;
+    const int j = direction(k, step - 1);
+    return j < 0 ? 0 : chain_count(states[k].lattice, j);
+  };
+  auto share_count = [&](int64_t p) -> int64_t {
+    int64_t t, step;
+    phase_of(p, t, step);
+    return step == per_iteration - 1 ? chunks : shares;
+  };
+  auto run_share = [&](int64_t p, int64_t share) {
+    int64_t t, step;
+    phase_of(p, t, step);
+    if (step == per_iteration - 1) {
+      std::vector<PassKernel> kernels(pass);
+      for (int k = 0; k < K; ++k) {
+        kernels[k] = pass[k];
+        kernels[k].sliced = t > 0 ? blurred(k, t) : nullptr;
+        kernels[k].splat = splat_target(k, t);
       }
-    });
-    args.init = nullptr;
+      PassArgs args{N, L, lanes, K, kernels.data(), unary_rows.data, t == 0 ? init : nullptr,
+                    out_stride > 0 ? out + t * out_stride : t == iterations ? out : nullptr, t < iterations, order};
+      run_pixel_pass(args, share, chunk_begin(N, chunks, share), chunk_begin(N, chunks, share + 1));
+      return;
+    }
+    int64_t total = 0;
+    for (int k = 0; k < K; ++k) total += items(k, step);
+    const int64_t begin = total * share / shares, end = total * (share + 1) / shares;
+    int64_t first = 0;
+    for (int k = 0; k < K && first < end; ++k) {
+      const int64_t n = items(k, step);
+      const int64_t b = std::max(begin, first) - first, e = std::min(end, first + n) - first;
+      first += n;
+      if (b >= e) continue;
+      FilterBuffers& buf = states[k].buffers;
+      const Lattice& lat = states[k].lattice;
+      if (step > 0) {
+        blur_direction(lat, direction(k, step - 1), blurred(k, t), int(buf.lanes), b, e);
+      } else if (chunks > 1) {
+        run_gather_rows(buf.splat_ptrs.data(), chunks, lat.touched.data, lat.touched_words, buf.x.data,
+                        int(buf.lanes), b, e);
+      } else {
+        std::fill(own[k][t % 2] + b * buf.lanes, own[k][t % 2] + e * buf.lanes, 0.0f);
+      }
+    }
+  };
+  run_phases(phases, share_count, run_share);
+  if (chunks == 1 && iterations % 2 == 1) {
+    // The last gather zeroed own[1], x: trade back, so that splat buffers are zero between uses.
+    for (int k = 0; k < K; ++k) states[k].buffers.take_single_splat();
   }
 }
 
