@@ -377,10 +377,11 @@ def test_threads_do_not_change_the_result():
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 def test_cpp_schedule_any_thread_count():
     # The C++ mean field runs as phases (pass, gather, one per blur direction) whose shares go to
-    # whichever threads arrive, blurs in place along chains, and must leave its splat buffers zero
-    # (odd and even iteration counts end with different buffers in place; one chunk and several
-    # take different paths): every thread count, oversubscribed ones too, against the reference,
-    # and the same call again (after one of another size) bit for bit.
+    # whichever threads arrive, and must leave its splat buffers zero (with one pixel chunk the
+    # splat and blur buffers trade places every iteration, so odd and even iteration counts end
+    # differently; several chunks gather only where each chunk splatted): every thread count,
+    # oversubscribed ones too, against the reference, and the same call again (after one of
+    # another size) bit for bit.
     L = 5
     big = (120, 110)  # 13200 pixels: up to 3 pixel chunks
     small = (20, 30)  # one chunk

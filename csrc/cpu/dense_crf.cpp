@@ -14,7 +14,9 @@
 //  * One pass over the pixels per iteration does everything per pixel: slice every kernel, apply
 //    the compatibilities, add the unary, exp-and-normalise, and splat the new Q into this thread's
 //    own splat buffer (no atomics; Q itself is never stored until the last iteration). Between
-//    passes the buffers are summed and blurred, in parallel over lattice points.
+//    passes the buffers are summed (each lattice point over the chunks that touch it) and blurred,
+//    in parallel over lattice points. All passes, sums and blur directions of a call run in one
+//    parallel region, as phases shared out to its threads (run_phases).
 //  * The passes visit the pixels in 32x32 tiles (tile_order): a pixel's index inside the pass and
 //    the lattice is its position in that order, translated back only to read and write planes.
 //  * All buffers are allocated before the first iteration.
@@ -237,11 +239,6 @@ struct Lattice {
   Buffer<int32_t> offset;      // N x (d+1)
   Buffer<float> weight;        // N x (d+1)
   Buffer<int32_t> neighbours;  // (d+1) x M x 2
-  // The blur's walk: per direction j, chains[chain_begin[j], chain_begin[j + 1]) lists the points
-  // that have a neighbour along j, chain by chain (minus to plus), each chain's last point tagged
-  // with kChainEnd. A point with no neighbour along j is in no chain: the blur leaves it as it is.
-  Buffer<uint32_t> chains;
-  std::vector<int64_t> chain_begin;  // d+2
   // Which of the `chunks` pixel chunks (the passes' split of the pixels) splat into which points:
   // chunk c's bitmap of M bits at touched[c * touched_words]. Most points have one chunk, so the
   // gather reads and re-zeroes one splat buffer per point instead of all of them.
@@ -255,8 +252,6 @@ struct Lattice {
   Buffer<uint32_t> entries;  // (pixel, vertex) entries binned by owner
   std::vector<KeyTable> tables;
 };
-
-constexpr uint32_t kChainEnd = 0x80000000u;  // points are numbered below 2^30 (KeyTable::insert)
 
 // Locates feature vector f (d values, stride `stride`) in the lattice (Adams et al. 2010, section
 // 3.1): rem0 is the remainder-0 point the simplex is built from, rank the order of the residuals,
@@ -688,40 +683,6 @@ void find_neighbours(Lattice& lat, const std::vector<KeyTable>& tables, const st
   FASTSEG_FEATURES_SWITCH(lat.d, find_neighbours_d, lat, tables, base, owners)
 }
 
-// Step 5 of build_lattice: lat.chains from lat.neighbours. Along one direction the neighbour links
-// form chains (the keys step by a fixed vector, so there are no cycles); the blur walks each chain
-// minus to plus and so can work in place, reading every point once. Listed by first point, in
-// number order, whatever the number of parts.
-void link_chains(Lattice& lat) {
-  const int64_t M = lat.M;
-  const int d1 = lat.d + 1;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(64, M / 8192));
-  std::vector<std::vector<uint32_t>> found(size_t(parts * d1));
-  at::parallel_for(0, parts * d1, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      const int64_t j = t / parts, c = t % parts;
-      const int32_t* nb = lat.neighbours.data + j * M * 2;
-      std::vector<uint32_t>& out = found[size_t(t)];
-      for (int64_t m = M * c / parts; m < M * (c + 1) / parts; ++m) {
-        if (nb[2 * m] != M || nb[2 * m + 1] == M) continue;  // not a chain's first point, or alone
-        int64_t p = m;
-        for (; nb[2 * p + 1] != M; p = nb[2 * p + 1]) out.push_back(uint32_t(p));
-        out.push_back(uint32_t(p) | kChainEnd);
-      }
-    }
-  });
-  std::vector<int64_t> at(size_t(parts * d1) + 1, 0);
-  for (int64_t t = 0; t < parts * d1; ++t) at[t + 1] = at[t] + int64_t(found[size_t(t)].size());
-  lat.chains.resize(std::max<int64_t>(1, at.back()));
-  lat.chain_begin.resize(d1 + 1);
-  for (int j = 0; j <= d1; ++j) lat.chain_begin[j] = at[size_t(j * parts)];
-  at::parallel_for(0, parts * d1, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      std::copy(found[size_t(t)].begin(), found[size_t(t)].end(), lat.chains.data + at[size_t(t)]);
-    }
-  });
-}
-
 // lat.touched for the passes' split of the pixels into `chunks`, sized and cleared.
 void clear_chunk_marks(Lattice& lat, int64_t chunks) {
   lat.chunks = chunks;
@@ -874,12 +835,12 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
   const int64_t M = base[owners];
   TORCH_CHECK(M < INT32_MAX, "dense_crf: the lattice has ", M, " points, more than int32 holds");
   lat.M = M;
-  // 4. Blur neighbours along each of the d+1 directions, and the chains they form.
+  // 4. Blur neighbours along each of the d+1 directions.
   lat.neighbours.resize(int64_t(d1) * M * 2);
   find_neighbours(lat, tables, base, owners);
-  link_chains(lat);
-  if (owners == 1) {  // one table numbered every point: mark them chunk by chunk
+  if (owners == 1) {  // one table numbered every point: mark them chunk by chunk (one chunk: unused)
     clear_chunk_marks(lat, chunks);
+    if (chunks == 1) return;
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         for (int64_t e = N * c / chunks * d1; e < N * (c + 1) / chunks * d1; ++e) mark_chunk(lat, c, lat.offset.data[e]);
@@ -1403,34 +1364,22 @@ FASTSEG_ALWAYS_INLINE void gather_rows(float* const* parts, int64_t nparts, cons
   }
 }
 
-// One blur direction, in place, on the chains (n entries) that start in chain[begin, end) (the last one is
-// finished past end): x[m] += (x[minus] + x[plus]) / 2 with the old values, a missing neighbour
-// reading 0. Walking a chain, the minus neighbour's old value is the copy kept from the step
-// before and the plus neighbour's is still in x, so each point is read and written once, where
-// a ping-pong blur reads three rows and writes a fourth. `zero` is a row of zeros.
+// Lattice rows [m0, m1) of one blur direction: dst = src + (src[n1] + src[n2]) / 2.
 template <int LP>
-FASTSEG_ALWAYS_INLINE void blur_chains(float* x, const float* zero, const uint32_t* chain, int64_t n,
-                                       int runtime_lanes, int64_t begin, int64_t end, float* scratch) {
+FASTSEG_ALWAYS_INLINE void blur_rows(const float* src, float* dst, const int32_t* neighbours,
+                                     int runtime_lanes, int64_t m0, int64_t m1) {
   const int lanes = LP > 0 ? LP : runtime_lanes;
   constexpr int64_t kAhead = 8;
-  alignas(64) float fixed[LP > 0 ? LP : 1];
-  float* old = LP > 0 ? fixed : scratch;  // the previous point's value before this step
-  int64_t i = begin;
-  while (i < end && i > 0 && !(chain[i - 1] & kChainEnd)) ++i;  // a chain that started before begin
-  bool first = true;
-  for (; i < end || !first; ++i) {
-    if (first) std::fill(old, old + lanes, 0.0f);
-    const uint32_t m = chain[i] & ~kChainEnd;
-    const bool last = chain[i] & kChainEnd;
-    float* c = x + int64_t(m) * lanes;
-    const float* b = last ? zero : x + int64_t(chain[i + 1] & ~kChainEnd) * lanes;
-    if (i + kAhead < n) prefetch_row(x + int64_t(chain[i + kAhead] & ~kChainEnd) * lanes, lanes);
-    for (int l = 0; l < lanes; ++l) {
-      const float o = c[l];
-      c[l] = o + 0.5f * (old[l] + b[l]);
-      old[l] = o;
+  for (int64_t m = m0; m < m1; ++m) {
+    if (m + kAhead < m1) {
+      prefetch_row(src + int64_t(neighbours[2 * (m + kAhead)]) * lanes, lanes);
+      prefetch_row(src + int64_t(neighbours[2 * (m + kAhead) + 1]) * lanes, lanes);
     }
-    first = last;
+    const float* a = src + int64_t(neighbours[2 * m]) * lanes;
+    const float* b = src + int64_t(neighbours[2 * m + 1]) * lanes;
+    const float* c = src + m * lanes;
+    float* out = dst + m * lanes;
+    for (int l = 0; l < lanes; ++l) out[l] = c[l] + 0.5f * (a[l] + b[l]);
   }
 }
 
@@ -1510,7 +1459,7 @@ FASTSEG_ALWAYS_INLINE void splat_pixels(const Lattice& lat, const float* values,
 #define run_pixel_pass_impl pixel_pass
 #define run_reverse_pass_impl reverse_pass
 #define run_gather_rows_impl gather_rows
-#define run_blur_chains_impl blur_chains
+#define run_blur_rows_impl blur_rows
 #define run_slice_pixels_impl slice_pixels
 #define run_splat_pixels_impl splat_pixels
 FASTSEG_DISPATCHED(run_pixel_pass, (const PassArgs& a, int64_t chunk, int64_t p0, int64_t p1),
@@ -1521,10 +1470,9 @@ FASTSEG_DISPATCHED(run_gather_rows,
                    (float* const* parts, int64_t nparts, const uint64_t* touched, int64_t words, float* dst,
                     int lanes, int64_t m0, int64_t m1),
                    lanes, parts, nparts, touched, words, dst, lanes, m0, m1)
-FASTSEG_DISPATCHED(run_blur_chains,
-                   (float* x, const float* zero, const uint32_t* chain, int64_t n, int lanes, int64_t begin,
-                    int64_t end, float* scratch),
-                   lanes, x, zero, chain, n, lanes, begin, end, scratch)
+FASTSEG_DISPATCHED(run_blur_rows,
+                   (const float* src, float* dst, const int32_t* nb, int lanes, int64_t m0, int64_t m1),
+                   lanes, src, dst, nb, lanes, m0, m1)
 FASTSEG_DISPATCHED(run_slice_pixels,
                    (const Lattice& lat, const float* sliced, const float* post, int lanes, int C,
                     float* out, int64_t p0, int64_t p1),
@@ -1536,14 +1484,9 @@ FASTSEG_DISPATCHED(run_splat_pixels,
 
 // --- filtering with one lattice -----------------------------------------------------------------
 
-int64_t chain_count(const Lattice& lat, int j) { return lat.chain_begin[j + 1] - lat.chain_begin[j]; }
-
-// Direction j of the blur of x ((M+1) x lanes, row M zero), in place, on the chains starting in
-// entries [begin, end) of that direction's list.
-void blur_direction(const Lattice& lat, int j, float* x, int lanes, int64_t begin, int64_t end) {
-  std::vector<float> scratch(lanes);  // used by row widths without their own instantiation
-  run_blur_chains(x, x + lat.M * lanes, lat.chains.data + lat.chain_begin[j], chain_count(lat, j), lanes, begin,
-                  end, scratch.data());
+// Rows [m0, m1) of direction j of the blur, src to dst ((M+1) x lanes each, row M zero).
+void blur_direction(const Lattice& lat, int j, const float* src, float* dst, int lanes, int64_t m0, int64_t m1) {
+  run_blur_rows(src, dst, lat.neighbours.data + int64_t(j) * lat.M * 2, lanes, m0, m1);
 }
 
 // The splat buffers and blur buffers of one lattice at one row width.
@@ -1551,7 +1494,7 @@ struct FilterBuffers {
   int64_t lanes = 0, chunks = 0;
   std::vector<Buffer<float>> splat;  // per chunk, (M+1) x lanes, kept zero between uses
   std::vector<float*> splat_ptrs;
-  Buffer<float> x;                   // the blur's values, (M+1) x lanes, row M zero
+  Buffer<float> x, y;                // blur ping-pong, (M+1) x lanes, row M zero
 
   void allocate(const Lattice& lat, int64_t lanes_, int64_t chunks_) {
     // The gather reads the chunks' splats where lat.touched says they wrote.
@@ -1567,14 +1510,16 @@ struct FilterBuffers {
       splat_ptrs[c] = splat[c].data;
     }
     x.resize(n);
+    y.resize(n);
     at::parallel_for(0, lat.M + 1, 8192, [&](int64_t begin, int64_t end) {
       for (int64_t c = 0; c < chunks; ++c) {
         std::fill(splat[c].data + begin * lanes, splat[c].data + end * lanes, 0.0f);
       }
     });
-    // Of x only the zero row: every other row is written by the gather before it is read, and
-    // with one chunk x is zeroed before it becomes a splat buffer.
+    // Of x and y only the zero row: every other row is written (by the gather, or by the blur)
+    // before it is read, and with one chunk x is zeroed before it becomes a splat buffer.
     std::fill(x.data + lat.M * lanes, x.data + n, 0.0f);
+    std::fill(y.data + lat.M * lanes, y.data + n, 0.0f);
   }
 
   // With one chunk there is nothing to sum: its splat buffer becomes the blur's source and the
@@ -1605,13 +1550,14 @@ struct FilterBuffers {
     const int64_t grain = std::max<int64_t>(256, 65536 / lanes);
     const bool single = take_single_splat();
     at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) { gather_rows(lat, single, begin, end); });
+    float* src = x.data;
+    float* dst = y.data;
     for (int i = 0; i <= lat.d; ++i) {
       const int j = reverse ? lat.d - i : i;
-      at::parallel_for(0, chain_count(lat, j), grain, [&](int64_t begin, int64_t end) {
-        blur_direction(lat, j, x.data, l, begin, end);
-      });
+      at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) { blur_direction(lat, j, src, dst, l, begin, end); });
+      std::swap(src, dst);
     }
-    return x.data;
+    return src;
   }
 };
 
@@ -1787,15 +1733,22 @@ void gather_and_blur_kernels(std::vector<KernelState>& states, int K, bool rever
   for_items([&](int k) { return states[k].lattice.M; },
             [&](int k, int64_t b, int64_t e) { states[k].buffers.gather_rows(states[k].lattice, single[k], b, e); });
   // Direction j of every kernel that has one (kernel k's j-th, or with reverse its (d - j)-th).
-  auto direction = [&](int k, int j) { return reverse ? states[k].lattice.d - j : j; };
-  for (int j = 0; j < directions; ++j) {
-    for_items([&](int k) { return states[k].lattice.d >= j ? chain_count(states[k].lattice, direction(k, j)) : 0; },
-              [&](int k, int64_t b, int64_t e) {
-                blur_direction(states[k].lattice, direction(k, j), states[k].buffers.x.data,
-                               int(states[k].buffers.lanes), b, e);
-              });
+  std::vector<float*> src(K), dst(K);
+  for (int k = 0; k < K; ++k) {
+    src[k] = states[k].buffers.x.data;
+    dst[k] = states[k].buffers.y.data;
   }
-  for (int k = 0; k < K; ++k) sliced[k] = states[k].buffers.x.data;
+  for (int j = 0; j < directions; ++j) {
+    auto active = [&](int k) { return states[k].lattice.d >= j; };
+    for_items([&](int k) { return active(k) ? states[k].lattice.M : 0; }, [&](int k, int64_t b, int64_t e) {
+      const Lattice& lat = states[k].lattice;
+      blur_direction(lat, reverse ? lat.d - j : j, src[k], dst[k], int(states[k].buffers.lanes), b, e);
+    });
+    for (int k = 0; k < K; ++k) {
+      if (active(k)) std::swap(src[k], dst[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) sliced[k] = src[k];
 }
 
 // The kernels of image b: the prototype's with that image's feature planes (batch 1 features are
@@ -1900,10 +1853,10 @@ FASTSEG_ALWAYS_INLINE void cpu_relax() {
 // Runs phases 0 .. phases - 1 in order, phase p being share_count(p) independent shares
 // run_share(p, s), in one parallel region: every thread takes the next share of the current phase
 // until there is none, then waits (spinning, then yielding) until all of the phase's shares are
-// done. Mean field is 2 + d + 1 phases per iteration, most of them a fraction of a millisecond;
-// as one parallel region each, on this project's 2-core VM a team woken up for every phase
-// sometimes (whole processes at a time) spent 3x as long in the blur as its work takes.
-// Deadlock-free with any number of threads (one thread runs every share itself); the first
+// done. Mean field is 2 + d + 1 phases per iteration, most of them a fraction of a millisecond; as
+// one parallel region each (8 per iteration with the two default kernels) the team's fork, join
+// and wake-ups cost about 5% of a 500x375, 10-iteration call on this project's 2-core VM, 8-10%
+// under OMP_WAIT_POLICY=PASSIVE (benchmarks/RESULTS.md). Deadlock-free with any number of threads (one thread runs every share itself); the first
 // exception stops the remaining work and is rethrown.
 template <typename ShareCount, typename RunShare>
 void run_phases(int64_t phases, ShareCount&& share_count, RunShare&& run_share) {
@@ -1974,20 +1927,23 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
     }
   });
 
-  // Where kernel k's pass t splats (per chunk) and where its blur of that splat lives. With several
-  // chunks: chunk c's own buffer, summed into x by the gather. With one there is nothing to sum,
-  // and the splat buffer and x trade places every iteration instead: pass t splats into
-  // own[t % 2], which the gather before pass t + 1 leaves in place as the values to blur, while it
-  // zeroes own[(t + 1) % 2] (the values pass t sliced) for pass t + 1 to splat into.
+  // Where kernel k's pass t splats (per chunk) and where the gather before pass t + 1 leaves the
+  // values to blur. With several chunks: chunk c's own buffer, summed into x by the gather. With
+  // one there is nothing to sum, and the splat buffer and x trade places every iteration instead:
+  // pass t splats into own[t % 2], which the gather before pass t + 1 leaves in place, while it
+  // zeroes own[(t + 1) % 2] (which pass t's slice read from or the blur used) for pass t + 1.
   std::vector<std::array<float*, 2>> own(K);
   for (int k = 0; k < K; ++k) own[k] = {states[k].buffers.splat[0].data, states[k].buffers.x.data};
   auto splat_target = [&](int k, int64_t t) -> float* const* {
     FilterBuffers& b = states[k].buffers;
     return chunks > 1 ? b.splat_ptrs.data() : &own[k][t % 2];
   };
-  auto blurred = [&](int k, int64_t t) {  // the values kernel k's gather and blur before pass t hold
+  auto gathered = [&](int k, int64_t t) {  // where the gather before pass t leaves kernel k's values
     return chunks > 1 ? states[k].buffers.x.data : own[k][(t - 1) % 2];
   };
+  // The blur ping-pongs between those and y: direction j reads the one and writes the other.
+  auto blur_buffer = [&](int k, int64_t t, int64_t j) { return j % 2 == 0 ? gathered(k, t) : states[k].buffers.y.data; };
+  auto blurred = [&](int k, int64_t t) { return blur_buffer(k, t, states[k].lattice.d + 1); };
   std::vector<PassKernel> pass(K);
   for (int k = 0; k < K; ++k) {
     KernelState& s = states[k];
@@ -2000,8 +1956,8 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
 
   // The schedule: pass 0, then per iteration t = 1 .. T the gather, the blur's directions and pass
   // t. Pass t computes Q_t (pass 0: softmax(-U) or init) and splats it for the next, but the last.
-  // The gather and blur phases do every kernel side by side, their rows (or chain entries) laid
-  // end to end and cut into `shares` equal parts.
+  // The gather and blur phases do every kernel side by side, their rows laid end to end and cut
+  // into `shares` equal parts.
   int directions = 0;
   for (int k = 0; k < K; ++k) directions = std::max(directions, states[k].lattice.d + 1);
   const int64_t per_iteration = 2 + directions;
@@ -2012,10 +1968,8 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
     step = p == 0 ? per_iteration - 1 : (p - 1) % per_iteration;
   };
   auto direction = [&](int k, int64_t j) { return states[k].lattice.d >= j ? int(j) : -1; };
-  auto items = [&](int k, int64_t step) -> int64_t {
-    if (step == 0) return states[k].lattice.M;
-    const int j = direction(k, step - 1);
-    return j < 0 ? 0 : chain_count(states[k].lattice, j);
+  auto items = [&](int k, int64_t step) -> int64_t {  // rows of kernel k in a gather or blur step
+    return step == 0 || direction(k, step - 1) >= 0 ? states[k].lattice.M : 0;
   };
   auto share_count = [&](int64_t p) -> int64_t {
     int64_t t, step;
@@ -2028,7 +1982,6 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
     if (step == per_iteration - 1) {
       std::vector<PassKernel> kernels(pass);
       for (int k = 0; k < K; ++k) {
-        kernels[k] = pass[k];
         kernels[k].sliced = t > 0 ? blurred(k, t) : nullptr;
         kernels[k].splat = splat_target(k, t);
       }
@@ -2049,7 +2002,8 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
       FilterBuffers& buf = states[k].buffers;
       const Lattice& lat = states[k].lattice;
       if (step > 0) {
-        blur_direction(lat, direction(k, step - 1), blurred(k, t), int(buf.lanes), b, e);
+        const int j = direction(k, step - 1);
+        blur_direction(lat, j, blur_buffer(k, t, j), blur_buffer(k, t, j + 1), int(buf.lanes), b, e);
       } else if (chunks > 1) {
         run_gather_rows(buf.splat_ptrs.data(), chunks, lat.touched.data, lat.touched_words, buf.x.data,
                         int(buf.lanes), b, e);
