@@ -843,7 +843,9 @@ void build_lattice(Lattice& lat, const float* features, int64_t stride, int d, i
     if (chunks == 1) return;
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
-        for (int64_t e = N * c / chunks * d1; e < N * (c + 1) / chunks * d1; ++e) mark_chunk(lat, c, lat.offset.data[e]);
+        for (int64_t e = N * c / chunks * d1; e < N * (c + 1) / chunks * d1; ++e) {
+          mark_chunk(lat, c, lat.offset.data[e]);
+        }
       }
     });
   }
@@ -1554,7 +1556,8 @@ struct FilterBuffers {
     float* dst = y.data;
     for (int i = 0; i <= lat.d; ++i) {
       const int j = reverse ? lat.d - i : i;
-      at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) { blur_direction(lat, j, src, dst, l, begin, end); });
+      at::parallel_for(0, M, grain,
+                       [&](int64_t begin, int64_t end) { blur_direction(lat, j, src, dst, l, begin, end); });
       std::swap(src, dst);
     }
     return src;
@@ -1701,6 +1704,19 @@ Workspace& thread_workspace() {
 // Large images would pin their (large) workspace for the rest of the process.
 constexpr int64_t kKeepWorkspacePixels = int64_t(4) << 20;
 
+// fn(k, b, e) for the part [b, e) of kernel k's items that falls in [begin, end), the K kernels'
+// size(k) items laid end to end (how the gather and blur share out several kernels' rows).
+template <typename Size, typename Fn>
+void split_over_kernels(int K, Size&& size, int64_t begin, int64_t end, Fn&& fn) {
+  int64_t first = 0;
+  for (int k = 0; k < K && first < end; ++k) {
+    const int64_t n = size(k);
+    const int64_t b = std::max(begin, first), e = std::min(end, first + n);
+    if (b < e) fn(k, b - first, e - first);
+    first += n;
+  }
+}
+
 // gather_and_blur of every kernel, the kernels side by side in each parallel region (one region
 // for the gathers, one per blur direction): fewer OpenMP barriers than one kernel at a time, and
 // on a loaded machine every barrier can be a wait for a preempted thread.
@@ -1709,38 +1725,31 @@ constexpr int64_t kKeepWorkspacePixels = int64_t(4) << 20;
 void gather_and_blur_kernels(std::vector<KernelState>& states, int K, bool reverse, const float** sliced) {
   int64_t lanes = 1;
   int directions = 0;
+  std::vector<float*> src(K), dst(K);
   for (int k = 0; k < K; ++k) {
     lanes = std::max(lanes, states[k].buffers.lanes);
     directions = std::max(directions, states[k].lattice.d + 1);
-  }
-  const int64_t grain = std::max<int64_t>(256, 65536 / lanes);
-  // fn(k, b, e) over items [b, e) of kernel k, the kernels' size(k) items laid end to end.
-  auto for_items = [&](auto&& size, auto&& fn) {
-    int64_t items = 0;
-    for (int k = 0; k < K; ++k) items += size(k);
-    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-      int64_t first = 0;
-      for (int k = 0; k < K && first < end; ++k) {
-        const int64_t n = size(k);
-        const int64_t b = std::max(begin, first), e = std::min(end, first + n);
-        if (b < e) fn(k, b - first, e - first);
-        first += n;
-      }
-    });
-  };
-  std::vector<char> single(K);
-  for (int k = 0; k < K; ++k) single[k] = states[k].buffers.take_single_splat();
-  for_items([&](int k) { return states[k].lattice.M; },
-            [&](int k, int64_t b, int64_t e) { states[k].buffers.gather_rows(states[k].lattice, single[k], b, e); });
-  // Direction j of every kernel that has one (kernel k's j-th, or with reverse its (d - j)-th).
-  std::vector<float*> src(K), dst(K);
-  for (int k = 0; k < K; ++k) {
     src[k] = states[k].buffers.x.data;
     dst[k] = states[k].buffers.y.data;
   }
+  const int64_t grain = std::max<int64_t>(256, 65536 / lanes);
+  // fn(k, b, e) over rows [begin, end) of the active kernels' rows laid end to end.
+  auto for_rows = [&](auto&& active, auto&& fn) {
+    auto rows = [&](int k) { return active(k) ? states[k].lattice.M : int64_t(0); };
+    int64_t total = 0;
+    for (int k = 0; k < K; ++k) total += rows(k);
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) { split_over_kernels(K, rows, begin, end, fn); });
+  };
+  std::vector<char> single(K);
+  for (int k = 0; k < K; ++k) {
+    single[k] = states[k].buffers.take_single_splat();
+    src[k] = states[k].buffers.x.data;
+  }
+  for_rows([](int) { return true; },
+           [&](int k, int64_t b, int64_t e) { states[k].buffers.gather_rows(states[k].lattice, single[k], b, e); });
   for (int j = 0; j < directions; ++j) {
     auto active = [&](int k) { return states[k].lattice.d >= j; };
-    for_items([&](int k) { return active(k) ? states[k].lattice.M : 0; }, [&](int k, int64_t b, int64_t e) {
+    for_rows(active, [&](int k, int64_t b, int64_t e) {
       const Lattice& lat = states[k].lattice;
       blur_direction(lat, reverse ? lat.d - j : j, src[k], dst[k], int(states[k].buffers.lanes), b, e);
     });
@@ -1856,8 +1865,9 @@ FASTSEG_ALWAYS_INLINE void cpu_relax() {
 // done. Mean field is 2 + d + 1 phases per iteration, most of them a fraction of a millisecond; as
 // one parallel region each (8 per iteration with the two default kernels) the team's fork, join
 // and wake-ups cost about 5% of a 500x375, 10-iteration call on this project's 2-core VM, 8-10%
-// under OMP_WAIT_POLICY=PASSIVE (benchmarks/RESULTS.md). Deadlock-free with any number of threads (one thread runs every share itself); the first
-// exception stops the remaining work and is rethrown.
+// under OMP_WAIT_POLICY=PASSIVE (benchmarks/RESULTS.md). Deadlock-free with any number of threads
+// (one thread runs every share itself); the first exception stops the remaining work and is
+// rethrown.
 template <typename ShareCount, typename RunShare>
 void run_phases(int64_t phases, ShareCount&& share_count, RunShare&& run_share) {
   struct alignas(64) Counter {
@@ -1942,7 +1952,9 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
     return chunks > 1 ? states[k].buffers.x.data : own[k][(t - 1) % 2];
   };
   // The blur ping-pongs between those and y: direction j reads the one and writes the other.
-  auto blur_buffer = [&](int k, int64_t t, int64_t j) { return j % 2 == 0 ? gathered(k, t) : states[k].buffers.y.data; };
+  auto blur_buffer = [&](int k, int64_t t, int64_t j) {
+    return j % 2 == 0 ? gathered(k, t) : states[k].buffers.y.data;
+  };
   auto blurred = [&](int k, int64_t t) { return blur_buffer(k, t, states[k].lattice.d + 1); };
   std::vector<PassKernel> pass(K);
   for (int k = 0; k < K; ++k) {
@@ -1990,27 +2002,20 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
       run_pixel_pass(args, share, chunk_begin(N, chunks, share), chunk_begin(N, chunks, share + 1));
       return;
     }
+    auto rows = [&](int k) { return items(k, step); };
     int64_t total = 0;
-    for (int k = 0; k < K; ++k) total += items(k, step);
-    const int64_t begin = total * share / shares, end = total * (share + 1) / shares;
-    int64_t first = 0;
-    for (int k = 0; k < K && first < end; ++k) {
-      const int64_t n = items(k, step);
-      const int64_t b = std::max(begin, first) - first, e = std::min(end, first + n) - first;
-      first += n;
-      if (b >= e) continue;
+    for (int k = 0; k < K; ++k) total += rows(k);
+    split_over_kernels(K, rows, total * share / shares, total * (share + 1) / shares, [&](int k, int64_t b, int64_t e) {
       FilterBuffers& buf = states[k].buffers;
-      const Lattice& lat = states[k].lattice;
       if (step > 0) {
         const int j = direction(k, step - 1);
-        blur_direction(lat, j, blur_buffer(k, t, j), blur_buffer(k, t, j + 1), int(buf.lanes), b, e);
+        blur_direction(states[k].lattice, j, blur_buffer(k, t, j), blur_buffer(k, t, j + 1), int(buf.lanes), b, e);
       } else if (chunks > 1) {
-        run_gather_rows(buf.splat_ptrs.data(), chunks, lat.touched.data, lat.touched_words, buf.x.data,
-                        int(buf.lanes), b, e);
+        buf.gather_rows(states[k].lattice, /*single=*/false, b, e);
       } else {
         std::fill(own[k][t % 2] + b * buf.lanes, own[k][t % 2] + e * buf.lanes, 0.0f);
       }
-    }
+    });
   };
   run_phases(phases, share_count, run_share);
   if (chunks == 1 && iterations % 2 == 1) {
