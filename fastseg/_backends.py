@@ -1,8 +1,9 @@
 """Which backends exist on this install, and which one an op call runs on.
 
 Backends: ``reference`` (plain PyTorch, every device, the test oracle and the fallback), ``cpp``
-(the compiled C++ kernels, CPU tensors), ``cuda`` (the compiled CUDA kernels, CUDA tensors) and
-``triton`` (Triton kernels, CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``, for tests).
+(the compiled C++ kernels, CPU tensors), ``cuda`` (the compiled CUDA kernels, CUDA tensors),
+``triton`` (Triton kernels, CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``, for tests)
+and ``cudnn`` (cuDNN's fused convolution + bias + add + ReLU through ATen, CUDA tensors).
 """
 import importlib
 import importlib.util
@@ -11,7 +12,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("reference", "cpp", "cuda", "triton")
+BACKENDS = ("reference", "cpp", "cuda", "triton", "cudnn")
 
 # Which compiled backend 'auto' tries first on each device type; 'reference' always follows.
 AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
@@ -65,15 +66,20 @@ def unavailable_reason(backend, device_type):
         if device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETED):
             return None
         return "Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1"
+    if backend == "cudnn":
+        if device_type != "cuda":
+            return "the cudnn backend runs on CUDA tensors only"
+        return None if torch.backends.cudnn.is_available() else "this torch has no cuDNN"
     raise ValueError(f"unknown backend {backend!r}")
 
 
-# Ops whose compiled GPU kernels lost to eager PyTorch (cuDNN) where measured: on CUDA tensors their
-# 'auto' is the plain-PyTorch path, and the Triton kernel is there by name (backend='triton').
-# H200, 2026-11-26 (benchmarks/RESULTS.md, "GPU"): Triton atrous_conv2d 0.24-0.89x eager conv + BN +
-# ReLU over 18 DeepLab cases (shape, dtype, layout), ASPP 0.43-0.87x, gcn_conv2d 0.18-0.99x in
-# float16, unpool_conv2d 0.20-0.44x.
-EAGER_ON_CUDA = ("atrous_conv2d", "gcn_conv2d", "unpool_conv2d")
+# 'auto' on CUDA tensors per op, where it differs from AUTO_ORDER["cuda"]: the backends to try in
+# order before 'reference'. Measured on an H200, 2026-11-26 (benchmarks/RESULTS.md, "GPU"): the
+# Triton atrous_conv2d kernel ran 0.24-0.89x eager conv + BN + ReLU over 18 DeepLab cases (shape,
+# dtype, layout), ASPP 0.43-0.87x, unpool_conv2d 0.20-0.44x, while cuDNN's own fused convolution
+# + bias + ReLU with BatchNorm folded into the weights ran 0.86-1.41x; gcn_conv2d's four Triton
+# convolutions 0.18-0.99x in float16.
+AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": (), "unpool_conv2d": ()}
 
 
 def select(op, backend, device, implemented=BACKENDS):
@@ -81,9 +87,8 @@ def select(op, backend, device, implemented=BACKENDS):
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and op in EAGER_ON_CUDA:
-            return "reference"
-        for candidate in AUTO_ORDER.get(device.type, ()):
+        order = AUTO_ON_CUDA.get(op) if device.type == "cuda" else None
+        for candidate in AUTO_ORDER.get(device.type, ()) if order is None else order:
             if candidate in implemented and unavailable_reason(candidate, device.type) is None:
                 return candidate
         return "reference"

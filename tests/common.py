@@ -13,7 +13,7 @@ def backend_params(implemented=_backends.BACKENDS, devices=("cpu", "cuda")):
     params = []
     for device in devices:
         for backend in implemented:
-            if (backend, device) in (("cpp", "cuda"), ("cuda", "cpu")):
+            if (backend, device) in (("cpp", "cuda"), ("cuda", "cpu"), ("cudnn", "cpu")):
                 continue  # never meaningful
             reason = _backends.unavailable_reason(backend, device)
             if reason is None and device == "cuda" and not torch.cuda.is_available():

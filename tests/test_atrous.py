@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fastseg
 from common import assert_relative_close, backend_params, skip_if_interpreter_lacks
 
-BACKENDS = backend_params(("reference", "cpp", "triton"))
+BACKENDS = backend_params(("reference", "cpp", "triton", "cudnn"))
 COMPILED = [p for p in BACKENDS if p.values[0] != "reference"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 LAYOUTS = ["nchw", "channels_last"]
@@ -305,7 +305,8 @@ def test_gradcheck(layout, backend, device):
 
 
 def _op_for(backend):
-    return torch.ops.fastseg.atrous_conv2d_triton if backend == "triton" else torch.ops.fastseg.atrous_conv2d
+    return {"triton": torch.ops.fastseg.atrous_conv2d_triton, "cudnn": torch.ops.fastseg.atrous_conv2d_cudnn,
+            "cpp": getattr(torch.ops.fastseg, "atrous_conv2d", None)}[backend]
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)
@@ -492,9 +493,13 @@ def test_compiled_op_checks_its_arguments():
         op(x, torch.randn(4, 1, 3, 3), None, None, None, [1, 1], [1, 1], [1, 1], 4, False, "taps")
 
 
-def test_auto_on_cuda_is_the_eager_path():
+def test_auto_on_cuda():
     # Selection only (no CUDA tensor is made): the Triton conv kernels lost to cuDNN on an H200
-    # (RESULTS.md, "GPU"), so 'auto' runs these ops in plain PyTorch on CUDA; 'triton' stays by name.
-    for op in ("atrous_conv2d", "gcn_conv2d", "unpool_conv2d"):
-        assert fastseg._backends.select(op, "auto", torch.device("cuda"), ("reference", "cpp", "triton")) == "reference"
+    # (RESULTS.md, "GPU"), so 'auto' runs atrous_conv2d through cuDNN's fused kernel on CUDA and the
+    # other convolutions in plain PyTorch; 'triton' stays by name.
+    implemented = ("reference", "cpp", "triton", "cudnn")
+    if torch.backends.cudnn.is_available():
+        assert fastseg._backends.select("atrous_conv2d", "auto", torch.device("cuda"), implemented) == "cudnn"
+    for op in ("gcn_conv2d", "unpool_conv2d"):
+        assert fastseg._backends.select(op, "auto", torch.device("cuda"), implemented) == "reference"
     assert fastseg._backends.select("dense_crf", "auto", torch.device("cuda"), ("reference", "cpp", "triton")) == "triton"

@@ -95,6 +95,47 @@ def test_matches_four_convolutions(case, dtype, layout, backend, device, poison)
         assert out.is_contiguous()
 
 
+TRITON = [p for p in BACKENDS if p.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("algorithm", ["taps", "implicit_gemm"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_triton_algorithms(case, dtype, layout, algorithm, backend, device, poison):
+    # Each GPU route by name ('auto' picks one per shape): the taps route (cuBLAS GEMMs over the
+    # channels, a Triton shift-and-add over the taps) and the implicit-GEMM kernel's four launches.
+    _skip_unsupported(backend, device, dtype, case)
+    if algorithm == "implicit_gemm" and device == "cpu":
+        pytest.skip("the implicit-GEMM route is test_matches_four_convolutions' under the interpreter")
+    pr = _problem(case)
+    cast = lambda t: t.to(device=device, dtype=dtype)
+    x = _layout(cast(pr["x"]), layout)
+    out = torch.ops.fastseg.gcn_conv2d_triton(x, *map(cast, pr["weights"]), *map(cast, pr["biases"]),
+                                              pr["dilation"], algorithm)
+    rounded = lambda t: t.to(dtype).double()
+    expected = _four_convs(rounded(pr["x"]), *map(rounded, pr["weights"]), *map(rounded, pr["biases"]), pr["dilation"])
+    assert out.shape == expected.shape and out.dtype == dtype
+    assert_relative_close(out.cpu(), expected, dtype, _tolerance(backend, dtype))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+def test_taps_route_leaves_out_taps_past_the_map():
+    # Dilation 4 on a 3-row map: every k x 1 tap but the centre lands in the padding for every
+    # pixel; the GEMM then has those taps' columns left out, and the result must not change.
+    pr = _problem((1, 3, 4, 5, 3, 9, 5, 4), seed=5)
+    taps_conv = pytest.importorskip("fastseg.kernels.taps_conv")
+    if not fastseg._backends.TRITON_INTERPRETED and not torch.cuda.is_available():
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    f = lambda t: t.float().to(device)
+    out = taps_conv.gcn_conv2d(f(pr["x"]), *map(f, pr["weights"]), *map(f, pr["biases"]), 4)
+    expected = _four_convs(pr["x"], *pr["weights"], *pr["biases"], 4)
+    assert_relative_close(out.cpu(), expected, torch.float32)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_optional_biases_and_unbatched(backend, device, poison):
     pr = _problem(CASES[5])
@@ -339,6 +380,9 @@ def test_opcheck(layout, backend, device):
     bs[0].requires_grad_()
     torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 1))
     torch.library.opcheck(_op_for(backend), (x, *ws, None, None, None, None, 2))
+    if backend == "triton":
+        torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 1, "taps"))
+        torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 2, "implicit_gemm"))
     if backend == "cpp":  # the other routes too (these shapes pick the conv route)
         torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 1, "gemm"))
         torch.library.opcheck(_op_for(backend), (x, *ws, *bs, 1, "fft"))

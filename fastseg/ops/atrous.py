@@ -15,6 +15,7 @@ with per-output-channel ``scale``/``shift`` (a folded BatchNorm) and ``act`` ReL
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backends
@@ -26,7 +27,7 @@ __all__ = ["atrous_conv2d", "atrous_output_size", "ACTIVATIONS"]
 
 OP = "atrous_conv2d"
 ACTIVATIONS = (None, "relu")
-_IMPLEMENTED = ("reference", "cpp", "triton")
+_IMPLEMENTED = ("reference", "cpp", "triton", "cudnn")
 
 
 def atrous_conv2d(
@@ -54,9 +55,9 @@ def atrous_conv2d(
         scale, shift: (O,) per-output-channel affine, or None.
         activation: None or 'relu'.
         residual: (B, O, Ho, Wo) (or (O, Ho, Wo)) added before the activation, or None.
-        backend: 'auto' (the C++ kernel on the CPU; on CUDA the plain-PyTorch path, which beat the
-            Triton kernel where measured), 'reference', 'cpp' or 'triton' (CUDA tensors; CPU tensors
-            under TRITON_INTERPRET=1).
+        backend: 'auto' (the C++ kernel on the CPU, 'cudnn' on CUDA), 'reference', 'cpp',
+            'cudnn' (CUDA tensors: ``scale`` folded into the weights, then cuDNN's fused convolution +
+            bias (+ residual) + ReLU) or 'triton' (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
     Returns:
         (B, O, Ho, Wo) with Ho = floor((H + 2 pH - dH (kH - 1) - 1) / sH) + 1 (likewise Wo), in x's
@@ -117,6 +118,8 @@ def atrous_conv2d(
         out = reference.atrous_conv2d(*args)
     elif impl == "triton":
         out = torch.ops.fastseg.atrous_conv2d_triton(*args)
+    elif impl == "cudnn":
+        out = torch.ops.fastseg.atrous_conv2d_cudnn(*args)
     else:
         # Weights that autograd will update change on every call: the CPU kernel neither keeps nor
         # looks up their Winograd transforms then.
@@ -245,5 +248,34 @@ def _atrous_conv2d_triton(
 
 
 _register("fastseg::atrous_conv2d_triton")
+
+
+@torch.library.custom_op("fastseg::atrous_conv2d_cudnn", mutates_args=())
+def _atrous_conv2d_cudnn(
+    input: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
+    stride: List[int], padding: List[int], dilation: List[int], groups: int, relu: bool,
+) -> Tensor:
+    # scale * conv(x, w) = conv(x, scale * w): with the scale in the weights, shift is the bias of
+    # cuDNN's fused convolution + bias (+ z) + ReLU (one kernel instead of eager's conv, BatchNorm
+    # and ReLU passes). The weights are folded in the input's memory format, which ATen would
+    # otherwise copy them into on every call.
+    fmt = output_memory_format(input)
+    if scale is not None:
+        folded = torch.empty_like(weight, memory_format=fmt)
+        weight = torch.mul(weight, scale.view(-1, 1, 1, 1), out=folded)
+    if relu and input.dtype != torch.float64:  # cuDNN fuses no float64 epilogue
+        if residual is None:
+            out = torch.cudnn_convolution_relu(input, weight, shift, stride, padding, dilation, groups)
+        else:
+            out = torch.cudnn_convolution_add_relu(input, weight, residual, 1.0, shift, stride, padding, dilation,
+                                                   groups)
+        return out.contiguous(memory_format=fmt)
+    out = F.conv2d(input, weight, shift, stride, padding, dilation, groups)
+    if residual is not None:
+        out = out.add_(residual)
+    return (out.relu_() if relu else out).contiguous(memory_format=fmt)
+
+
+_register("fastseg::atrous_conv2d_cudnn")
 if _backends.EXTENSION_LOADED and hasattr(torch.ops.fastseg, "atrous_conv2d"):
     _register("fastseg::atrous_conv2d")

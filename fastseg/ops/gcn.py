@@ -367,11 +367,30 @@ def _register(name):
     torch.library.register_autograd(name, _backward, setup_context=_setup_context)
 
 
+TRITON_ALGORITHMS = ("auto", "implicit_gemm", "taps")
+
+
+def triton_algorithm(Cin, Cmid, Cout, k):
+    """The GPU route 'auto' takes: 'taps' (kernels/taps_conv.py: cuBLAS GEMMs over the channels and
+    a Triton shift-and-add over the taps) while the GEMMs' per-tap products stay a few times the
+    input, else four launches of the implicit-GEMM kernel."""
+    return "taps" if 2 * k * max(Cmid, Cout) <= 4 * max(Cin, 64) else "implicit_gemm"
+
+
 @torch.library.custom_op("fastseg::gcn_conv2d_triton", mutates_args=())
 def _gcn_conv2d_triton(
     input: Tensor, w_l1: Tensor, w_l2: Tensor, w_r1: Tensor, w_r2: Tensor, b_l1: Optional[Tensor],
     b_l2: Optional[Tensor], b_r1: Optional[Tensor], b_r2: Optional[Tensor], dilation: int,
+    algorithm: str = "auto",
 ) -> Tensor:
+    if algorithm not in TRITON_ALGORITHMS:
+        raise ValueError(f"{OP}: the triton algorithm must be one of {TRITON_ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "auto":
+        algorithm = triton_algorithm(input.shape[1], w_l1.shape[0], w_l2.shape[0], w_l1.shape[2])
+    if algorithm == "taps":
+        from ..kernels import taps_conv
+
+        return taps_conv.gcn_conv2d(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation)
     # Four launches of the atrous implicit-GEMM kernel; each bias rides in its epilogue as the shift,
     # and the last one adds the left branch as its residual (the final add, fused).
     from ..kernels import atrous as kernels

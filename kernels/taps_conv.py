@@ -1,0 +1,182 @@
+"""Convolutions as one GEMM over channels, then a shift-and-add over taps ("kn2row": Vasudevan,
+Anderson & Gregg, "Parallel Multi Channel Convolution using General Matrix Multiplication",
+ASAP 2017), for CUDA tensors.
+
+A convolution out[p] = sum_t W_t x[p + s_t] (W_t the (O, C) matrix of tap t, s_t its offset, x zero
+outside the map) is computed as G = x @ [W_0^T | W_1^T | ...], a (pixels, T * O) product that
+cuBLAS runs at full width whatever O is, then out[p] = sum_t G[p + s_t, t-th block]: a pass that
+reads T * O values per output pixel. It pays where O is small (a GCN block's 21 classes, DeepLab
+v2's ASPP with one output per class), where cuDNN's kernels for such channel counts are slow and
+the product G stays small; several convolutions of one input share one GEMM (their taps side by
+side), taps that never meet the map (|offset| >= its size) are left out of the GEMM, and taps of
+equal offset are merged (the centre taps of ASPP's branches).
+
+``shift_add`` is the Triton pass; ``gcn_conv2d`` and ``conv_sum`` build the GEMMs around it.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._layout import output_memory_format
+
+_BLOCK_P, _BLOCK_O = 64, 32
+
+
+@triton.jit
+def _shift_add_kernel(
+    g_ptr, out_ptr, bias_ptr, tap_ptr,
+    HW, W, H, NP, O, T, g_slab, g_row,
+    out_sg, out_sb, out_sp, out_so,
+    HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    # Program (pixel block, channel block, output group e). Tap t of group e is the row
+    # tap_ptr[e, t] = (slab, dy, dx, column): out[e, p, o] += G[slab, p + dy * W + dx, column + o]
+    # where (y + dy, x + dx) lies in the map.
+    pid_p = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    e = tl.program_id(2)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    p_ok = p < NP
+    o_ok = o < O
+    b = p // HW
+    r = p % HW
+    y = r // W
+    x = r % W
+    acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float64 if IS_FP64 else tl.float32)
+    for t in range(T):
+        row = tap_ptr + (e * T + t) * 4
+        slab = tl.load(row)
+        dy = tl.load(row + 1)
+        dx = tl.load(row + 2)
+        column = tl.load(row + 3)
+        yy = y + dy
+        xx = x + dx
+        inside = p_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        q = (p + dy * W + dx).to(tl.int64)
+        ptrs = g_ptr + slab.to(tl.int64) * g_slab + q[:, None] * g_row + (column + o)[None, :]
+        acc += tl.load(ptrs, mask=inside[:, None] & o_ok[None, :], other=0.0).to(acc.dtype)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e * O + o, mask=o_ok, other=0.0).to(acc.dtype)[None, :]
+    out_off = e.to(tl.int64) * out_sg + (b.to(tl.int64) * out_sb + r.to(tl.int64) * out_sp)[:, None] \
+        + (o.to(tl.int64) * out_so)[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+
+
+def shift_add(g, taps, out, bias, H, W):
+    """out[e, b, :, y, x] = bias[e] + sum over group e's taps (slab, dy, dx, column) of
+    g[slab, pixel (b, y + dy, x + dx), column:column + O] (zero outside the map).
+
+    g: (S, B * H * W, row) with unit column stride; taps: (E, T, 4) int32 on g's device;
+    out: (E, B, O, H, W) in any strides; bias: (E, O) or None (float32, float64 for float64 g).
+    Sums in float32 (float64 for float64 g)."""
+    E, B, O = out.shape[:3]
+    T = taps.shape[1]
+    NP = B * H * W
+    if NP == 0 or O == 0:
+        return out
+    assert g.stride(2) == 1 and taps.shape == (E, T, 4)
+    grid = (triton.cdiv(NP, _BLOCK_P), triton.cdiv(O, _BLOCK_O), E)
+    se, sb, so, sh, sw = out.stride()
+    assert sh == W * sw, "output pixels must be evenly spaced (NCHW or NHWC)"
+    _shift_add_kernel[grid](
+        g, out, bias if bias is not None else out, taps,
+        H * W, W, H, NP, O, T, g.stride(0), g.stride(1),
+        se, sb, sw, so,
+        HAS_BIAS=bias is not None, IS_FP64=g.dtype == torch.float64, BLOCK_P=_BLOCK_P, BLOCK_O=_BLOCK_O,
+    )
+    return out
+
+
+def _sum_dtype(dtype):
+    """What the pass sums in (its bias's dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pixels_by_channels(x):
+    """x (B, C, H, W) as (B, H * W, C) without a copy where its layout allows (channels_last is a
+    plain row-major matrix, NCHW a transposed one, which cuBLAS reads as is)."""
+    B, C, H, W = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    return x.reshape(B, C, H * W).transpose(1, 2)
+
+
+def _gemm(x, w_cat):
+    """(1, B * H * W, N): x (B, C, H, W) times w_cat (C, N)."""
+    B, C, H, W = x.shape
+    return torch.matmul(_pixels_by_channels(x), w_cat).view(1, B * H * W, w_cat.shape[1])
+
+
+def _output(shape, like):
+    """An empty (B, O, H, W) output in ``like``'s memory format."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=output_memory_format(like))
+
+
+def _axis_taps(k, d, along_h, column0, width, slab=0):
+    """Rows (slab, dy, dx, column) of a k-tap 'same' convolution along H or W, dilation d, its
+    taps' output blocks of ``width`` columns from column0."""
+    p = d * (k - 1) // 2
+    return [(slab, t * d - p, 0, column0 + t * width) if along_h else (slab, 0, t * d - p, column0 + t * width)
+            for t in range(k)]
+
+
+def gcn_conv2d(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation):
+    """The GCN block (Peng et al., CVPR 2017) as two GEMM + shift-add steps: both branches' first
+    convolutions in one GEMM over Cin (2k taps of Cmid columns), one pass forming both middle maps,
+    then one batched GEMM over Cmid (each branch's k taps of Cout) and one pass summing all 2k taps
+    and both biases into the output."""
+    B, Cin, H, W = input.shape
+    Cmid, Cout, k, d = w_l1.shape[0], w_l2.shape[0], w_l1.shape[2], dilation
+    sums = _sum_dtype(input.dtype)
+    # Tap t's (Cin, Cmid) block at columns t * Cmid: the k x 1 taps, then the 1 x k ones.
+    w1 = torch.cat([w_l1[..., 0].permute(1, 2, 0), w_r1[:, :, 0, :].permute(1, 2, 0)], 1).reshape(Cin, 2 * k * Cmid)
+    taps1 = torch.tensor([_axis_taps(k, d, True, 0, Cmid), _axis_taps(k, d, False, k * Cmid, Cmid)],
+                         dtype=torch.int32).to(input.device)
+    bias1 = None
+    if b_l1 is not None or b_r1 is not None:
+        bias1 = torch.stack([torch.zeros(Cmid, dtype=sums, device=input.device) if b is None else b.to(sums) for b in (b_l1, b_r1)])
+    # The middle maps (left, right) pixel-major whatever x's layout: the next GEMM's rows.
+    mid = torch.empty((2, B, H, W, Cmid), dtype=input.dtype, device=input.device)
+    shift_add(_gemm(input, w1), taps1, mid.permute(0, 1, 4, 2, 3), bias1, H, W)
+    # Second step: slab 0 the left middle map times its 1 x k taps, slab 1 the right one times its
+    # k x 1 taps; all 2k taps and both biases sum into one output.
+    w2 = torch.stack([w_l2[:, :, 0, :].permute(1, 2, 0).reshape(Cmid, k * Cout),
+                      w_r2[..., 0].permute(1, 2, 0).reshape(Cmid, k * Cout)])
+    g2 = torch.bmm(mid.view(2, B * H * W, Cmid), w2)
+    taps2 = torch.tensor([_axis_taps(k, d, False, 0, Cout, 0) + _axis_taps(k, d, True, 0, Cout, 1)],
+                         dtype=torch.int32).to(input.device)
+    bias2 = None
+    if b_l2 is not None or b_r2 is not None:
+        bias2 = sum(b.to(sums) for b in (b_l2, b_r2) if b is not None).view(1, Cout)
+    out = _output((B, Cout, H, W), input)
+    shift_add(g2, taps2, out.unsqueeze(0), bias2, H, W)
+    return out
+
+
+def conv_sum(input, weights, dilations, bias=None):
+    """sum_i conv2d(input, weights[i], 'same' padding, dilation dilations[i]) + bias, stride 1:
+    DeepLab v2's ASPP (Chen et al., TPAMI 2017). One GEMM over C for every tap that can meet the
+    map, taps of equal offset merged (their weights summed), then one pass."""
+    B, C, H, W = input.shape
+    O = weights[0].shape[0]
+    blocks = {}  # (dy, dx) -> (O, C) weight
+    for w, (dh, dw) in zip(weights, dilations):
+        kH, kW = w.shape[2:]
+        for i in range(kH):
+            for j in range(kW):
+                dy, dx = i * dh - dh * (kH - 1) // 2, j * dw - dw * (kW - 1) // 2
+                if abs(dy) >= H or abs(dx) >= W:
+                    continue  # lands in the zero padding for every output pixel
+                blocks[dy, dx] = blocks[dy, dx] + w[:, :, i, j] if (dy, dx) in blocks else w[:, :, i, j]
+    out = _output((B, O, H, W), input)
+    if not blocks:
+        out.copy_((torch.zeros(1, O, 1, 1, dtype=input.dtype, device=input.device) if bias is None
+                   else bias.view(1, O, 1, 1)).expand_as(out))
+        return out
+    offsets = list(blocks)
+    w_cat = torch.cat([blocks[s].t() for s in offsets], 1)  # (C, T * O)
+    taps = torch.tensor([[(0, dy, dx, t * O) for t, (dy, dx) in enumerate(offsets)]], dtype=torch.int32)
+    shift_add(_gemm(input, w_cat), taps.to(input.device), out.unsqueeze(0),
+              None if bias is None else bias.to(_sum_dtype(bias.dtype)).view(1, O), H, W)
+    return out
