@@ -4,7 +4,7 @@ between the two timings of one implementation shows the noise.
 
     python benchmarks/gpu_check.py [--out DIR] [--data DIR] [SECTION ...]
 
-Sections: peaks atrous atrous_routes aspp gcn unpool unpool_conv crf crf_train crf_images profile
+Sections: peaks atrous atrous_routes layers aspp gcn unpool unpool_conv crf crf_train crf_images profile
 (default: all, in that order). Every section is independent; one that fails prints its traceback
 and the rest go on. Each result is printed as it comes and is a line of ``DIR/gpu_check.jsonl``.
 ``--dry-run`` runs the script on the CPU with tiny shapes (Triton under the interpreter), to check
@@ -43,6 +43,9 @@ from test_bench_gcn import _four_convs  # noqa: E402
 from test_bench_unpool_conv import _unpool_conv_bn_relu  # noqa: E402
 
 OUT_DIR = Path(".")
+# The Triton convolution kernels lost to cuDNN everywhere on the first run (RESULTS.md, "GPU"): they
+# are timed again only with GPU_CHECK_TRITON=1 (their autotuning costs minutes of device time).
+TIME_TRITON = os.environ.get("GPU_CHECK_TRITON") == "1"
 DEV = "cuda"  # --dry-run: "cpu", tiny shapes, to check this script itself without a GPU
 
 
@@ -167,45 +170,90 @@ def section_atrous():
             shift = beta - mean * scale
             fast = lambda backend="auto": fastseg.atrous_conv2d(x, w, dilation=rate, padding=rate, scale=scale,
                                                                 shift=shift, activation="relu", backend=backend)
-            with poisoned(), torch.no_grad():
-                out = fast("triton")
             ref = F.relu(F.conv2d(x.double(), w.double(), None, 1, rate, rate) * scale.double().view(1, -1, 1, 1)
                          + shift.double().view(1, -1, 1, 1))
+            fns = {"fastseg": fast}
+            if TIME_TRITON:
+                fns["triton"] = lambda: fast("triton")
+            fns["eager"] = lambda: _conv_bn_relu(x, w, mean, var, gamma, beta, rate)
+            with poisoned(), torch.no_grad():
+                errors = {f"{impl} err": rel_error(fn(), ref) for impl, fn in fns.items() if impl != "eager"}
+                out = fast()
             layout_ok = out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
             with torch.no_grad():
-                versus(f"atrous B{B} C{C}->{O} {H}x{H} rate{rate} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}",
-                       {"fastseg": fast, "triton": lambda: fast("triton"),
-                        "eager": lambda: _conv_bn_relu(x, w, mean, var, gamma, beta, rate)},
-                       flops=2 * B * H * H * O * C * 9, err=rel_error(out, ref), layout_ok=layout_ok)
+                versus(f"atrous B{B} C{C}->{O} {H}x{H} rate{rate} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}", fns,
+                       flops=2 * B * H * H * O * C * 9, layout_ok=layout_ok, **errors)
+
+
+# More shapes for choosing between cuDNN's fused kernel and a folded convolution + in-place ReLU:
+# batch 1 of each DeepLab shape, a ResNet stage's 3x3 (512 -> 512 at rate 2 and 4) and 1x1 convs.
+ROUTE_SHAPES = ATROUS_SHAPES + [(1, 2048, 65, 12), (1, 1024, 65, 2), (1, 256, 129, 6), (1, 512, 33, 18),
+                                (8, 512, 65, 2), (8, 512, 65, 4), (1, 512, 65, 4), (8, 512, 129, 2)]
+ROUTE_ONE_BY_ONE = [(8, 2048, 65, 256), (1, 2048, 65, 256), (8, 1024, 65, 256), (8, 256, 65, 1024)]
 
 
 def section_atrous_routes():
-    """Where a cuDNN route would stand: BatchNorm folded into the weights and bias, then cuDNN's
-    own fused convolution + bias + ReLU (torch.cudnn_convolution_relu), against the Triton kernel
-    and eager conv -> batch_norm -> relu."""
-    for B, C, H, rate in ATROUS_SHAPES:
-        O = min(256, 4 * C)
-        x = channels_last(torch.randn(B, C, H, H, device=DEV)).half()
-        w = (torch.randn(O, C, 3, 3, device=DEV) / (9 * C) ** 0.5).half()
-        mean, gamma, beta = (torch.randn(O, device=DEV).half() for _ in range(3))
-        var = (torch.rand(O, device=DEV) + 0.5).half()
+    """Where each cuDNN route stands: BatchNorm folded into the weights and bias, then cuDNN's own
+    fused convolution + bias + ReLU (torch.cudnn_convolution_relu), or the folded convolution and
+    an in-place ReLU, against eager conv -> batch_norm -> relu; 'auto' is fastseg.atrous_conv2d
+    as called (its folding and checks included)."""
+    cases = [(s, 3, dt) for s in ROUTE_SHAPES for dt in (torch.float16,)]
+    cases += [(s, 3, dt) for s in ROUTE_SHAPES[:4] for dt in (torch.bfloat16, torch.float32)]
+    cases += [((B, C, H, 1), 1, torch.float16) for B, C, H, O in ROUTE_ONE_BY_ONE]
+    for (B, C, H, rate), k, dtype in cases:
+        O = min(256, 4 * C) if k == 3 else dict(((b, c, h), o) for b, c, h, o in ROUTE_ONE_BY_ONE)[B, C, H]
+        pad = rate if k == 3 else 0
+        x = channels_last(torch.randn(B, C, H, H, device=DEV)).to(dtype)
+        w = (torch.randn(O, C, k, k, device=DEV) / (k * k * C) ** 0.5).to(dtype)
+        mean, gamma, beta = (torch.randn(O, device=DEV).to(dtype) for _ in range(3))
+        var = (torch.rand(O, device=DEV) + 0.5).to(dtype)
         scale = gamma.float() * torch.rsqrt(var.float() + 1e-5)
-        shift = (beta.float() - mean.float() * scale).half()
-        w_folded = channels_last((w.float() * scale.view(-1, 1, 1, 1)).half())
-        fns = {"triton": lambda: fastseg.atrous_conv2d(x, w, dilation=rate, padding=rate, scale=scale.half(),
-                                                      shift=shift, activation="relu", backend="triton"),
-               "cudnn fused": lambda: torch.cudnn_convolution_relu(x, w_folded, shift, [1, 1], [rate, rate],
+        shift = (beta.float() - mean.float() * scale).to(dtype)
+        w_folded = channels_last((w.float() * scale.view(-1, 1, 1, 1)).to(dtype))
+        scale = scale.to(dtype)
+        fns = {"auto": lambda: fastseg.atrous_conv2d(x, w, dilation=rate, padding=pad, scale=scale, shift=shift,
+                                                     activation="relu"),
+               "cudnn fused": lambda: torch.cudnn_convolution_relu(x, w_folded, shift, [1, 1], [pad, pad],
                                                                     [rate, rate], 1),
-               "folded conv+relu_": lambda: F.relu_(F.conv2d(x, w_folded, shift, 1, rate, rate)),
-               "eager": lambda: _conv_bn_relu(x, w, mean, var, gamma, beta, rate)}
+               "folded conv+relu_": lambda: F.relu_(F.conv2d(x, w_folded, shift, 1, pad, rate)),
+               "eager": lambda: F.relu(F.batch_norm(F.conv2d(x, w, None, 1, pad, rate), mean, var, gamma, beta,
+                                                    False, 0.0, 1e-5))}
         if DEV != "cuda":  # cuDNN only on a GPU; the CPU has no half convolution either
             break
         with torch.no_grad():
-            ref = F.relu(F.conv2d(x.double(), w.double(), None, 1, rate, rate) * scale.double().view(1, -1, 1, 1)
+            ref = F.relu(F.conv2d(x.double(), w.double(), None, 1, pad, rate) * scale.double().view(1, -1, 1, 1)
                          + shift.double().view(1, -1, 1, 1))
-            errors = {f"{k} err": rel_error(fn(), ref) for k, fn in fns.items()}
-            versus(f"atrous routes B{B} C{C}->{O} {H}x{H} rate{rate} float16 CL", fns,
-                   flops=2 * B * H * H * O * C * 9, **errors)
+            errors = {f"{k_} err": rel_error(fn(), ref) for k_, fn in fns.items()}
+            versus(f"atrous routes B{B} C{C}->{O} {H}x{H} k{k} rate{rate} {str(dtype)[6:]} CL", fns,
+                   flops=2 * B * H * H * O * C * k * k, **errors)
+
+
+LAYER_SHAPES = [(1, 256, 256, 65, 12), (8, 256, 256, 65, 12), (1, 2048, 256, 65, 24), (8, 512, 512, 65, 2),
+                (1, 512, 512, 65, 2)]
+
+
+def section_layers():
+    """fastseg.nn.AtrousConvBNReLU (eval) against the same Conv2d -> BatchNorm2d -> ReLU modules in
+    eager PyTorch: the layer's own costs (its folded BatchNorm, remembered between calls) included."""
+    for dtype in (torch.float16, torch.float32):
+        for B, C, O, H, rate in LAYER_SHAPES:
+            torch.manual_seed(0)
+            layer = fastseg.nn.AtrousConvBNReLU(C, O, 3, dilation=rate)
+            for m in layer.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.normal_()
+                    m.running_var.uniform_(0.5, 1.5)
+            layer = layer.eval().to(DEV, dtype)
+            plain = torch.nn.Sequential(layer.conv, layer.bn, torch.nn.ReLU())
+            x = channels_last(torch.randn(B, C, H, H, device=DEV)).to(dtype)
+            with torch.no_grad():
+                ref = plain.double()(x.double())
+                plain.to(dtype)
+                with poisoned():
+                    out = layer(x)
+                versus(f"layer AtrousConvBNReLU B{B} {C}->{O} {H}x{H} rate{rate} {str(dtype)[6:]} CL",
+                       {"fastseg": lambda: layer(x), "eager": lambda: plain(x)},
+                       flops=2 * B * H * H * O * C * 9, err=rel_error(out, ref))
 
 
 PROFILE_CRF_HW = (375, 500)
@@ -248,13 +296,16 @@ ASPP_CASE = (2048, 65, 256, None)  # C in, H = W, C out, rates (None: the versio
 
 
 def section_aspp():
+    from fastseg.kernels import taps_conv
+
     C, H, O, _ = ASPP_CASE
-    for version, rates in (("v3", (12, 24, 36)), ("v2", (6, 12, 18, 24))):
+    for version, rates, out_channels in (("v3", (12, 24, 36), O), ("v2", (6, 12, 18, 24), O),
+                                         ("v2", (6, 12, 18, 24), 21)):
         rates = ASPP_CASE[3] or rates
         for B in (1, 8):
             for dtype in (torch.float16, torch.float32):
                 torch.manual_seed(0)
-                aspp = fastseg.nn.ASPP(C, O, version=version, rates=rates).eval().to(DEV)
+                aspp = fastseg.nn.ASPP(C, out_channels, version=version, rates=rates).eval().to(DEV)
                 for m in aspp.modules():  # non-trivial BatchNorm statistics
                     if isinstance(m, torch.nn.BatchNorm2d):
                         m.running_mean.normal_()
@@ -266,11 +317,17 @@ def section_aspp():
                     ref = _plain_aspp(aspp.double(), x.double())
                     aspp = aspp.to(dtype)
                     xd = x.to(dtype)
+                    fns = {"fastseg": lambda: aspp(xd)}
+                    if version == "v2":
+                        ws = [c.weight for c in aspp.branches]
+                        dil = [c.dilation for c in aspp.branches]
+                        bias = sum(c.bias for c in aspp.branches)
+                        fns["taps"] = lambda: taps_conv.conv_sum(xd, ws, dil, bias)
+                    fns["eager"] = lambda: _plain_aspp(aspp, xd)
                     with poisoned():
-                        out = aspp(xd)
-                    versus(f"ASPP {version} {rates} B{B} {C}->{O} {H}x{H} {str(dtype)[6:]} CL",
-                           {"fastseg": lambda: aspp(xd), "eager": lambda: _plain_aspp(aspp, xd)},
-                           err=rel_error(out, ref))
+                        errors = {f"{impl} err": rel_error(fn(), ref) for impl, fn in fns.items() if impl != "eager"}
+                    versus(f"ASPP {version} {rates} B{B} {C}->{out_channels} {H}x{H} {str(dtype)[6:]} CL", fns,
+                           **errors)
 
 
 
@@ -281,22 +338,53 @@ GCN_SHAPES = [(1, 2048, 16, 21, 21, 15), (1, 1024, 32, 21, 21, 15), (1, 512, 64,
               (8, 512, 64, 21, 21, 15), (8, 256, 128, 21, 21, 15), (8, 256, 64, 256, 256, 15)]
 
 
+def _padded_four_convs(x, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, multiple=8):
+    """Eager's four convolutions with Cmid and Cout zero-padded to a multiple of 8 (tensor cores'
+    channel granularity), the padding sliced off in the final add."""
+    Cm, Co = w_l1.shape[0], w_l2.shape[0]
+    pm, po = -Cm % multiple, -Co % multiple
+    pad_out = lambda t, n: F.pad(t, (0, 0) * (t.dim() - 1) + (0, n)) if t.dim() == 1 else F.pad(t, (0, 0, 0, 0, 0, 0, 0, n))
+    pad_in = lambda t, n: F.pad(t, (0, 0, 0, 0, 0, n))
+    w_l1, w_r1 = pad_out(w_l1, pm), pad_out(w_r1, pm)
+    w_l2, w_r2 = pad_in(pad_out(w_l2, po), pm), pad_in(pad_out(w_r2, po), pm)
+    b_l1, b_r1, b_l2, b_r2 = F.pad(b_l1, (0, pm)), F.pad(b_r1, (0, pm)), F.pad(b_l2, (0, po)), F.pad(b_r2, (0, po))
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    ws = [w.contiguous(memory_format=fmt) for w in (w_l1, w_l2, w_r1, w_r2)]
+    return lambda: _sliced_sum(_four_convs_parts(x, *ws, b_l1, b_l2, b_r1, b_r2), Co)
+
+
+def _four_convs_parts(x, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2):
+    p = w_l1.shape[2] // 2
+    left = F.conv2d(F.conv2d(x, w_l1, b_l1, padding=(p, 0)), w_l2, b_l2, padding=(0, p))
+    right = F.conv2d(F.conv2d(x, w_r1, b_r1, padding=(0, p)), w_r2, b_r2, padding=(p, 0))
+    return left, right
+
+
+def _sliced_sum(parts, Co):
+    left, right = parts
+    return torch.add(left[:, :Co], right[:, :Co])
+
+
 def section_gcn():
-    for dtype, cl in ((torch.float16, True), (torch.float32, False)):
-        for B, Cin, H, Cm, Co, k in GCN_SHAPES:
+    for dtype, cl in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)):
+        for B, Cin, H, Cm, Co, k in GCN_SHAPES if dtype != torch.bfloat16 else GCN_SHAPES[:3]:
             x = channels_last(torch.randn(B, Cin, H, H, device=DEV), cl).to(dtype)
             make = lambda *s: (torch.randn(*s, device=DEV) / (s[1] * k) ** 0.5).to(dtype)
             ws = [make(Cm, Cin, k, 1), make(Co, Cm, 1, k), make(Cm, Cin, 1, k), make(Co, Cm, k, 1)]
             bs = [torch.randn(n, device=DEV).to(dtype) for n in (Cm, Co, Cm, Co)]
-            with poisoned(), torch.no_grad():
-                out = fastseg.gcn_conv2d(x, *ws, *bs, backend="triton")
             ref = _four_convs(x.double(), *[t.double() for t in ws + bs])
+            op = torch.ops.fastseg.gcn_conv2d_triton
+            fns = {"fastseg": lambda: fastseg.gcn_conv2d(x, *ws, *bs),
+                   "taps": lambda: op(x, *ws, *bs, 1, "taps")}
+            if TIME_TRITON:
+                fns["implicit_gemm"] = lambda: op(x, *ws, *bs, 1, "implicit_gemm")
+            fns["eager padded"] = _padded_four_convs(x, *ws, *bs)
+            fns["eager"] = lambda: _four_convs(x, *ws, *bs)
+            with poisoned(), torch.no_grad():
+                errors = {f"{impl} err": rel_error(fn(), ref) for impl, fn in fns.items() if impl != "eager"}
             with torch.no_grad():
-                versus(f"gcn B{B} {Cin}->{Cm}->{Co} {H}x{H} k{k} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}",
-                       {"fastseg": lambda: fastseg.gcn_conv2d(x, *ws, *bs),
-                        "triton": lambda: fastseg.gcn_conv2d(x, *ws, *bs, backend="triton"),
-                        "eager": lambda: _four_convs(x, *ws, *bs)},
-                       flops=2 * B * H * H * k * (Cin * Cm + Cm * Co) * 2, err=rel_error(out, ref))
+                versus(f"gcn B{B} {Cin}->{Cm}->{Co} {H}x{H} k{k} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}", fns,
+                       flops=2 * B * H * H * k * (Cin * Cm + Cm * Co) * 2, **errors)
 
 
 UNPOOL_SHAPES = [(8, 64, 360, 480), (8, 512, 45, 60), (16, 128, 180, 240)]
@@ -478,13 +566,15 @@ def section_crf_images(data):
 
 def _shrink():
     global DEV, ATROUS_SHAPES, GCN_SHAPES, UNPOOL_SHAPES, UNPOOL_CONV_SHAPES, CRF_CASES, CRF_TRAIN_CASES, ASPP_CASE
-    global UNPOOL_BACKENDS, PEAK_N, PEAK_GEMM, IMAGE_STEP, PROFILE_CRF_HW
+    global UNPOOL_BACKENDS, PEAK_N, PEAK_GEMM, IMAGE_STEP, PROFILE_CRF_HW, ROUTE_SHAPES, ROUTE_ONE_BY_ONE, LAYER_SHAPES
     PROFILE_CRF_HW = (12, 16)
     IMAGE_STEP = 12
     DEV = "cpu"
     PEAK_N, PEAK_GEMM = 1 << 20, 256
     UNPOOL_BACKENDS = ("triton",)
     ATROUS_SHAPES = [(1, 8, 9, 2), (2, 4, 7, 6), (1, 3, 5, 1), (2, 8, 6, 3)]
+    ROUTE_SHAPES, ROUTE_ONE_BY_ONE = ATROUS_SHAPES, [(1, 8, 9, 4)]
+    LAYER_SHAPES = [(1, 8, 6, 9, 2), (2, 4, 4, 7, 3)]
     GCN_SHAPES = [(1, 8, 9, 4, 3, 7), (2, 6, 5, 3, 2, 15)]
     UNPOOL_SHAPES = [(2, 3, 8, 10)]
     UNPOOL_CONV_SHAPES = [(2, 4, 8, 10)]
@@ -494,7 +584,7 @@ def _shrink():
     ATROUS_VARIANTS[:] = [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)]
 
 
-SECTIONS = ["peaks", "atrous", "atrous_routes", "aspp", "gcn", "unpool", "unpool_conv", "crf", "crf_train",
+SECTIONS = ["peaks", "atrous", "atrous_routes", "layers", "aspp", "gcn", "unpool", "unpool_conv", "crf", "crf_train",
             "crf_images", "profile"]
 
 
