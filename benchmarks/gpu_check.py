@@ -21,6 +21,7 @@ Results of the first run (an H200): benchmarks/gpu_runs/ and RESULTS.md, "GPU".
 """
 import argparse
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -323,6 +324,11 @@ def section_aspp():
                         dil = [c.dilation for c in aspp.branches]
                         bias = sum(c.bias for c in aspp.branches)
                         fns["taps"] = lambda: taps_conv.conv_sum(xd, ws, dil, bias)
+                    chain = copy.deepcopy(aspp)  # each branch through cuDNN's fused kernel
+                    for m in chain.modules():
+                        if hasattr(m, "backend"):
+                            m.backend = "cudnn" if DEV == "cuda" else "reference"
+                    fns["cudnn"] = lambda: chain(xd)
                     fns["eager"] = lambda: _plain_aspp(aspp, xd)
                     with poisoned():
                         errors = {f"{impl} err": rel_error(fn(), ref) for impl, fn in fns.items() if impl != "eager"}
@@ -338,33 +344,6 @@ GCN_SHAPES = [(1, 2048, 16, 21, 21, 15), (1, 1024, 32, 21, 21, 15), (1, 512, 64,
               (8, 512, 64, 21, 21, 15), (8, 256, 128, 21, 21, 15), (8, 256, 64, 256, 256, 15)]
 
 
-def _padded_four_convs(x, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, multiple=8):
-    """Eager's four convolutions with Cmid and Cout zero-padded to a multiple of 8 (tensor cores'
-    channel granularity), the padding sliced off in the final add."""
-    Cm, Co = w_l1.shape[0], w_l2.shape[0]
-    pm, po = -Cm % multiple, -Co % multiple
-    pad_out = lambda t, n: F.pad(t, (0, 0) * (t.dim() - 1) + (0, n)) if t.dim() == 1 else F.pad(t, (0, 0, 0, 0, 0, 0, 0, n))
-    pad_in = lambda t, n: F.pad(t, (0, 0, 0, 0, 0, n))
-    w_l1, w_r1 = pad_out(w_l1, pm), pad_out(w_r1, pm)
-    w_l2, w_r2 = pad_in(pad_out(w_l2, po), pm), pad_in(pad_out(w_r2, po), pm)
-    b_l1, b_r1, b_l2, b_r2 = F.pad(b_l1, (0, pm)), F.pad(b_r1, (0, pm)), F.pad(b_l2, (0, po)), F.pad(b_r2, (0, po))
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    ws = [w.contiguous(memory_format=fmt) for w in (w_l1, w_l2, w_r1, w_r2)]
-    return lambda: _sliced_sum(_four_convs_parts(x, *ws, b_l1, b_l2, b_r1, b_r2), Co)
-
-
-def _four_convs_parts(x, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2):
-    p = w_l1.shape[2] // 2
-    left = F.conv2d(F.conv2d(x, w_l1, b_l1, padding=(p, 0)), w_l2, b_l2, padding=(0, p))
-    right = F.conv2d(F.conv2d(x, w_r1, b_r1, padding=(0, p)), w_r2, b_r2, padding=(p, 0))
-    return left, right
-
-
-def _sliced_sum(parts, Co):
-    left, right = parts
-    return torch.add(left[:, :Co], right[:, :Co])
-
-
 def section_gcn():
     for dtype, cl in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)):
         for B, Cin, H, Cm, Co, k in GCN_SHAPES if dtype != torch.bfloat16 else GCN_SHAPES[:3]:
@@ -378,7 +357,8 @@ def section_gcn():
                    "taps": lambda: op(x, *ws, *bs, 1, "taps")}
             if TIME_TRITON:
                 fns["implicit_gemm"] = lambda: op(x, *ws, *bs, 1, "implicit_gemm")
-            fns["eager padded"] = _padded_four_convs(x, *ws, *bs)
+            if DEV == "cuda":
+                fns["cudnn"] = lambda: fastseg.gcn_conv2d(x, *ws, *bs, backend="cudnn")
             fns["eager"] = lambda: _four_convs(x, *ws, *bs)
             with poisoned(), torch.no_grad():
                 errors = {f"{impl} err": rel_error(fn(), ref) for impl, fn in fns.items() if impl != "eager"}

@@ -11,8 +11,13 @@ the product G stays small; several convolutions of one input share one GEMM (the
 side), taps that never meet the map (|offset| >= its size) are left out of the GEMM, and taps of
 equal offset are merged (the centre taps of ASPP's branches).
 
-``shift_add`` is the Triton pass; ``gcn_conv2d`` and ``conv_sum`` build the GEMMs around it.
+``shift_add`` is the Triton pass; ``gcn_conv2d``, ``conv_sum`` and ``parallel_conv_bn_relu`` build
+the GEMMs around it. Packing the weights for a GEMM is a few small kernels per call; the layers
+(fastseg.nn.ASPP) keep their packs between calls.
 """
+import collections
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +32,8 @@ def _shift_add_kernel(
     g_ptr, out_ptr, bias_ptr, tap_ptr,
     HW, W, H, NP, O, T, g_slab, g_row,
     out_sg, out_sb, out_sp, out_so,
-    HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_O: tl.constexpr,
 ):
     # Program (pixel block, channel block, output group e). Tap t of group e is the row
     # tap_ptr[e, t] = (slab, dy, dx, column): out[e, p, o] += G[slab, p + dy * W + dx, column + o]
@@ -58,14 +64,17 @@ def _shift_add_kernel(
         acc += tl.load(ptrs, mask=inside[:, None] & o_ok[None, :], other=0.0).to(acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e * O + o, mask=o_ok, other=0.0).to(acc.dtype)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
     out_off = e.to(tl.int64) * out_sg + (b.to(tl.int64) * out_sb + r.to(tl.int64) * out_sp)[:, None] \
         + (o.to(tl.int64) * out_so)[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
 
 
-def shift_add(g, taps, out, bias, H, W):
+def shift_add(g, taps, out, bias, H, W, relu=False):
     """out[e, b, :, y, x] = bias[e] + sum over group e's taps (slab, dy, dx, column) of
-    g[slab, pixel (b, y + dy, x + dx), column:column + O] (zero outside the map).
+    g[slab, pixel (b, y + dy, x + dx), column:column + O] (zero outside the map), then ReLU if
+    ``relu``.
 
     g: (S, B * H * W, row) with unit column stride; taps: (E, T, 4) int32 on g's device;
     out: (E, B, O, H, W) in any strides; bias: (E, O) or None (float32, float64 for float64 g).
@@ -83,7 +92,7 @@ def shift_add(g, taps, out, bias, H, W):
         g, out, bias if bias is not None else out, taps,
         H * W, W, H, NP, O, T, g.stride(0), g.stride(1),
         se, sb, sw, so,
-        HAS_BIAS=bias is not None, IS_FP64=g.dtype == torch.float64, BLOCK_P=_BLOCK_P, BLOCK_O=_BLOCK_O,
+        HAS_BIAS=bias is not None, RELU=relu, IS_FP64=g.dtype == torch.float64, BLOCK_P=_BLOCK_P, BLOCK_O=_BLOCK_O,
     )
     return out
 
@@ -121,62 +130,126 @@ def _axis_taps(k, d, along_h, column0, width, slab=0):
             for t in range(k)]
 
 
+@functools.lru_cache(maxsize=64)
+def _tap_table(rows, device):
+    """(E, T, 4) int32 on ``device`` from nested tuples of (slab, dy, dx, column) rows; the table
+    depends on shapes alone, so it is made (and copied to the device) once per shape."""
+    return torch.tensor(rows, dtype=torch.int32).to(device)
+
+
 def gcn_conv2d(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation):
     """The GCN block (Peng et al., CVPR 2017) as two GEMM + shift-add steps: both branches' first
     convolutions in one GEMM over Cin (2k taps of Cmid columns), one pass forming both middle maps,
     then one batched GEMM over Cmid (each branch's k taps of Cout) and one pass summing all 2k taps
     and both biases into the output."""
     B, Cin, H, W = input.shape
-    Cmid, Cout, k, d = w_l1.shape[0], w_l2.shape[0], w_l1.shape[2], dilation
+    Cmid, Cout, k, d, device = w_l1.shape[0], w_l2.shape[0], w_l1.shape[2], dilation, input.device
     sums = _sum_dtype(input.dtype)
     # Tap t's (Cin, Cmid) block at columns t * Cmid: the k x 1 taps, then the 1 x k ones.
     w1 = torch.cat([w_l1[..., 0].permute(1, 2, 0), w_r1[:, :, 0, :].permute(1, 2, 0)], 1).reshape(Cin, 2 * k * Cmid)
-    taps1 = torch.tensor([_axis_taps(k, d, True, 0, Cmid), _axis_taps(k, d, False, k * Cmid, Cmid)],
-                         dtype=torch.int32).to(input.device)
+    taps1 = _tap_table((tuple(_axis_taps(k, d, True, 0, Cmid)), tuple(_axis_taps(k, d, False, k * Cmid, Cmid))),
+                       device)
     bias1 = None
     if b_l1 is not None or b_r1 is not None:
-        bias1 = torch.stack([torch.zeros(Cmid, dtype=sums, device=input.device) if b is None else b.to(sums) for b in (b_l1, b_r1)])
+        bias1 = torch.stack([torch.zeros(Cmid, dtype=sums, device=device) if b is None else b.to(sums)
+                             for b in (b_l1, b_r1)])
     # The middle maps (left, right) pixel-major whatever x's layout: the next GEMM's rows.
-    mid = torch.empty((2, B, H, W, Cmid), dtype=input.dtype, device=input.device)
+    mid = torch.empty((2, B, H, W, Cmid), dtype=input.dtype, device=device)
     shift_add(_gemm(input, w1), taps1, mid.permute(0, 1, 4, 2, 3), bias1, H, W)
     # Second step: slab 0 the left middle map times its 1 x k taps, slab 1 the right one times its
     # k x 1 taps; all 2k taps and both biases sum into one output.
     w2 = torch.stack([w_l2[:, :, 0, :].permute(1, 2, 0).reshape(Cmid, k * Cout),
                       w_r2[..., 0].permute(1, 2, 0).reshape(Cmid, k * Cout)])
-    g2 = torch.bmm(mid.view(2, B * H * W, Cmid), w2)
-    taps2 = torch.tensor([_axis_taps(k, d, False, 0, Cout, 0) + _axis_taps(k, d, True, 0, Cout, 1)],
-                         dtype=torch.int32).to(input.device)
+    taps2 = _tap_table((tuple(_axis_taps(k, d, False, 0, Cout, 0) + _axis_taps(k, d, True, 0, Cout, 1)),), device)
     bias2 = None
     if b_l2 is not None or b_r2 is not None:
         bias2 = sum(b.to(sums) for b in (b_l2, b_r2) if b is not None).view(1, Cout)
     out = _output((B, Cout, H, W), input)
-    shift_add(g2, taps2, out.unsqueeze(0), bias2, H, W)
+    shift_add(torch.bmm(mid.view(2, B * H * W, Cmid), w2), taps2, out.unsqueeze(0), bias2, H, W)
     return out
 
 
-def conv_sum(input, weights, dilations, bias=None):
+def _tap_blocks(weight, dilation, H, W):
+    """{(dy, dx): (O, C) weight} of a 'same' convolution, the taps that meet an H x W map only."""
+    (kH, kW), (dh, dw) = weight.shape[2:], dilation
+    blocks = {}
+    for i in range(kH):
+        for j in range(kW):
+            dy, dx = i * dh - dh * (kH - 1) // 2, j * dw - dw * (kW - 1) // 2
+            if abs(dy) < H and abs(dx) < W:  # else it lands in the zero padding for every pixel
+                blocks[dy, dx] = weight[:, :, i, j]
+    return blocks
+
+
+#: Weights packed for one of the GEMMs below: w_cat (C, T * O), the tap table (E, T, 4), the
+#: pass's bias (E, O) or None, and the map size (H, W) the taps were chosen for.
+Packed = collections.namedtuple("Packed", "w_cat taps bias hw")
+
+
+def pack_sum(weights, dilations, bias, hw):
+    """``conv_sum``'s packing (several small kernels and a host-to-device copy: a layer keeps it)."""
+    H, W = hw
+    merged = {}  # taps of equal offset add up
+    for w, d in zip(weights, dilations):
+        for offset, block in _tap_blocks(w, tuple(d), H, W).items():
+            merged[offset] = merged[offset] + block if offset in merged else block
+    O = weights[0].shape[0]
+    bias = None if bias is None else bias.to(_sum_dtype(bias.dtype)).view(1, O)
+    if not merged:  # every tap lands in the padding
+        return Packed(None, None, bias, (H, W))
+    offsets = list(merged)
+    w_cat = torch.cat([merged[s].t() for s in offsets], 1)
+    taps = _tap_table((tuple((0, dy, dx, t * O) for t, (dy, dx) in enumerate(offsets)),), w_cat.device)
+    return Packed(w_cat, taps, bias, (H, W))
+
+
+def conv_sum(input, weights, dilations, bias=None, packed=None):
     """sum_i conv2d(input, weights[i], 'same' padding, dilation dilations[i]) + bias, stride 1:
     DeepLab v2's ASPP (Chen et al., TPAMI 2017). One GEMM over C for every tap that can meet the
-    map, taps of equal offset merged (their weights summed), then one pass."""
+    map, taps of equal offset merged (their weights summed), then one pass. ``packed``: the result
+    of ``pack_sum`` for these arguments, if the caller kept it."""
     B, C, H, W = input.shape
     O = weights[0].shape[0]
-    blocks = {}  # (dy, dx) -> (O, C) weight
-    for w, (dh, dw) in zip(weights, dilations):
-        kH, kW = w.shape[2:]
-        for i in range(kH):
-            for j in range(kW):
-                dy, dx = i * dh - dh * (kH - 1) // 2, j * dw - dw * (kW - 1) // 2
-                if abs(dy) >= H or abs(dx) >= W:
-                    continue  # lands in the zero padding for every output pixel
-                blocks[dy, dx] = blocks[dy, dx] + w[:, :, i, j] if (dy, dx) in blocks else w[:, :, i, j]
+    if packed is None or packed.hw != (H, W):
+        packed = pack_sum(weights, dilations, bias, (H, W))
     out = _output((B, O, H, W), input)
-    if not blocks:
-        out.copy_((torch.zeros(1, O, 1, 1, dtype=input.dtype, device=input.device) if bias is None
-                   else bias.view(1, O, 1, 1)).expand_as(out))
+    if packed.w_cat is None:  # the bias alone
+        out.copy_((torch.zeros(1, O, 1, 1, dtype=input.dtype, device=input.device) if packed.bias is None
+                   else packed.bias.view(1, O, 1, 1)).expand_as(out))
         return out
-    offsets = list(blocks)
-    w_cat = torch.cat([blocks[s].t() for s in offsets], 1)  # (C, T * O)
-    taps = torch.tensor([[(0, dy, dx, t * O) for t, (dy, dx) in enumerate(offsets)]], dtype=torch.int32)
-    shift_add(_gemm(input, w_cat), taps.to(input.device), out.unsqueeze(0),
-              None if bias is None else bias.to(_sum_dtype(bias.dtype)).view(1, O), H, W)
+    shift_add(_gemm(input, packed.w_cat), packed.taps, out.unsqueeze(0), packed.bias, H, W)
     return out
+
+
+def pack_branches(weights, dilations, scales, shifts, hw):
+    """``parallel_conv_bn_relu``'s packing (each branch's scale folded into its columns)."""
+    H, W = hw
+    O = weights[0].shape[0]
+    per_branch = [_tap_blocks(w * s.view(-1, 1, 1, 1), tuple(d), H, W) for w, d, s in zip(weights, dilations, scales)]
+    T = max(len(b) for b in per_branch)
+    columns, rows = [], []
+    for blocks in per_branch:
+        row = []
+        for dy, dx in blocks:
+            row.append((0, dy, dx, len(columns) * O))
+            columns.append(blocks[dy, dx].t())
+        # Unused rows of a shorter branch: an offset past the map, never read.
+        rows.append(tuple(row + [(0, H, 0, 0)] * (T - len(row))))
+    w_cat = torch.cat(columns, 1)
+    bias = torch.stack([s.to(_sum_dtype(s.dtype)) for s in shifts])
+    return Packed(w_cat, _tap_table(tuple(rows), w_cat.device), bias, (H, W))
+
+
+def parallel_conv_bn_relu(input, weights, dilations, scales, shifts, packed=None):
+    """DeepLab v3's ASPP branches (Chen et al., 2017): relu(scale_i * conv_i(input) + shift_i) for
+    'same' convolutions of one input (a 1x1 and 3x3s at several rates), concatenated along the
+    channels: (B, n * O, H, W), channels_last. One GEMM over C for all branches' taps that meet the
+    map (each branch's scale folded into its columns), then one pass writing each branch's channels
+    of the concatenation with its shift and ReLU. ``packed``: ``pack_branches``' result, if kept."""
+    B, C, H, W = input.shape
+    O, n = weights[0].shape[0], len(weights)
+    if packed is None or packed.hw != (H, W):
+        packed = pack_branches(weights, dilations, scales, shifts, (H, W))
+    out = torch.empty((B, H, W, n, O), dtype=input.dtype, device=input.device)
+    shift_add(_gemm(input, packed.w_cat), packed.taps, out.permute(3, 0, 4, 1, 2), packed.bias, H, W, relu=True)
+    return out.view(B, H, W, n * O).permute(0, 3, 1, 2)

@@ -408,6 +408,28 @@ def test_aspp_matches_plain_pytorch(version, rates, output_stride, batch, layout
     assert_relative_close(out.cpu(), expected.cpu(), torch.float32, tolerance)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] in ("reference", "triton", "cudnn")])
+def test_eval_layers_see_changed_weights(backend, device):
+    # Eval-mode layers keep their folded BatchNorm and packed weights between calls: an in-place
+    # update must be seen at once, a write through .data after .eval().
+    torch.manual_seed(2)
+    x = torch.randn(1, 6, 7, 9, device=device)
+    for aspp in (fastseg.nn.ASPP(6, 4, version="v3", rates=(2, 3), backend=backend),
+                 fastseg.nn.ASPP(6, 4, version="v2", rates=(1, 2), backend=backend)):
+        _randomise_bn(aspp)
+        aspp.eval().to(device)
+        with torch.no_grad():
+            first = aspp(x)
+            assert torch.equal(aspp(x), first)
+            for p in aspp.parameters():
+                p.mul_(1.5)
+            assert_relative_close(aspp(x).cpu(), _plain_aspp(aspp, x).cpu(), torch.float32, TRITON_FP32_TOLERANCE)
+            for p in aspp.parameters():
+                p.data.mul_(0.5)
+            aspp.eval()
+            assert_relative_close(aspp(x).cpu(), _plain_aspp(aspp, x).cpu(), torch.float32, TRITON_FP32_TOLERANCE)
+
+
 def test_aspp_trains():
     torch.manual_seed(2)
     aspp = fastseg.nn.ASPP(4, 3, version="v3", rates=(2, 3))
@@ -495,11 +517,11 @@ def test_compiled_op_checks_its_arguments():
 
 def test_auto_on_cuda():
     # Selection only (no CUDA tensor is made): the Triton conv kernels lost to cuDNN on an H200
-    # (RESULTS.md, "GPU"), so 'auto' runs atrous_conv2d through cuDNN's fused kernel on CUDA and the
-    # other convolutions in plain PyTorch; 'triton' stays by name.
+    # (RESULTS.md, "GPU"), so 'auto' runs atrous_conv2d and gcn_conv2d through cuDNN on CUDA and
+    # unpool_conv2d in plain PyTorch; 'triton' stays by name.
     implemented = ("reference", "cpp", "triton", "cudnn")
     if torch.backends.cudnn.is_available():
-        assert fastseg._backends.select("atrous_conv2d", "auto", torch.device("cuda"), implemented) == "cudnn"
-    for op in ("gcn_conv2d", "unpool_conv2d"):
-        assert fastseg._backends.select(op, "auto", torch.device("cuda"), implemented) == "reference"
+        for op in ("atrous_conv2d", "gcn_conv2d"):
+            assert fastseg._backends.select(op, "auto", torch.device("cuda"), implemented) == "cudnn"
+    assert fastseg._backends.select("unpool_conv2d", "auto", torch.device("cuda"), implemented) == "reference"
     assert fastseg._backends.select("dense_crf", "auto", torch.device("cuda"), ("reference", "cpp", "triton")) == "triton"

@@ -9,7 +9,7 @@ import fastseg
 import fastseg.ops.gcn as gcn_ops
 from common import assert_relative_close, backend_params, skip_if_interpreter_lacks
 
-BACKENDS = backend_params(("reference", "cpp", "triton"))
+BACKENDS = backend_params(("reference", "cpp", "triton", "cudnn"))
 COMPILED = [p for p in BACKENDS if p.values[0] != "reference"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 LAYOUTS = ["nchw", "channels_last"]
@@ -364,7 +364,20 @@ def test_gradcheck(layout, backend, device):
 
 
 def _op_for(backend):
-    return torch.ops.fastseg.gcn_conv2d_triton if backend == "triton" else torch.ops.fastseg.gcn_conv2d
+    return {"triton": torch.ops.fastseg.gcn_conv2d_triton, "cudnn": torch.ops.fastseg.gcn_conv2d_cudnn,
+            "cpp": getattr(torch.ops.fastseg, "gcn_conv2d", None)}[backend]
+
+
+def test_cuda_auto_rule():
+    # Selection only: half precision through cuDNN with padded channels; float32 by the taps route
+    # where the input has at least as many channels as pixels.
+    rule = fastseg.ops.gcn.cuda_backend
+    assert rule(torch.float16, 2048, 21, 21, 15, 16 * 16) == "cudnn"
+    assert rule(torch.bfloat16, 256, 21, 21, 15, 128 * 128) == "cudnn"
+    assert rule(torch.float32, 256, 21, 21, 15, 128 * 128) == "cudnn"
+    assert rule(torch.float32, 256, 256, 256, 15, 16 * 16) == "cudnn"  # products 30x the input
+    expected = "triton" if fastseg._backends.unavailable_reason("triton", "cuda") is None else "cudnn"
+    assert rule(torch.float32, 2048, 21, 21, 15, 16 * 16) == expected
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)

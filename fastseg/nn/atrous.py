@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _backends
 from .._layout import output_memory_format
 from ..ops.atrous import _padding, atrous_conv2d
 
@@ -31,34 +32,39 @@ def fold_batch_norm(bn, dtype):
 
 
 def cached(module, name, tensors, extra, compute):
-    """``compute()``, remembered on ``module`` under ``name`` while ``tensors`` are the same objects
-    with the same storage at the same in-place version (``extra`` equal too) and autograd is not
-    recording through them.
-    An eval-mode layer's folded BatchNorm is otherwise several small kernels per call: on a GPU,
-    launches that cost as much as a small convolution."""
+    """``compute()``, kept on ``module`` under ``name`` while ``tensors`` are the same objects with the
+    same storage at the same in-place version (and ``extra`` is equal): an eval-mode layer's folded
+    BatchNorm and packed weights are otherwise several small kernels per call. In-place updates,
+    optimiser steps and load_state_dict bump the version; writes through ``.data`` do not, and
+    ``module.train()`` / ``.eval()`` drop every kept value. Nothing is kept while autograd records
+    through a source or under tracing (fake tensors have no storage)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if recording or _tracing():  # a traced graph computes it itself (fake tensors have no storage)
+    if recording or (is_compiling and is_compiling()):
         return compute()
     key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors) + tuple(extra)
-    memo = module.__dict__.setdefault("_fold_cache", {})
+    memo = module.__dict__.setdefault("_kept", {})
     hit = memo.get(name)
     if hit is not None and hit[0] == key:
         return hit[1]
     value = compute()
-    memo[name] = (key, value, tensors)  # holding the tensors keeps their ids unique
+    memo[name] = (key, value, tuple(tensors))  # holding the sources keeps their ids unique
     return value
 
 
-def _tracing():
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
+class _KeepsFolded:
+    """Drops the values ``cached`` kept whenever the mode is set."""
+
+    def train(self, mode=True):
+        self.__dict__.pop("_kept", None)
+        return super().train(mode)
 
 
 def _bn_tensors(bn):
     return (bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
-class AtrousConvBNReLU(nn.Module):
+class AtrousConvBNReLU(_KeepsFolded, nn.Module):
     """Conv2d (any dilation) -> BatchNorm2d -> (+ residual) -> ReLU, fused in eval mode.
 
     ``forward(x, residual=None)``: x (B, in_channels, H, W) -> (B, out_channels, Ho, Wo); the
@@ -89,20 +95,38 @@ class AtrousConvBNReLU(nn.Module):
             if residual is not None:
                 y = y + residual
             return F.relu(y) if self.relu else y
-        scale, shift = cached(self, "bn", _bn_tensors(self.bn), (x.dtype, x.device, self.bn.eps),
-                              lambda: fold_batch_norm(self.bn, x.dtype))
+        scale, shift = self.folded(x.dtype, x.device)
         c = self.conv
+        if x.is_cuda and x.dtype != torch.float64 and self.backend in ("auto", "cudnn"):
+            # cuDNN's fused kernel takes the scale in the weights: that copy is kept too.
+            fmt = output_memory_format(x)
+            weight = cached(self, "weight", (c.weight, scale), (fmt,),
+                            lambda: (c.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=fmt))
+            return atrous_conv2d(x, weight, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
+                                 shift=shift, residual=residual, activation="relu" if self.relu else None,
+                                 backend="cudnn")
         return atrous_conv2d(
-            x, c.weight, c.bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
+            x, c.weight, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
             scale=scale, shift=shift, residual=residual, activation="relu" if self.relu else None,
             backend=self.backend,
         )
+
+    def folded(self, dtype, device):
+        """(scale, shift) with relu(bn(conv(x) + bias)) = relu(scale * conv(x) + shift) in eval mode
+        (the BatchNorm and the conv's bias folded), kept while the parameters are unchanged."""
+        def compute():
+            scale, shift = fold_batch_norm(self.bn, dtype)
+            if self.conv.bias is not None:
+                shift = shift + scale * self.conv.bias.to(dtype)
+            return scale, shift
+
+        return cached(self, "bn", _bn_tensors(self.bn) + (self.conv.bias,), (dtype, device, self.bn.eps), compute)
 
     def extra_repr(self):
         return f"relu={self.relu}"
 
 
-class ASPP(nn.Module):
+class ASPP(_KeepsFolded, nn.Module):
     """Atrous Spatial Pyramid Pooling, DeepLab v2 or v3.
 
     ``version='v2'`` (Chen et al., TPAMI 2017): parallel 3x3 convolutions (with bias) at
@@ -157,6 +181,8 @@ class ASPP(nn.Module):
         self.project = AtrousConvBNReLU(n * out_channels, out_channels, 1, backend=backend)
 
     def forward(self, x):
+        if not self.training and self._taps_route(x):
+            return self._forward_taps(x)
         if self.version == "v2":
             out = None
             for conv in self.branches:
@@ -201,6 +227,50 @@ class ASPP(nn.Module):
                 activation="relu" if last and proj.relu else None, backend=self.backend,
             )
         return total
+
+    def _taps_route(self, x):
+        # GPU (or the interpreter with backend='triton'): every branch from one GEMM over the input
+        # channels (kernels/taps_conv.py). 'auto' takes it for float16/bfloat16 on CUDA, where it
+        # was measured; float32 there keeps cuDNN's convolutions (cuBLAS runs float32 GEMMs without
+        # TF32 unless torch.backends.cuda.matmul.allow_tf32 is set).
+        if self.backend == "triton":
+            return x.is_cuda or _backends.TRITON_INTERPRETED
+        return self.backend == "auto" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+    def _forward_taps(self, x):
+        from ..kernels import taps_conv
+
+        if self.version == "v2":
+            convs = list(self.branches)
+            weights, dilations = [c.weight for c in convs], [c.dilation for c in convs]
+            biases = [c.bias for c in convs]
+
+            def pack():
+                bias = None if biases[0] is None else sum(biases)
+                return taps_conv.pack_sum(weights, dilations, bias, x.shape[-2:])
+
+            packed = cached(self, "packed", weights + biases, (x.shape[-2:],), pack)
+            return taps_conv.conv_sum(x, weights, dilations, packed=packed)
+        weights, dilations = [b.conv.weight for b in self.branches], [b.conv.dilation for b in self.branches]
+        folds = [b.folded(x.dtype, x.device) for b in self.branches]
+        scales, shifts = [f[0] for f in folds], [f[1] for f in folds]
+        packed = cached(self, "packed", weights + scales + shifts, (x.shape[-2:],),
+                        lambda: taps_conv.pack_branches(weights, dilations, scales, shifts, x.shape[-2:]))
+        concat = taps_conv.parallel_conv_bn_relu(x, weights, dilations, scales, shifts, packed=packed)
+        proj = self.project
+        n = concat.shape[1]
+        weight, shift = cached(self, "project", (proj.conv.weight, proj.conv.bias) + _bn_tensors(proj.bn),
+                               (x.dtype, x.device, proj.bn.eps), lambda: self._folded_projection(x.dtype))
+        main = cached(self, "project_main", (weight,), (), lambda: weight[:, :n].contiguous(memory_format=torch.channels_last))
+        residual = None
+        if self.image_pooling:
+            term = F.conv2d(self.pooling(F.adaptive_avg_pool2d(x, 1)), weight[:, n:])  # (B, out, 1, 1)
+            if term.shape[0] == 1:
+                shift = shift + term.flatten()
+            else:
+                residual = term.expand(-1, -1, *x.shape[-2:]).contiguous(memory_format=torch.channels_last)
+        out = atrous_conv2d(concat, main, shift=shift, residual=residual, activation="relu" if proj.relu else None)
+        return out.contiguous(memory_format=output_memory_format(x))
 
     def _folded_projection(self, dtype):
         proj = self.project

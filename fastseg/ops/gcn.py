@@ -31,6 +31,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backends
@@ -41,7 +42,7 @@ from ._reference import gcn as reference
 __all__ = ["gcn_conv2d"]
 
 OP = "gcn_conv2d"
-_IMPLEMENTED = ("reference", "cpp", "triton")
+_IMPLEMENTED = ("reference", "cpp", "triton", "cudnn")
 _WEIGHTS = ("w_l1", "w_l2", "w_r1", "w_r2")
 _BIASES = ("b_l1", "b_l2", "b_r1", "b_r2")
 
@@ -63,9 +64,11 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
         w_r2: (Cout, Cmid, k, 1).
         b_l1, b_r1: (Cmid,) or None; b_l2, b_r2: (Cout,) or None.
         dilation: int >= 1, the rate of every convolution along its long axis.
-        backend: 'auto' (the C++ kernel on the CPU; on CUDA the plain-PyTorch path, which beat the
-            Triton kernel where measured), 'reference', 'cpp' or 'triton' (CUDA tensors; CPU tensors
-            under TRITON_INTERPRET=1).
+        backend: 'auto' (the C++ kernel on the CPU; on CUDA see ``cuda_backend``), 'reference',
+            'cpp', 'cudnn' (CUDA tensors: cuDNN's four convolutions, the middle and output channels
+            zero-padded to multiples of 8 for its tensor-core kernels) or 'triton' (CUDA tensors; CPU
+            tensors under TRITON_INTERPRET=1: the 'taps' route of kernels/taps_conv.py or four
+            launches of the implicit-GEMM kernel, per ``triton_algorithm``).
 
     Returns:
         (B, Cout, H, W) (or (Cout, H, W)) in x's dtype, device and memory format; differentiable in x,
@@ -122,7 +125,10 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
         raise ValueError(f"{OP}: dilation must be >= 1, got {dilation}")
     if min(x.shape[-2:]) == 0:
         raise ValueError(f"{OP}: x has an empty spatial dimension: shape {tuple(x.shape)}")
-    impl = _backends.select(OP, backend, x.device, _IMPLEMENTED)
+    if backend == "auto" and x.device.type == "cuda":
+        impl = cuda_backend(x.dtype, Cin, Cmid, Cout, k, x.shape[-2] * x.shape[-1])
+    else:
+        impl = _backends.select(OP, backend, x.device, _IMPLEMENTED)
 
     batched = x.dim() == 4
     if not batched:
@@ -132,6 +138,8 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
         out = reference.gcn_conv2d(*args)
     elif impl == "triton":
         out = torch.ops.fastseg.gcn_conv2d_triton(*args)
+    elif impl == "cudnn":
+        out = torch.ops.fastseg.gcn_conv2d_cudnn(*args)
     else:
         # Weights that autograd will update change on every call: the CPU kernel neither keeps nor
         # looks up their spectra then.
@@ -370,6 +378,17 @@ def _register(name):
 TRITON_ALGORITHMS = ("auto", "implicit_gemm", "taps")
 
 
+def cuda_backend(dtype, Cin, Cmid, Cout, k, pixels):
+    """What 'auto' runs on CUDA tensors (measured on an H200, benchmarks/RESULTS.md): float16 and
+    bfloat16 through cuDNN with the channels padded; float32 by the taps route where the input has
+    at least as many channels as pixels (a deep stage on a small map, where cuDNN's float32 kernels
+    for 21 channels were slowest), else through cuDNN."""
+    if dtype in (torch.float16, torch.bfloat16) or dtype == torch.float64:
+        return "cudnn"
+    taps = Cin >= pixels and triton_algorithm(Cin, Cmid, Cout, k) == "taps"
+    return "triton" if taps and _backends.unavailable_reason("triton", "cuda") is None else "cudnn"
+
+
 def triton_algorithm(Cin, Cmid, Cout, k):
     """The GPU route 'auto' takes: 'taps' (kernels/taps_conv.py: cuBLAS GEMMs over the channels and
     a Triton shift-and-add over the taps) while the GEMMs' per-tap products stay a few times the
@@ -405,5 +424,40 @@ def _gcn_conv2d_triton(
 
 
 _register("fastseg::gcn_conv2d_triton")
+
+def _pad_channels(w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, multiple, fmt):
+    """The weights and biases with Cmid and Cout zero-padded to multiples of ``multiple``, the
+    weights in memory format ``fmt`` (where cuDNN would otherwise copy them)."""
+    Cmid, Cout = w_l1.shape[0], w_l2.shape[0]
+    pm, po = -Cmid % multiple, -Cout % multiple
+    if pm == po == 0:
+        return [w.contiguous(memory_format=fmt) for w in (w_l1, w_l2, w_r1, w_r2)] + [b_l1, b_l2, b_r1, b_r2]
+    first = lambda w: F.pad(w, (0, 0, 0, 0, 0, 0, 0, pm))  # noqa: E731  (more output channels)
+    second = lambda w: F.pad(w, (0, 0, 0, 0, 0, pm, 0, po))  # noqa: E731  (more in and out)
+    bias = lambda b, p: None if b is None else F.pad(b, (0, p))  # noqa: E731
+    ws = [first(w_l1), second(w_l2), first(w_r1), second(w_r2)]
+    return ([w.contiguous(memory_format=fmt) for w in ws]
+            + [bias(b_l1, pm), bias(b_l2, po), bias(b_r1, pm), bias(b_r2, po)])
+
+
+@torch.library.custom_op("fastseg::gcn_conv2d_cudnn", mutates_args=())
+def _gcn_conv2d_cudnn(
+    input: Tensor, w_l1: Tensor, w_l2: Tensor, w_r1: Tensor, w_r2: Tensor, b_l1: Optional[Tensor],
+    b_l2: Optional[Tensor], b_r1: Optional[Tensor], b_r2: Optional[Tensor], dilation: int,
+) -> Tensor:
+    # cuDNN's tensor-core kernels want channel counts in multiples of 8: a 21-class block ran 1.3 to
+    # 2.5x slower unpadded on an H200 (float16). Zero weights and biases on the padded channels keep
+    # them zero through both convolutions; the final add reads the real channels only.
+    fmt = output_memory_format(input)
+    multiple = 8 if input.dtype in (torch.float16, torch.bfloat16) else 1
+    padded = _pad_channels(w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, multiple, fmt)
+    left, right = reference.branches(input, *padded, dilation)
+    Cout = w_l2.shape[0]
+    out = torch.empty((input.shape[0], Cout, *input.shape[2:]), dtype=input.dtype, device=input.device,
+                      memory_format=fmt)
+    return torch.add(left[:, :Cout], right[:, :Cout], out=out)
+
+
+_register("fastseg::gcn_conv2d_cudnn")
 if _backends.EXTENSION_LOADED and hasattr(torch.ops.fastseg, "gcn_conv2d"):
     _register("fastseg::gcn_conv2d")
