@@ -4,7 +4,7 @@ between the two timings of one implementation shows the noise.
 
     python benchmarks/gpu_check.py [--out DIR] [--data DIR] [SECTION ...]
 
-Sections: peaks atrous atrous_routes layers aspp gcn unpool unpool_conv crf crf_train crf_images profile
+Sections: peaks atrous atrous_routes layers aspp gcn gcn_layer unpool unpool_conv crf crf_train crf_images profile
 (default: all, in that order). Every section is independent; one that fails prints its traceback
 and the rest go on. Each result is printed as it comes and is a line of ``DIR/gpu_check.jsonl``.
 ``--dry-run`` runs the script on the CPU with tiny shapes (Triton under the interpreter), to check
@@ -47,6 +47,13 @@ OUT_DIR = Path(".")
 # The Triton convolution kernels lost to cuDNN everywhere on the first run (RESULTS.md, "GPU"): they
 # are timed again only with GPU_CHECK_TRITON=1 (their autotuning costs minutes of device time).
 TIME_TRITON = os.environ.get("GPU_CHECK_TRITON") == "1"
+# GPU_CHECK_DTYPES=float16,float32 narrows the aspp, gcn and gcn_layer sections to those dtypes.
+_ONLY = os.environ.get("GPU_CHECK_DTYPES")
+ONLY_DTYPES = None if not _ONLY else {getattr(torch, name) for name in _ONLY.split(",")}
+
+
+def wanted(dtype):
+    return ONLY_DTYPES is None or dtype in ONLY_DTYPES
 DEV = "cuda"  # --dry-run: "cpu", tiny shapes, to check this script itself without a GPU
 
 
@@ -304,7 +311,7 @@ def section_aspp():
                                          ("v2", (6, 12, 18, 24), 21)):
         rates = ASPP_CASE[3] or rates
         for B in (1, 8):
-            for dtype in (torch.float16, torch.float32):
+            for dtype in [d for d in (torch.float16, torch.float32) if wanted(d)]:
                 torch.manual_seed(0)
                 aspp = fastseg.nn.ASPP(C, out_channels, version=version, rates=rates).eval().to(DEV)
                 for m in aspp.modules():  # non-trivial BatchNorm statistics
@@ -345,7 +352,7 @@ GCN_SHAPES = [(1, 2048, 16, 21, 21, 15), (1, 1024, 32, 21, 21, 15), (1, 512, 64,
 
 
 def section_gcn():
-    for dtype, cl in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)):
+    for dtype, cl in [v for v in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)) if wanted(v[0])]:
         for B, Cin, H, Cm, Co, k in GCN_SHAPES if dtype != torch.bfloat16 else GCN_SHAPES[:3]:
             x = channels_last(torch.randn(B, Cin, H, H, device=DEV), cl).to(dtype)
             make = lambda *s: (torch.randn(*s, device=DEV) / (s[1] * k) ** 0.5).to(dtype)
@@ -365,6 +372,25 @@ def section_gcn():
             with torch.no_grad():
                 versus(f"gcn B{B} {Cin}->{Cm}->{Co} {H}x{H} k{k} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}", fns,
                        flops=2 * B * H * H * k * (Cin * Cm + Cm * Co) * 2, **errors)
+
+
+def section_gcn_layer():
+    """fastseg.nn.GlobalConv2d (its padded weights kept between calls) against eager's four
+    convolutions and add on the same weights."""
+    for dtype, cl in [v for v in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)) if wanted(v[0])]:
+        for B, Cin, H, Cm, Co, k in GCN_SHAPES if dtype != torch.bfloat16 else GCN_SHAPES[:3]:
+            torch.manual_seed(0)
+            layer = fastseg.nn.GlobalConv2d(Cin, Co, k=k, mid_ch=Cm).to(DEV, dtype)
+            x = channels_last(torch.randn(B, Cin, H, H, device=DEV), cl).to(dtype)
+            convs = (layer.conv_l1, layer.conv_l2, layer.conv_r1, layer.conv_r2)
+            ws, bs = [c.weight for c in convs], [c.bias for c in convs]
+            with torch.no_grad():
+                ref = _four_convs(x.double(), *[t.double() for t in ws + bs])
+                with poisoned():
+                    out = layer(x)
+                versus(f"gcn layer B{B} {Cin}->{Cm}->{Co} {H}x{H} k{k} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}",
+                       {"fastseg": lambda: layer(x), "eager": lambda: _four_convs(x, *ws, *bs)},
+                       flops=2 * B * H * H * k * (Cin * Cm + Cm * Co) * 2, err=rel_error(out, ref))
 
 
 UNPOOL_SHAPES = [(8, 64, 360, 480), (8, 512, 45, 60), (16, 128, 180, 240)]
@@ -564,7 +590,7 @@ def _shrink():
     ATROUS_VARIANTS[:] = [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)]
 
 
-SECTIONS = ["peaks", "atrous", "atrous_routes", "layers", "aspp", "gcn", "unpool", "unpool_conv", "crf", "crf_train",
+SECTIONS = ["peaks", "atrous", "atrous_routes", "layers", "aspp", "gcn", "gcn_layer", "unpool", "unpool_conv", "crf", "crf_train",
             "crf_images", "profile"]
 
 

@@ -19,6 +19,7 @@ import collections
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -97,6 +98,12 @@ def shift_add(g, taps, out, bias, H, W, relu=False):
     return out
 
 
+def _aligned(n):
+    """n rounded up to a multiple of 8: each tap's block of GEMM columns (and each row of the GEMMs'
+    operands) starts 16 bytes aligned in half precision, as cuBLAS's tensor-core kernels want."""
+    return -(-n // 8) * 8
+
+
 def _sum_dtype(dtype):
     """What the pass sums in (its bias's dtype)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -144,28 +151,33 @@ def gcn_conv2d(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation):
     and both biases into the output."""
     B, Cin, H, W = input.shape
     Cmid, Cout, k, d, device = w_l1.shape[0], w_l2.shape[0], w_l1.shape[2], dilation, input.device
+    Mp, Op = _aligned(Cmid), _aligned(Cout)
     sums = _sum_dtype(input.dtype)
-    # Tap t's (Cin, Cmid) block at columns t * Cmid: the k x 1 taps, then the 1 x k ones.
-    w1 = torch.cat([w_l1[..., 0].permute(1, 2, 0), w_r1[:, :, 0, :].permute(1, 2, 0)], 1).reshape(Cin, 2 * k * Cmid)
-    taps1 = _tap_table((tuple(_axis_taps(k, d, True, 0, Cmid)), tuple(_axis_taps(k, d, False, k * Cmid, Cmid))),
-                       device)
+    # Tap t's (Cin, Cmid) block at columns t * Mp, zero-padded to Mp columns: the k x 1 taps, then
+    # the 1 x k ones. The pass writes all Mp channels of the middle maps (zeros past Cmid), so the
+    # next GEMM's rows are aligned too.
+    w1 = F.pad(torch.cat([w_l1[..., 0].permute(1, 2, 0), w_r1[:, :, 0, :].permute(1, 2, 0)], 1),
+               (0, Mp - Cmid)).reshape(Cin, 2 * k * Mp)
+    taps1 = _tap_table((tuple(_axis_taps(k, d, True, 0, Mp)), tuple(_axis_taps(k, d, False, k * Mp, Mp))), device)
     bias1 = None
     if b_l1 is not None or b_r1 is not None:
-        bias1 = torch.stack([torch.zeros(Cmid, dtype=sums, device=device) if b is None else b.to(sums)
-                             for b in (b_l1, b_r1)])
+        bias1 = torch.zeros((2, Mp), dtype=sums, device=device)
+        for i, b in enumerate((b_l1, b_r1)):
+            if b is not None:
+                bias1[i, :Cmid] = b
     # The middle maps (left, right) pixel-major whatever x's layout: the next GEMM's rows.
-    mid = torch.empty((2, B, H, W, Cmid), dtype=input.dtype, device=device)
+    mid = torch.empty((2, B, H, W, Mp), dtype=input.dtype, device=device)
     shift_add(_gemm(input, w1), taps1, mid.permute(0, 1, 4, 2, 3), bias1, H, W)
     # Second step: slab 0 the left middle map times its 1 x k taps, slab 1 the right one times its
     # k x 1 taps; all 2k taps and both biases sum into one output.
-    w2 = torch.stack([w_l2[:, :, 0, :].permute(1, 2, 0).reshape(Cmid, k * Cout),
-                      w_r2[..., 0].permute(1, 2, 0).reshape(Cmid, k * Cout)])
-    taps2 = _tap_table((tuple(_axis_taps(k, d, False, 0, Cout, 0) + _axis_taps(k, d, True, 0, Cout, 1)),), device)
+    w2 = F.pad(torch.stack([w_l2[:, :, 0, :].permute(1, 2, 0), w_r2[..., 0].permute(1, 2, 0)]),
+               (0, Op - Cout, 0, 0, 0, Mp - Cmid)).reshape(2, Mp, k * Op)
+    taps2 = _tap_table((tuple(_axis_taps(k, d, False, 0, Op, 0) + _axis_taps(k, d, True, 0, Op, 1)),), device)
     bias2 = None
     if b_l2 is not None or b_r2 is not None:
         bias2 = sum(b.to(sums) for b in (b_l2, b_r2) if b is not None).view(1, Cout)
     out = _output((B, Cout, H, W), input)
-    shift_add(torch.bmm(mid.view(2, B * H * W, Cmid), w2), taps2, out.unsqueeze(0), bias2, H, W)
+    shift_add(torch.bmm(mid.view(2, B * H * W, Mp), w2), taps2, out.unsqueeze(0), bias2, H, W)
     return out
 
 
@@ -197,9 +209,9 @@ def pack_sum(weights, dilations, bias, hw):
     bias = None if bias is None else bias.to(_sum_dtype(bias.dtype)).view(1, O)
     if not merged:  # every tap lands in the padding
         return Packed(None, None, bias, (H, W))
-    offsets = list(merged)
-    w_cat = torch.cat([merged[s].t() for s in offsets], 1)
-    taps = _tap_table((tuple((0, dy, dx, t * O) for t, (dy, dx) in enumerate(offsets)),), w_cat.device)
+    offsets, Op = list(merged), _aligned(O)
+    w_cat = F.pad(torch.stack([merged[s].t() for s in offsets], 1), (0, Op - O)).reshape(weights[0].shape[1], -1)
+    taps = _tap_table((tuple((0, dy, dx, t * Op) for t, (dy, dx) in enumerate(offsets)),), w_cat.device)
     return Packed(w_cat, taps, bias, (H, W))
 
 
@@ -225,17 +237,18 @@ def pack_branches(weights, dilations, scales, shifts, hw):
     """``parallel_conv_bn_relu``'s packing (each branch's scale folded into its columns)."""
     H, W = hw
     O = weights[0].shape[0]
+    Op = _aligned(O)
     per_branch = [_tap_blocks(w * s.view(-1, 1, 1, 1), tuple(d), H, W) for w, d, s in zip(weights, dilations, scales)]
     T = max(len(b) for b in per_branch)
     columns, rows = [], []
     for blocks in per_branch:
         row = []
         for dy, dx in blocks:
-            row.append((0, dy, dx, len(columns) * O))
+            row.append((0, dy, dx, len(columns) * Op))
             columns.append(blocks[dy, dx].t())
         # Unused rows of a shorter branch: an offset past the map, never read.
         rows.append(tuple(row + [(0, H, 0, 0)] * (T - len(row))))
-    w_cat = torch.cat(columns, 1)
+    w_cat = F.pad(torch.stack(columns, 1), (0, Op - O)).reshape(weights[0].shape[1], -1)
     bias = torch.stack([s.to(_sum_dtype(s.dtype)) for s in shifts])
     return Packed(w_cat, _tap_table(tuple(rows), w_cat.device), bias, (H, W))
 

@@ -122,6 +122,28 @@ def test_triton_algorithms(case, dtype, layout, algorithm, backend, device, pois
     assert out.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the layer's padded-weights path runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layer_keeps_padded_weights_on_cuda(dtype, layout):
+    torch.manual_seed(6)
+    layer = fastseg.nn.GlobalConv2d(12, 21, k=7).to("cuda", dtype)
+    x = _layout(torch.randn(2, 12, 9, 11, device="cuda", dtype=dtype), layout)
+    plain = lambda: _four_convs(x.double(), *[c.weight.double() for c in (layer.conv_l1, layer.conv_l2, layer.conv_r1,
+                                                                          layer.conv_r2)],
+                                *[c.bias.double() for c in (layer.conv_l1, layer.conv_l2, layer.conv_r1, layer.conv_r2)], 1)
+    with torch.no_grad():
+        out = layer(x)
+        assert out.shape == (2, 21, 9, 11) and out.dtype == dtype
+        assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        assert_relative_close(out.cpu(), plain().cpu(), dtype)
+        layer.conv_r2.weight.mul_(-2)  # seen at once
+        assert_relative_close(layer(x).cpu(), plain().cpu(), dtype)
+    # Training through the same path: gradients reach the weights.
+    layer(x).float().square().mean().backward()
+    assert all(c.weight.grad is not None for c in (layer.conv_l1, layer.conv_l2, layer.conv_r1, layer.conv_r2))
+
+
 def test_taps_route_leaves_out_taps_past_the_map():
     # Dilation 4 on a 3-row map: every k x 1 tap but the centre lands in the padding for every
     # pixel; the GEMM then has those taps' columns left out, and the result must not change.

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import _backends
 from .._layout import output_memory_format
+from ._kept import KeepsDerived, cached
 from ..ops.atrous import _padding, atrous_conv2d
 
 __all__ = ["AtrousConvBNReLU", "ASPP"]
@@ -31,40 +32,11 @@ def fold_batch_norm(bn, dtype):
     return scale.to(dtype), shift.to(dtype)
 
 
-def cached(module, name, tensors, extra, compute):
-    """``compute()``, kept on ``module`` under ``name`` while ``tensors`` are the same objects with the
-    same storage at the same in-place version (and ``extra`` is equal): an eval-mode layer's folded
-    BatchNorm and packed weights are otherwise several small kernels per call. In-place updates,
-    optimiser steps and load_state_dict bump the version; writes through ``.data`` do not, and
-    ``module.train()`` / ``.eval()`` drop every kept value. Nothing is kept while autograd records
-    through a source or under tracing (fake tensors have no storage)."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if recording or (is_compiling and is_compiling()):
-        return compute()
-    key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors) + tuple(extra)
-    memo = module.__dict__.setdefault("_kept", {})
-    hit = memo.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    value = compute()
-    memo[name] = (key, value, tuple(tensors))  # holding the sources keeps their ids unique
-    return value
-
-
-class _KeepsFolded:
-    """Drops the values ``cached`` kept whenever the mode is set."""
-
-    def train(self, mode=True):
-        self.__dict__.pop("_kept", None)
-        return super().train(mode)
-
-
 def _bn_tensors(bn):
     return (bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
-class AtrousConvBNReLU(_KeepsFolded, nn.Module):
+class AtrousConvBNReLU(KeepsDerived, nn.Module):
     """Conv2d (any dilation) -> BatchNorm2d -> (+ residual) -> ReLU, fused in eval mode.
 
     ``forward(x, residual=None)``: x (B, in_channels, H, W) -> (B, out_channels, Ho, Wo); the
@@ -126,7 +98,7 @@ class AtrousConvBNReLU(_KeepsFolded, nn.Module):
         return f"relu={self.relu}"
 
 
-class ASPP(_KeepsFolded, nn.Module):
+class ASPP(KeepsDerived, nn.Module):
     """Atrous Spatial Pyramid Pooling, DeepLab v2 or v3.
 
     ``version='v2'`` (Chen et al., TPAMI 2017): parallel 3x3 convolutions (with bias) at

@@ -5,19 +5,27 @@ Global Convolutional Network" (CVPR 2017): ``GlobalConv2d`` (the GCN block, Fig.
 Parameters live in plain ``nn.Conv2d`` modules, so state dicts match a plain-PyTorch version of the
 same block; the forward passes go through ``fastseg.gcn_conv2d`` and ``fastseg.atrous_conv2d``.
 """
+import torch
 from torch import nn
 
+from .._layout import output_memory_format
+from ..ops import gcn as gcn_ops
 from ..ops.atrous import atrous_conv2d
 from ..ops.gcn import gcn_conv2d
+from ._kept import KeepsDerived, cached
 
 __all__ = ["GlobalConv2d", "BoundaryRefinement"]
 
 
-class GlobalConv2d(nn.Module):
+class GlobalConv2d(KeepsDerived, nn.Module):
     """Global Convolutional Network block: (k x 1 then 1 x k) + (1 x k then k x 1) convolutions.
 
     ``forward(x)``: (B, in_ch, H, W) -> (B, out_ch, H, W). The paper uses k = 15 and
     mid_ch = out_ch = the number of classes (21 on VOC); no BatchNorm or ReLU inside the block.
+    On CUDA, where ``fastseg.gcn_conv2d`` would take its cuDNN route, the layer keeps its weights
+    zero-padded to the channel counts cuDNN's tensor cores want between calls (while autograd does
+    not record through them; dropped on ``train()`` / ``eval()``, and when a parameter changes in
+    place), so a call is the four convolutions and the final add.
     Submodules ``conv_l1`` (k x 1), ``conv_l2`` (1 x k), ``conv_r1`` (1 x k), ``conv_r2`` (k x 1).
 
     Example:
@@ -40,8 +48,19 @@ class GlobalConv2d(nn.Module):
 
     def forward(self, x):
         convs = (self.conv_l1, self.conv_l2, self.conv_r1, self.conv_r2)
-        return gcn_conv2d(x, *(c.weight for c in convs), *(c.bias for c in convs), dilation=self.dilation,
-                          backend=self.backend)
+        weights, biases = [c.weight for c in convs], [c.bias for c in convs]
+        w = weights[0]
+        if (self.backend in ("auto", "cudnn") and isinstance(x, torch.Tensor) and x.is_cuda and x.dim() == 4
+                and x.dtype == w.dtype and x.device == w.device and x.shape[1] == w.shape[1]
+                and (self.backend == "cudnn" or gcn_ops.cuda_backend(x.dtype, w.shape[1], w.shape[0],
+                                                                      self.conv_l2.out_channels, self.k,
+                                                                      x.shape[2] * x.shape[3]) == "cudnn")):
+            fmt = output_memory_format(x)
+            multiple = gcn_ops.channel_multiple(x.dtype)
+            padded = cached(self, "padded", weights + biases, (multiple, fmt),
+                            lambda: gcn_ops.pad_channels(*weights, *biases, multiple, fmt))
+            return gcn_ops.run_padded(x, padded, self.conv_l2.out_channels, self.dilation)
+        return gcn_conv2d(x, *weights, *biases, dilation=self.dilation, backend=self.backend)
 
     def extra_repr(self):
         return f"k={self.k}, dilation={self.dilation}"

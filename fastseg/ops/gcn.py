@@ -425,7 +425,7 @@ def _gcn_conv2d_triton(
 
 _register("fastseg::gcn_conv2d_triton")
 
-def _pad_channels(w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, multiple, fmt):
+def pad_channels(w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, multiple, fmt):
     """The weights and biases with Cmid and Cout zero-padded to multiples of ``multiple``, the
     weights in memory format ``fmt`` (where cuDNN would otherwise copy them)."""
     Cmid, Cout = w_l1.shape[0], w_l2.shape[0]
@@ -445,16 +445,23 @@ def _gcn_conv2d_cudnn(
     input: Tensor, w_l1: Tensor, w_l2: Tensor, w_r1: Tensor, w_r2: Tensor, b_l1: Optional[Tensor],
     b_l2: Optional[Tensor], b_r1: Optional[Tensor], b_r2: Optional[Tensor], dilation: int,
 ) -> Tensor:
-    # cuDNN's tensor-core kernels want channel counts in multiples of 8: a 21-class block ran 1.3 to
-    # 2.5x slower unpadded on an H200 (float16). Zero weights and biases on the padded channels keep
-    # them zero through both convolutions; the final add reads the real channels only.
     fmt = output_memory_format(input)
-    multiple = 8 if input.dtype in (torch.float16, torch.bfloat16) else 1
-    padded = _pad_channels(w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, multiple, fmt)
+    padded = pad_channels(w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, channel_multiple(input.dtype), fmt)
+    return run_padded(input, padded, w_l2.shape[0], dilation)
+
+
+def channel_multiple(dtype):
+    """What cuDNN's route pads the middle and output channels to: its tensor-core kernels want
+    multiples of 8 (a 21-class float16 block ran 1.3 to 2.5x slower unpadded on an H200)."""
+    return 8 if dtype in (torch.float16, torch.bfloat16) else 1
+
+
+def run_padded(input, padded, Cout, dilation):
+    """The four convolutions on channel-padded weights (``pad_channels``) and the final add, which
+    reads the Cout real channels only: zero weights and biases keep the padded ones zero."""
     left, right = reference.branches(input, *padded, dilation)
-    Cout = w_l2.shape[0]
     out = torch.empty((input.shape[0], Cout, *input.shape[2:]), dtype=input.dtype, device=input.device,
-                      memory_format=fmt)
+                      memory_format=output_memory_format(input))
     return torch.add(left[:, :Cout], right[:, :Cout], out=out)
 
 

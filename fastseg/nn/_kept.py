@@ -1,0 +1,32 @@
+"""Values an inference layer derives from its parameters (a folded BatchNorm, weights packed or
+padded for a kernel), kept between calls while the parameters are unchanged."""
+import torch
+
+
+def cached(module, name, tensors, extra, compute):
+    """``compute()``, kept on ``module`` under ``name`` while ``tensors`` are the same objects with the
+    same storage at the same in-place version (and ``extra`` is equal): an eval-mode layer's folded
+    BatchNorm and packed weights are otherwise several small kernels per call. In-place updates,
+    optimiser steps and load_state_dict bump the version; writes through ``.data`` do not, and
+    ``module.train()`` / ``.eval()`` drop every kept value. Nothing is kept while autograd records
+    through a source or under tracing (fake tensors have no storage)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if recording or (is_compiling and is_compiling()):
+        return compute()
+    key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors) + tuple(extra)
+    memo = module.__dict__.setdefault("_kept", {})
+    hit = memo.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = compute()
+    memo[name] = (key, value, tuple(tensors))  # holding the sources keeps their ids unique
+    return value
+
+
+class KeepsDerived:
+    """Drops the values ``cached`` kept whenever the mode is set."""
+
+    def train(self, mode=True):
+        self.__dict__.pop("_kept", None)
+        return super().train(mode)
