@@ -78,9 +78,9 @@ def unavailable_reason(backend, device_type):
 # Triton atrous_conv2d kernel ran 0.24-0.89x eager conv + BN + ReLU over 18 DeepLab cases (shape,
 # dtype, layout), ASPP 0.43-0.87x, unpool_conv2d 0.20-0.44x, while cuDNN's own fused convolution
 # + bias + ReLU with BatchNorm folded into the weights ran 0.86-1.41x; gcn_conv2d's four Triton
-# convolutions 0.18-0.99x in float16 (its 'auto' on CUDA also takes the Triton taps route for some
-# float32 shapes: fastseg.ops.gcn.cuda_backend).
-AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": ("cudnn",), "unpool_conv2d": ()}
+# convolutions 0.18-0.99x in float16 (gcn_conv2d's 'auto' on CUDA takes the Triton taps route for
+# some float32 shapes: fastseg.ops.gcn.cuda_backend).
+AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": (), "unpool_conv2d": ()}
 
 
 def select(op, backend, device, implemented=BACKENDS):

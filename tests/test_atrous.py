@@ -517,11 +517,11 @@ def test_compiled_op_checks_its_arguments():
 
 def test_auto_on_cuda():
     # Selection only (no CUDA tensor is made): the Triton conv kernels lost to cuDNN on an H200
-    # (RESULTS.md, "GPU"), so 'auto' runs atrous_conv2d and gcn_conv2d through cuDNN on CUDA and
-    # unpool_conv2d in plain PyTorch; 'triton' stays by name.
+    # (RESULTS.md, "GPU"), so 'auto' runs atrous_conv2d through cuDNN's fused kernel on CUDA and
+    # the other convolutions in plain PyTorch; 'triton' stays by name.
     implemented = ("reference", "cpp", "triton", "cudnn")
     if torch.backends.cudnn.is_available():
-        for op in ("atrous_conv2d", "gcn_conv2d"):
-            assert fastseg._backends.select(op, "auto", torch.device("cuda"), implemented) == "cudnn"
-    assert fastseg._backends.select("unpool_conv2d", "auto", torch.device("cuda"), implemented) == "reference"
+        assert fastseg._backends.select("atrous_conv2d", "auto", torch.device("cuda"), implemented) == "cudnn"
+    for op in ("gcn_conv2d", "unpool_conv2d"):  # gcn_conv2d: see fastseg.ops.gcn.cuda_backend
+        assert fastseg._backends.select(op, "auto", torch.device("cuda"), implemented) == "reference"
     assert fastseg._backends.select("dense_crf", "auto", torch.device("cuda"), ("reference", "cpp", "triton")) == "triton"

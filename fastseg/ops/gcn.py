@@ -66,9 +66,10 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
         dilation: int >= 1, the rate of every convolution along its long axis.
         backend: 'auto' (the C++ kernel on the CPU; on CUDA see ``cuda_backend``), 'reference',
             'cpp', 'cudnn' (CUDA tensors: cuDNN's four convolutions, the middle and output channels
-            zero-padded to multiples of 8 for its tensor-core kernels) or 'triton' (CUDA tensors; CPU
-            tensors under TRITON_INTERPRET=1: the 'taps' route of kernels/taps_conv.py or four
-            launches of the implicit-GEMM kernel, per ``triton_algorithm``).
+            zero-padded to multiples of 8 for its tensor-core kernels; ``fastseg.nn.GlobalConv2d``
+            keeps its weights padded) or 'triton' (CUDA tensors; CPU tensors under
+            TRITON_INTERPRET=1: the 'taps' route of kernels/taps_conv.py or four launches of the
+            implicit-GEMM kernel, per ``triton_algorithm``).
 
     Returns:
         (B, Cout, H, W) (or (Cout, H, W)) in x's dtype, device and memory format; differentiable in x,
@@ -379,14 +380,14 @@ TRITON_ALGORITHMS = ("auto", "implicit_gemm", "taps")
 
 
 def cuda_backend(dtype, Cin, Cmid, Cout, k, pixels):
-    """What 'auto' runs on CUDA tensors (measured on an H200, benchmarks/RESULTS.md): float16 and
-    bfloat16 through cuDNN with the channels padded; float32 by the taps route where the input has
-    at least as many channels as pixels (a deep stage on a small map, where cuDNN's float32 kernels
-    for 21 channels were slowest), else through cuDNN."""
-    if dtype in (torch.float16, torch.bfloat16) or dtype == torch.float64:
-        return "cudnn"
-    taps = Cin >= pixels and triton_algorithm(Cin, Cmid, Cout, k) == "taps"
-    return "triton" if taps and _backends.unavailable_reason("triton", "cuda") is None else "cudnn"
+    """What 'auto' runs on CUDA tensors (measured on an H200, benchmarks/RESULTS.md, "GPU routes"):
+    float32 by the taps route where the input has at least as many channels as pixels (a deep stage
+    on a small map, where cuDNN's float32 kernels for 21 channels are slowest: 1.9-3.0x eager), else
+    eager's four convolutions ('reference'). The 'cudnn' route's padding costs more per call than
+    its faster kernels save on a lone call (0.5x eager); ``fastseg.nn.GlobalConv2d`` keeps its
+    weights padded and takes it in half precision."""
+    taps = dtype == torch.float32 and Cin >= pixels and triton_algorithm(Cin, Cmid, Cout, k) == "taps"
+    return "triton" if taps and _backends.unavailable_reason("triton", "cuda") is None else "reference"
 
 
 def triton_algorithm(Cin, Cmid, Cout, k):
@@ -460,8 +461,11 @@ def run_padded(input, padded, Cout, dilation):
     """The four convolutions on channel-padded weights (``pad_channels``) and the final add, which
     reads the Cout real channels only: zero weights and biases keep the padded ones zero."""
     left, right = reference.branches(input, *padded, dilation)
+    fmt = output_memory_format(input)
+    if left.requires_grad or right.requires_grad:  # autograd records no out= ops
+        return (left[:, :Cout] + right[:, :Cout]).contiguous(memory_format=fmt)
     out = torch.empty((input.shape[0], Cout, *input.shape[2:]), dtype=input.dtype, device=input.device,
-                      memory_format=output_memory_format(input))
+                      memory_format=fmt)
     return torch.add(left[:, :Cout], right[:, :Cout], out=out)
 
 
