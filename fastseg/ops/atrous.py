@@ -119,7 +119,7 @@ def atrous_conv2d(
     elif impl == "triton":
         out = torch.ops.fastseg.atrous_conv2d_triton(*args)
     elif impl == "cudnn":
-        out = torch.ops.fastseg.atrous_conv2d_cudnn(*args)
+        out = _backends.call(torch.ops.fastseg.atrous_conv2d_cudnn, _cudnn_forward, *args)
     else:
         # Weights that autograd will update change on every call: the CPU kernel neither keeps nor
         # looks up their Winograd transforms then.
@@ -250,11 +250,7 @@ def _atrous_conv2d_triton(
 _register("fastseg::atrous_conv2d_triton")
 
 
-@torch.library.custom_op("fastseg::atrous_conv2d_cudnn", mutates_args=())
-def _atrous_conv2d_cudnn(
-    input: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
-    stride: List[int], padding: List[int], dilation: List[int], groups: int, relu: bool,
-) -> Tensor:
+def _cudnn_forward(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
     # scale * conv(x, w) = conv(x, scale * w): with the scale in the weights, shift is the bias of
     # cuDNN's fused convolution + bias (+ z) + ReLU (one kernel instead of eager's conv, BatchNorm
     # and ReLU passes). The weights are folded in the input's memory format, which ATen would
@@ -274,6 +270,14 @@ def _atrous_conv2d_cudnn(
     if residual is not None:
         out = out.add_(residual)
     return (out.relu_() if relu else out).contiguous(memory_format=fmt)
+
+
+@torch.library.custom_op("fastseg::atrous_conv2d_cudnn", mutates_args=())
+def _atrous_conv2d_cudnn(
+    input: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
+    stride: List[int], padding: List[int], dilation: List[int], groups: int, relu: bool,
+) -> Tensor:
+    return _cudnn_forward(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
 
 
 _register("fastseg::atrous_conv2d_cudnn")

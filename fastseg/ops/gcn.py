@@ -138,9 +138,9 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
     if impl == "reference":
         out = reference.gcn_conv2d(*args)
     elif impl == "triton":
-        out = torch.ops.fastseg.gcn_conv2d_triton(*args)
+        out = _backends.call(torch.ops.fastseg.gcn_conv2d_triton, _triton_forward, *args)
     elif impl == "cudnn":
-        out = torch.ops.fastseg.gcn_conv2d_cudnn(*args)
+        out = _backends.call(torch.ops.fastseg.gcn_conv2d_cudnn, _cudnn_forward, *args)
     else:
         # Weights that autograd will update change on every call: the CPU kernel neither keeps nor
         # looks up their spectra then.
@@ -397,12 +397,7 @@ def triton_algorithm(Cin, Cmid, Cout, k):
     return "taps" if 2 * k * max(Cmid, Cout) <= 4 * max(Cin, 64) else "implicit_gemm"
 
 
-@torch.library.custom_op("fastseg::gcn_conv2d_triton", mutates_args=())
-def _gcn_conv2d_triton(
-    input: Tensor, w_l1: Tensor, w_l2: Tensor, w_r1: Tensor, w_r2: Tensor, b_l1: Optional[Tensor],
-    b_l2: Optional[Tensor], b_r1: Optional[Tensor], b_r2: Optional[Tensor], dilation: int,
-    algorithm: str = "auto",
-) -> Tensor:
+def _triton_forward(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation, algorithm="auto"):
     if algorithm not in TRITON_ALGORITHMS:
         raise ValueError(f"{OP}: the triton algorithm must be one of {TRITON_ALGORITHMS}, got {algorithm!r}")
     if algorithm == "auto":
@@ -424,7 +419,17 @@ def _gcn_conv2d_triton(
     return kernels.atrous_conv2d(mid_r, w_r2, None, b_r2, left, one, [p, 0], [d, 1], 1, False)
 
 
+@torch.library.custom_op("fastseg::gcn_conv2d_triton", mutates_args=())
+def _gcn_conv2d_triton(
+    input: Tensor, w_l1: Tensor, w_l2: Tensor, w_r1: Tensor, w_r2: Tensor, b_l1: Optional[Tensor],
+    b_l2: Optional[Tensor], b_r1: Optional[Tensor], b_r2: Optional[Tensor], dilation: int,
+    algorithm: str = "auto",
+) -> Tensor:
+    return _triton_forward(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation, algorithm)
+
+
 _register("fastseg::gcn_conv2d_triton")
+
 
 def pad_channels(w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, multiple, fmt):
     """The weights and biases with Cmid and Cout zero-padded to multiples of ``multiple``, the
@@ -441,14 +446,21 @@ def pad_channels(w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, multiple, fmt):
             + [bias(b_l1, pm), bias(b_l2, po), bias(b_r1, pm), bias(b_r2, po)])
 
 
+def _cudnn_forward(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation):
+    fmt = output_memory_format(input)
+    padded = pad_channels(w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, channel_multiple(input.dtype), fmt)
+    return run_padded(input, padded, w_l2.shape[0], dilation)
+
+
 @torch.library.custom_op("fastseg::gcn_conv2d_cudnn", mutates_args=())
 def _gcn_conv2d_cudnn(
     input: Tensor, w_l1: Tensor, w_l2: Tensor, w_r1: Tensor, w_r2: Tensor, b_l1: Optional[Tensor],
     b_l2: Optional[Tensor], b_r1: Optional[Tensor], b_r2: Optional[Tensor], dilation: int,
 ) -> Tensor:
-    fmt = output_memory_format(input)
-    padded = pad_channels(w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, channel_multiple(input.dtype), fmt)
-    return run_padded(input, padded, w_l2.shape[0], dilation)
+    return _cudnn_forward(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation)
+
+
+_register("fastseg::gcn_conv2d_cudnn")
 
 
 def channel_multiple(dtype):
@@ -469,6 +481,5 @@ def run_padded(input, padded, Cout, dilation):
     return torch.add(left[:, :Cout], right[:, :Cout], out=out)
 
 
-_register("fastseg::gcn_conv2d_cudnn")
 if _backends.EXTENSION_LOADED and hasattr(torch.ops.fastseg, "gcn_conv2d"):
     _register("fastseg::gcn_conv2d")
