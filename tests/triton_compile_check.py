@@ -59,7 +59,7 @@ Autotuner.run = _every_config
 # Nothing is launched: the grids are never evaluated and the CPU tensors only give types.
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from fastseg.kernels import atrous, dense_crf, unpool, unpool_conv  # noqa: E402
+from fastseg.kernels import atrous, dense_crf, taps_conv, unpool, unpool_conv  # noqa: E402
 
 
 def main():
@@ -80,6 +80,13 @@ def main():
             weight = torch.randn(16, 8, 3, 3, generator=g).to(dtype)
             unpool_conv.unpool_conv2d(values, indices, weight, s, s, r, (2, 2), (2, 2), (0, 0), (9, 9), (1, 1),
                                       (1, 1), True)
+            if dtype != torch.float16:  # the taps route's GEMMs run here, on the CPU (no float16 matmul)
+                gcn_w = [torch.randn(*shape, generator=g).to(dtype) for shape in ((5, 8, 7, 1), (3, 5, 1, 7),
+                                                                                  (5, 8, 1, 7), (3, 5, 7, 1))]
+                taps_conv.gcn_conv2d(x, *gcn_w, s[:5], s[:3], None, None, 1)
+                taps_conv.gcn_conv2d(x, *gcn_w, None, None, None, None, 2)
+                taps_conv.conv_sum(x, [w, w], [(1, 1), (2, 2)], s)
+                taps_conv.parallel_conv_bn_relu(x, [w, w], [(1, 1), (3, 3)], [s, s], [s, s])
     # float32 dots with TF32 off (tf32x3), as the GPU tests run them.
     torch.backends.cudnn.allow_tf32 = False
     x = torch.randn(2, 8, 9, 9, generator=g)
