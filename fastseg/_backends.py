@@ -106,9 +106,12 @@ def call(op, plain, *args):
     the dispatcher adds nothing (no graph being traced, autograd recording through no argument);
     else ``op(*args)``. A Python custom op's dispatch costs about 20 us per call on this project's
     2-core VM (18 us over a 14 us convolution): on a GPU, host time that small calls wait on."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if is_compiling is not None and is_compiling():
-        return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    if tracing() or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         return op(*args)
     return plain(*args)
+
+
+def tracing():
+    """Whether torch.compile or torch.export is tracing the current call."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())

@@ -2,6 +2,8 @@
 padded for a kernel), kept between calls while the parameters are unchanged."""
 import torch
 
+from .. import _backends
+
 
 def cached(module, name, tensors, extra, compute):
     """``compute()``, kept on ``module`` under ``name`` while ``tensors`` are the same objects with the
@@ -10,9 +12,8 @@ def cached(module, name, tensors, extra, compute):
     optimiser steps and load_state_dict bump the version; writes through ``.data`` do not, and
     ``module.train()`` / ``.eval()`` drop every kept value. Nothing is kept while autograd records
     through a source or under tracing (fake tensors have no storage)."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if recording or (is_compiling and is_compiling()):
+    if recording or _backends.tracing():
         return compute()
     key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors) + tuple(extra)
     memo = module.__dict__.setdefault("_kept", {})
