@@ -80,7 +80,9 @@ def unavailable_reason(backend, device_type):
 # + bias + ReLU with BatchNorm folded into the weights ran 0.86-1.41x; gcn_conv2d's four Triton
 # convolutions 0.18-0.99x in float16 (gcn_conv2d's 'auto' on CUDA takes the Triton taps route for
 # some float32 shapes: fastseg.ops.gcn.cuda_backend).
-AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": (), "unpool_conv2d": ()}
+# max_unpool2d's CUDA C++ and Triton kernels ran 0.17-0.54x ATen's on the same H200 run (their
+# index arithmetic: 64-bit divisions per element), so its 'auto' is ATen's kernel there.
+AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": (), "unpool_conv2d": (), "max_unpool2d": ()}
 
 
 def select(op, backend, device, implemented=BACKENDS):
