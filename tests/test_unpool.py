@@ -252,6 +252,8 @@ def test_bad_backend():
         fastseg.max_unpool2d(values, indices, 2, backend="fast")
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable for cpu tensors"):
         fastseg.max_unpool2d(values, indices, 2, backend="cuda")
+    with pytest.raises(ValueError, match="has no 'cudnn' backend"):  # a backend other ops have
+        fastseg.max_unpool2d(values, indices, 2, backend="cudnn")
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")

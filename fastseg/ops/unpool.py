@@ -18,6 +18,7 @@ from ._reference import unpool as reference
 __all__ = ["max_unpool2d", "unpool_output_size"]
 
 OP = "max_unpool2d"
+_IMPLEMENTED = ("reference", "cpp", "cuda", "triton")
 
 
 
@@ -65,7 +66,7 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     stride = kernel_size if stride is None else to_pair(OP, "stride", stride, minimum=1)
     padding = to_pair(OP, "padding", padding, minimum=0)
     out_hw = unpool_output_size(input.shape[-2:], kernel_size, stride, padding, output_size)
-    impl = _backends.select(OP, backend, input.device)
+    impl = _backends.select(OP, backend, input.device, _IMPLEMENTED)
 
     batched = input.dim() == 4
     if not batched:
