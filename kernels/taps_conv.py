@@ -182,7 +182,8 @@ def gcn_conv2d(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation):
 
 
 def _tap_blocks(weight, dilation, H, W):
-    """{(dy, dx): (O, C) weight} of a 'same' convolution, the taps that meet an H x W map only."""
+    """{(dy, dx): (O, C) weight} of a 'same' convolution (odd kernel), the taps that meet an H x W map
+    only: never empty, as the centre tap (0, 0) meets every pixel."""
     (kH, kW), (dh, dw) = weight.shape[2:], dilation
     blocks = {}
     for i in range(kH):
@@ -207,8 +208,6 @@ def pack_sum(weights, dilations, bias, hw):
             merged[offset] = merged[offset] + block if offset in merged else block
     O = weights[0].shape[0]
     bias = None if bias is None else bias.to(_sum_dtype(bias.dtype)).view(1, O)
-    if not merged:  # every tap lands in the padding
-        return Packed(None, None, bias, (H, W))
     offsets, Op = list(merged), _aligned(O)
     w_cat = F.pad(torch.stack([merged[s].t() for s in offsets], 1), (0, Op - O)).reshape(weights[0].shape[1], -1)
     taps = _tap_table((tuple((0, dy, dx, t * Op) for t, (dy, dx) in enumerate(offsets)),), w_cat.device)
@@ -225,10 +224,6 @@ def conv_sum(input, weights, dilations, bias=None, packed=None):
     if packed is None or packed.hw != (H, W):
         packed = pack_sum(weights, dilations, bias, (H, W))
     out = _output((B, O, H, W), input)
-    if packed.w_cat is None:  # the bias alone
-        out.copy_((torch.zeros(1, O, 1, 1, dtype=input.dtype, device=input.device) if packed.bias is None
-                   else packed.bias.view(1, O, 1, 1)).expand_as(out))
-        return out
     shift_add(_gemm(input, packed.w_cat), packed.taps, out.unsqueeze(0), packed.bias, H, W)
     return out
 
