@@ -4,8 +4,8 @@ between the two timings of one implementation shows the noise.
 
     python benchmarks/gpu_check.py [--out DIR] [--data DIR] [SECTION ...]
 
-Sections: peaks atrous atrous_routes layers aspp gcn gcn_layer unpool unpool_conv crf crf_train crf_images profile
-(default: all, in that order). Every section is independent; one that fails prints its traceback
+Sections: peaks atrous atrous_routes layers aspp gcn gcn_layer unpool unpool_conv crf crf_train
+crf_images profile (default: all, in that order). Every section is independent; one that fails prints its traceback
 and the rest go on. Each result is printed as it comes and is a line of ``DIR/gpu_check.jsonl``.
 ``--dry-run`` runs the script on the CPU with tiny shapes (Triton under the interpreter), to check
 the script itself before spending device time.
@@ -13,11 +13,12 @@ the script itself before spending device time.
 Correctness: every fastseg output is computed once with fresh allocations poisoned (torch's
 deterministic-mode fill: NaN for floats), and compared against a float64 reference on the device
 as ||out - ref|| / ||ref||; unpooling is compared bit for bit with ``F.max_unpool2d``.
-'fastseg' is the op as called by default ('auto'), 'triton' the Triton kernel by name (since
-2026-11-26 'auto' runs the convolutions in plain PyTorch on CUDA; the correctness check is of
-the Triton kernel). Timing: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed between
-calls), cuDNN with ``torch.backends.cudnn.benchmark = True`` so eager gets its best algorithm.
-Results of the first run (an H200): benchmarks/gpu_runs/ and RESULTS.md, "GPU".
+'fastseg' is the op or layer as called by default ('auto': on CUDA, cuDNN's fused kernel for
+atrous_conv2d, the taps route for ASPP in half precision, padded channels for GlobalConv2d); other
+columns are routes by name (the Triton implicit-GEMM kernels only with GPU_CHECK_TRITON=1). Timing:
+``triton.testing.do_bench`` medians (CUDA events, L2 flushed between calls), cuDNN with
+``torch.backends.cudnn.benchmark = True`` so eager gets its best algorithm.
+Results of the runs (an H200, 2026-11-26 and -27): benchmarks/gpu_runs/ and RESULTS.md, "GPU".
 """
 import argparse
 import contextlib
