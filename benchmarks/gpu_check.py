@@ -352,8 +352,11 @@ GCN_SHAPES = [(1, 2048, 16, 21, 21, 15), (1, 1024, 32, 21, 21, 15), (1, 512, 64,
               (8, 512, 64, 21, 21, 15), (8, 256, 128, 21, 21, 15), (8, 256, 64, 256, 256, 15)]
 
 
+GCN_VARIANTS = ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False))  # dtype, channels_last
+
+
 def section_gcn():
-    for dtype, cl in [v for v in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)) if wanted(v[0])]:
+    for dtype, cl in [v for v in GCN_VARIANTS if wanted(v[0])]:
         for B, Cin, H, Cm, Co, k in GCN_SHAPES if dtype != torch.bfloat16 else GCN_SHAPES[:3]:
             x = channels_last(torch.randn(B, Cin, H, H, device=DEV), cl).to(dtype)
             make = lambda *s: (torch.randn(*s, device=DEV) / (s[1] * k) ** 0.5).to(dtype)
@@ -378,7 +381,7 @@ def section_gcn():
 def section_gcn_layer():
     """fastseg.nn.GlobalConv2d (its padded weights kept between calls) against eager's four
     convolutions and add on the same weights."""
-    for dtype, cl in [v for v in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)) if wanted(v[0])]:
+    for dtype, cl in [v for v in GCN_VARIANTS if wanted(v[0])]:
         for B, Cin, H, Cm, Co, k in GCN_SHAPES if dtype != torch.bfloat16 else GCN_SHAPES[:3]:
             torch.manual_seed(0)
             layer = fastseg.nn.GlobalConv2d(Cin, Co, k=k, mid_ch=Cm).to(DEV, dtype)
@@ -591,8 +594,8 @@ def _shrink():
     ATROUS_VARIANTS[:] = [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)]
 
 
-SECTIONS = ["peaks", "atrous", "atrous_routes", "layers", "aspp", "gcn", "gcn_layer", "unpool", "unpool_conv", "crf", "crf_train",
-            "crf_images", "profile"]
+SECTIONS = ["peaks", "atrous", "atrous_routes", "layers", "aspp", "gcn", "gcn_layer", "unpool", "unpool_conv", "crf",
+            "crf_train", "crf_images", "profile"]
 
 
 def main(argv=None):

@@ -43,7 +43,8 @@ def test_conv_sum(case, dtype, channels_last, device, poison):
     xc = _layout(cast(x), channels_last)
     out = taps_conv.conv_sum(xc, [cast(w) for w in ws], [(r, r) for r in rates], cast(bias))
     rounded = lambda t: t.to(dtype).double()
-    expected = sum(F.conv2d(rounded(x), rounded(w), None, 1, r, r) for w, r in zip(ws, rates)) + rounded(bias).view(1, -1, 1, 1)
+    expected = sum(F.conv2d(rounded(x), rounded(w), None, 1, r, r) for w, r in zip(ws, rates))
+    expected = expected + rounded(bias).view(1, -1, 1, 1)
     assert out.shape == expected.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert_relative_close(out.cpu(), expected, dtype)

@@ -191,8 +191,9 @@ class ASPP(KeepsDerived, nn.Module):
         # term (constant over the map) in the shift (one image) or the first residual. The
         # concatenated map is never written (at 2048 -> 256, 65x65: 286 ms against 304 with it).
         proj = self.project
+        dtype = outs[0].dtype
         weight, shift = cached(self, "project", (proj.conv.weight, proj.conv.bias) + _bn_tensors(proj.bn),
-                               (outs[0].dtype, outs[0].device, proj.bn.eps), lambda: self._folded_projection(outs[0].dtype))
+                               (dtype, outs[0].device, proj.bn.eps), lambda: self._folded_projection(dtype))
         C = outs[0].shape[1]
         total = None
         if pooled is not None:
@@ -243,7 +244,8 @@ class ASPP(KeepsDerived, nn.Module):
         n = concat.shape[1]
         weight, shift = cached(self, "project", (proj.conv.weight, proj.conv.bias) + _bn_tensors(proj.bn),
                                (x.dtype, x.device, proj.bn.eps), lambda: self._folded_projection(x.dtype))
-        main = cached(self, "project_main", (weight,), (), lambda: weight[:, :n].contiguous(memory_format=torch.channels_last))
+        main = cached(self, "project_main", (weight,), (),
+                      lambda: weight[:, :n].contiguous(memory_format=torch.channels_last))
         residual = None
         if self.image_pooling:
             term = F.conv2d(self.pooling(F.adaptive_avg_pool2d(x, 1)), weight[:, n:])  # (B, out, 1, 1)
