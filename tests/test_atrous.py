@@ -430,6 +430,26 @@ def test_eval_layers_see_changed_weights(backend, device):
             assert_relative_close(aspp(x).cpu(), _plain_aspp(aspp, x).cpu(), torch.float32, TRITON_FP32_TOLERANCE)
 
 
+def test_layer_plain_call_rule():
+    # Which inputs the eval layer's CUDA route hands straight to the kernel call (decided the same
+    # way on any device); everything else takes atrous_conv2d's checks.
+    layer = fastseg.nn.AtrousConvBNReLU(4, 6, 3, dilation=6).eval()
+    w, shift = layer.conv.weight.detach(), torch.zeros(6)
+    plain = lambda x, w=w: layer._plain_call(x, w, shift)
+    with torch.no_grad():
+        assert plain(torch.randn(2, 4, 9, 9))
+        assert plain(torch.randn(1, 4, 1, 1))  # 'same' padding: a 1x1 map still has an output
+        assert not plain(torch.randn(4, 9, 9))  # unbatched
+        assert not plain(torch.randn(2, 5, 9, 9))  # channels
+        assert not plain(torch.randn(2, 4, 9, 9, dtype=torch.float64))  # dtype
+        assert not plain(torch.randn(0, 4, 9, 9))  # empty batch
+        assert not plain(torch.randn(2, 4, 0, 9))  # empty map
+    assert not plain(torch.randn(2, 4, 9, 9, requires_grad=True))  # autograd records
+    narrow = fastseg.nn.AtrousConvBNReLU(4, 6, 3, dilation=6, padding=0).eval()
+    with torch.no_grad():
+        assert not narrow._plain_call(torch.randn(1, 4, 9, 9), w, shift)  # smaller than the dilated kernel
+
+
 def test_aspp_trains():
     torch.manual_seed(2)
     aspp = fastseg.nn.ASPP(4, 3, version="v3", rates=(2, 3))

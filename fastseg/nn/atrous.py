@@ -16,7 +16,7 @@ from torch import nn
 from .. import _backends
 from .._layout import output_memory_format
 from ._kept import KeepsDerived, cached
-from ..ops.atrous import _padding, atrous_conv2d
+from ..ops.atrous import _cudnn_forward, _padding, atrous_conv2d
 
 __all__ = ["AtrousConvBNReLU", "ASPP"]
 
@@ -67,13 +67,20 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
             if residual is not None:
                 y = y + residual
             return F.relu(y) if self.relu else y
-        scale, shift = self.folded(x.dtype, x.device)
         c = self.conv
+        if not isinstance(x, torch.Tensor):  # the op says what is wrong
+            return atrous_conv2d(x, c.weight, backend=self.backend)
+        scale, shift = self.folded(x.dtype, x.device)
         if x.is_cuda and x.dtype != torch.float64 and self.backend in ("auto", "cudnn"):
             # cuDNN's fused kernel takes the scale in the weights: that copy is kept too.
             fmt = output_memory_format(x)
             weight = cached(self, "weight", (c.weight, scale), (fmt,),
                             lambda: (c.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=fmt))
+            if residual is None and self._plain_call(x, weight, shift):
+                # Small calls are host-bound on a GPU: a plain input for this layer's own, already
+                # checked parameters goes straight to the kernel call.
+                return _cudnn_forward(x, weight, None, shift, None, list(c.stride), list(c.padding), list(c.dilation),
+                                      c.groups, self.relu)
             return atrous_conv2d(x, weight, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
                                  shift=shift, residual=residual, activation="relu" if self.relu else None,
                                  backend="cudnn")
@@ -82,6 +89,19 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
             scale=scale, shift=shift, residual=residual, activation="relu" if self.relu else None,
             backend=self.backend,
         )
+
+    def _plain_call(self, x, weight, shift):
+        """Whether x is a batch this layer's convolution takes as it is (4-D, its dtype, device and
+        channels, a non-empty output) with nothing traced or recorded: anything else goes through
+        ``atrous_conv2d``'s checks and custom op."""
+        if _backends.tracing() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                                 or shift.requires_grad)):
+            return False
+        c = self.conv
+        if x.dim() != 4 or x.dtype != weight.dtype or x.device != weight.device or x.shape[1] != c.in_channels:
+            return False
+        sizes = zip(x.shape[2:], c.kernel_size, c.stride, c.padding, c.dilation)
+        return x.shape[0] > 0 and all(n > 0 and (n + 2 * p - d * (k - 1) - 1) // s >= 0 for n, k, s, p, d in sizes)
 
     def folded(self, dtype, device):
         """(scale, shift) with relu(bn(conv(x) + bias)) = relu(scale * conv(x) + shift) in eval mode

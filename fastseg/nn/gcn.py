@@ -51,9 +51,9 @@ class GlobalConv2d(KeepsDerived, nn.Module):
         convs = (self.conv_l1, self.conv_l2, self.conv_r1, self.conv_r2)
         weights, biases = [c.weight for c in convs], [c.bias for c in convs]
         w = weights[0]
-        half = x.dtype in (torch.float16, torch.bfloat16) if isinstance(x, torch.Tensor) else False
-        if ((self.backend == "cudnn" or (self.backend == "auto" and half)) and x.is_cuda and x.dim() == 4
-                and x.dtype == w.dtype and x.device == w.device and x.shape[1] == w.shape[1]):
+        if (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() == 4 and x.dtype == w.dtype and x.device == w.device
+                and x.shape[1] == w.shape[1] and min(x.shape[2:]) > 0
+                and (self.backend == "cudnn" or (self.backend == "auto" and x.dtype in (torch.float16, torch.bfloat16)))):
             fmt = output_memory_format(x)
             multiple = gcn_ops.channel_multiple(x.dtype)
             padded = cached(self, "padded", weights + biases, (multiple, fmt),
