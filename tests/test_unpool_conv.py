@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import fastseg
 from common import assert_relative_close, backend_params
 
-BACKENDS = backend_params(("reference", "cpp", "triton"))
-COMPILED = [p for p in BACKENDS if p.values[0] != "reference"]
+BACKENDS = backend_params(("reference", "cpp", "triton", "cudnn"))
+COMPILED = [p for p in BACKENDS if p.values[0] not in ("reference", "cudnn")]  # cudnn: no op of its own
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 LAYOUTS = ["nchw", "channels_last"]
 TRITON_FP32_TOLERANCE = 5e-4  # a float32 tl.dot (tf32x3 with TF32 off, as conftest sets)

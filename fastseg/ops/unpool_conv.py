@@ -20,13 +20,13 @@ from .._checks import FLOAT_DTYPES, check_same_dtype_device, check_tensor, to_pa
 from .._layout import output_memory_format
 from ._reference import unpool as reference_unpool
 from ._reference import unpool_conv as reference
-from .atrous import _padding, atrous_output_size, check_epilogue
+from .atrous import _cudnn_forward, _padding, atrous_output_size, check_epilogue
 from .unpool import _ReferenceMaxUnpool2d, check_pooled, unpool_output_size
 
 __all__ = ["unpool_conv2d"]
 
 OP = "unpool_conv2d"
-_IMPLEMENTED = ("reference", "cpp", "triton")
+_IMPLEMENTED = ("reference", "cpp", "triton", "cudnn")
 
 
 def unpool_conv2d(
@@ -63,7 +63,9 @@ def unpool_conv2d(
         activation: None or 'relu'.
         residual: (B, O, Ho, Wo) added before the activation, or None.
         backend: 'auto' (C++ on the CPU; on CUDA the plain-PyTorch path, which beat the Triton
-            kernel where measured), 'reference', 'cpp' or 'triton'.
+            kernel where measured), 'reference', 'cpp', 'triton' or 'cudnn' (CUDA tensors: ATen's
+            unpooling, then cuDNN's fused convolution + bias (+ residual) + ReLU as in
+            ``atrous_conv2d``; the unpooled map is built, as in eager; not yet timed on a GPU).
 
     Returns:
         (B, O, Ho, Wo) with Ho = H + 2 pH - dH (kH - 1) (likewise Wo), in values' dtype, device
@@ -111,6 +113,8 @@ def unpool_conv2d(
         out = _reference(*args)
     elif impl == "triton":
         out = torch.ops.fastseg.unpool_conv2d_triton(*args)
+    elif impl == "cudnn":
+        out = _cudnn(*args)
     else:
         out = torch.ops.fastseg.unpool_conv2d(*args)
     return out if batched else out.squeeze(0)
@@ -132,6 +136,16 @@ def _reference(values, indices, weight, scale, shift, residual, kernel_size, str
     # Unpooling's autograd as in fastseg.max_unpool2d: repeated indices all receive their gradient.
     return reference.unpool_conv2d(values, indices, weight, scale, shift, residual, output_size, padding, dilation,
                                    relu, max_unpool2d=_ReferenceMaxUnpool2d.apply)
+
+
+def _cudnn(values, indices, weight, scale, shift, residual, kernel_size, stride, pool_padding, output_size,
+           padding, dilation, relu):
+    # Unpooled as the reference does, then atrous_conv2d's cuDNN route (its own custom op and
+    # autograd): eager's passes less the BatchNorm and ReLU ones.
+    unpooled = _ReferenceMaxUnpool2d.apply(values, indices, output_size)
+    out = _backends.call(torch.ops.fastseg.atrous_conv2d_cudnn, _cudnn_forward, unpooled, weight, scale, shift,
+                         residual, [1, 1], padding, dilation, 1, relu)
+    return out.contiguous(memory_format=output_memory_format(values))
 
 
 # --- custom ops: fake kernels and autograd -------------------------------------------------------
