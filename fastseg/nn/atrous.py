@@ -236,6 +236,11 @@ class ASPP(KeepsDerived, nn.Module):
         # channels (kernels/taps_conv.py). 'auto' takes it for float16/bfloat16 on CUDA, where it
         # was measured; float32 there keeps cuDNN's convolutions (cuBLAS runs float32 GEMMs without
         # TF32 unless torch.backends.cuda.matmul.allow_tf32 is set).
+        first = self.branches[0]
+        weight = first.weight if self.version == "v2" else first.conv.weight
+        if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] > 0 and min(x.shape[2:]) > 0
+                and x.shape[1] == weight.shape[1] and x.dtype == weight.dtype and x.device == weight.device):
+            return False  # the per-branch path's checks name what is wrong (or handle an empty batch)
         if self.backend == "triton":
             return x.is_cuda or _backends.TRITON_INTERPRETED
         return self.backend == "auto" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
