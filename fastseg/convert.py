@@ -50,11 +50,14 @@ __all__ = ["convert", "ConversionReport", "FusedConv2d", "NOT_SLOWER"]
 #: Patterns measured no slower than eager PyTorch, per device type (benchmarks/RESULTS.md,
 #: "fastseg.convert"). The fused conv runs ATen's convolution and then its whole epilogue in one
 #: pass, where eager spends a pass per BatchNorm, add and ReLU, so every epilogue pattern gains on
-#: the CPU; a conv alone has nothing to fuse and is never replaced. No GPU has timed these yet, so
-#: on CUDA nothing is replaced.
+#: the CPU; a conv alone has nothing to fuse and is never replaced. On CUDA (an H200, 2026-11-27,
+#: RESULTS.md "GPU") only the ASPP block: fastseg.nn.ASPP v3 ran 1.04-1.97x eager in float16 and
+#: 1.14-1.25x in float32 (2048 -> 256 at 65x65, batch 1 and 8), while the fused conv chains lost at
+#: batch 1 (0.47-0.70x on three of nine DeepLab shapes: host time per call).
 NOT_SLOWER = {
     "cpu": frozenset({"conv+bn", "conv+bn+relu", "conv+bn+add", "conv+bn+add+relu", "conv+relu", "conv+add",
                       "conv+add+relu", "aspp", "max_unpool2d"}),
+    "cuda": frozenset({"aspp"}),
 }
 
 #: Below this many output elements a FusedConv2d runs eagerly: the fused call's Python argument
@@ -185,7 +188,7 @@ def convert(model, *, inplace=False, report=True):
     ``F.max_unpool2d`` calls by fastseg's. Uses torch.fx on every submodule that traces (the whole
     model where possible) and module-level replacement where tracing fails; see the module
     docstring. Only patterns measured no slower than eager on the model's device are replaced
-    (:data:`NOT_SLOWER`; on CUDA none yet).
+    (:data:`NOT_SLOWER`; on CUDA the ASPP block only).
 
     Training mode is left alone: a model with any submodule in training mode is returned
     unconverted (BatchNorm folding needs its running statistics; call ``model.eval()`` first), and

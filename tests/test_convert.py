@@ -155,13 +155,27 @@ def test_training_mode_is_left_alone():
 
 
 def test_unmeasured_device_is_left_alone(monkeypatch):
-    """Patterns not measured no slower on the model's device are not replaced (CUDA today)."""
+    """Patterns not measured no slower on the model's device are not replaced."""
     monkeypatch.setattr(convert_module, "NOT_SLOWER", {})
     model = _tv("fcn_resnet50").eval()
     before = _snapshot(model)
     fast, report = fastseg.convert(model)
     _assert_untouched(fast, before)
     assert report.replaced == [] and "measured" in report.left[0].reason
+
+
+def test_cuda_rules_replace_the_aspp_block_only(monkeypatch, fused_everywhere):
+    """CUDA's rules (ASPP measured no slower on an H200, the fused chains not), applied to a CPU
+    model: the ASPP block becomes fastseg.nn.ASPP and every conv chain is left, outputs equal."""
+    monkeypatch.setattr(convert_module, "NOT_SLOWER", {"cpu": convert_module.NOT_SLOWER["cuda"]})
+    assert convert_module.NOT_SLOWER["cpu"] == {"aspp"}
+    model = _randomise_batch_norms(_tv("deeplabv3_resnet50"))
+    fast, report = fastseg.convert(model)
+    assert report.counts() == {"aspp": 1}
+    assert not any(isinstance(m, convert_module.FusedConv2d) for m in fast.modules())
+    x = torch.randn(1, 3, 65, 65, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _assert_close_to_scale(_out(fast(x)), _out(model(x)))
 
 
 def test_fused_conv_training_mode_is_exact():
