@@ -186,7 +186,7 @@ class ASPP(KeepsDerived, nn.Module):
             out = None
             # On CUDA the fused residual chain is eager's kernels plus a Python op per branch:
             # 0.6x eager's own sum at batch 1 (float32, 21 classes; H200), so 'auto' runs eager's.
-            eager = self.training or (x.is_cuda and self.backend == "auto")
+            eager = self.training or (isinstance(x, torch.Tensor) and x.is_cuda and self.backend == "auto")
             for conv in self.branches:
                 if eager:
                     y = conv(x)
