@@ -211,9 +211,7 @@ class ASPP(KeepsDerived, nn.Module):
         # term (constant over the map) in the shift (one image) or the first residual. The
         # concatenated map is never written (at 2048 -> 256, 65x65: 286 ms against 304 with it).
         proj = self.project
-        dtype = outs[0].dtype
-        weight, shift = cached(self, "project", (proj.conv.weight, proj.conv.bias) + _bn_tensors(proj.bn),
-                               (dtype, outs[0].device, proj.bn.eps), lambda: self._folded_projection(dtype))
+        weight, shift = self._folded_projection(outs[0].dtype, outs[0].device)
         C = outs[0].shape[1]
         total = None
         if pooled is not None:
@@ -267,8 +265,7 @@ class ASPP(KeepsDerived, nn.Module):
         concat = taps_conv.parallel_conv_bn_relu(x, weights, dilations, scales, shifts, packed=packed)
         proj = self.project
         n = concat.shape[1]
-        weight, shift = cached(self, "project", (proj.conv.weight, proj.conv.bias) + _bn_tensors(proj.bn),
-                               (x.dtype, x.device, proj.bn.eps), lambda: self._folded_projection(x.dtype))
+        weight, shift = self._folded_projection(x.dtype, x.device)
         main = cached(self, "project_main", (weight,), (),
                       lambda: weight[:, :n].contiguous(memory_format=torch.channels_last))
         residual = None
@@ -281,12 +278,13 @@ class ASPP(KeepsDerived, nn.Module):
         out = atrous_conv2d(concat, main, shift=shift, residual=residual, activation="relu" if proj.relu else None)
         return out.contiguous(memory_format=output_memory_format(x))
 
-    def _folded_projection(self, dtype):
+    def _folded_projection(self, dtype, device):
+        """(weight, shift) of the projection with its BatchNorm (and bias) folded: relu(bn(W @ y)) =
+        relu((scale W) @ y + shift), kept while the parameters are unchanged."""
         proj = self.project
-        scale, shift = fold_batch_norm(proj.bn, dtype)
-        weight = proj.conv.weight * scale[:, None, None, None]
-        if proj.conv.bias is not None:
-            shift = shift + scale * proj.conv.bias
+        scale, shift = proj.folded(dtype, device)
+        weight = cached(self, "project", (proj.conv.weight, scale), (),
+                        lambda: proj.conv.weight * scale.view(-1, 1, 1, 1))
         return weight, shift
 
     def extra_repr(self):

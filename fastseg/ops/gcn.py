@@ -380,12 +380,12 @@ TRITON_ALGORITHMS = ("auto", "implicit_gemm", "taps")
 
 
 def cuda_backend(dtype, Cin, Cmid, Cout, k, pixels):
-    """What 'auto' runs on CUDA tensors (measured on an H200, benchmarks/RESULTS.md, "GPU routes"):
-    float32 by the taps route where the input has at least as many channels as pixels (a deep stage
-    on a small map, where cuDNN's float32 kernels for 21 channels are slowest: 1.9-3.0x eager), else
-    eager's four convolutions ('reference'). The 'cudnn' route's padding costs more per call than
-    its faster kernels save on a lone call (0.5x eager); ``fastseg.nn.GlobalConv2d`` keeps its
-    weights padded and takes it in half precision."""
+    """What 'auto' runs on CUDA tensors (measured on an H200, benchmarks/RESULTS.md, "NVIDIA H200,
+    2026-11-27"): float32 by the taps route where the input has at least as many channels as pixels
+    (a deep stage on a small map, where cuDNN's float32 kernels for 21 channels are slowest: the
+    route ran 1.9-4.0x eager there), else eager's four convolutions ('reference'). The 'cudnn'
+    route's padding costs more per call than its faster kernels save on a lone call (0.44-0.64x
+    eager); ``fastseg.nn.GlobalConv2d`` keeps its weights padded and takes it in half precision."""
     taps = dtype == torch.float32 and Cin >= pixels and triton_algorithm(Cin, Cmid, Cout, k) == "taps"
     return "triton" if taps and _backends.unavailable_reason("triton", "cuda") is None else "reference"
 
