@@ -1965,6 +1965,16 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
                          folded ? nullptr : s.post.data, s.lattice.alpha, nullptr, nullptr, specs[k].diagonal,
                          specs[k].compat.data()};
   }
+  // Pass t's kernels differ only in where they slice from and splat to, which depends on t only
+  // through t == 0 and t's parity: three variants (for t = 0, 1, 2), made before the phases.
+  std::array<std::vector<PassKernel>, 3> pass_at;
+  for (int64_t v = 0; v < 3; ++v) {
+    pass_at[v] = pass;
+    for (int k = 0; k < K; ++k) {
+      pass_at[v][k].sliced = v > 0 ? blurred(k, v) : nullptr;
+      pass_at[v][k].splat = splat_target(k, v);
+    }
+  }
 
   // The schedule: pass 0, then per iteration t = 1 .. T the gather, the blur's directions and pass
   // t. Pass t computes Q_t (pass 0: softmax(-U) or init) and splats it for the next, but the last.
@@ -1992,12 +2002,8 @@ void run_mean_field(const float* unary, float unary_scale, const float* init, fl
     int64_t t, step;
     phase_of(p, t, step);
     if (step == per_iteration - 1) {
-      std::vector<PassKernel> kernels(pass);
-      for (int k = 0; k < K; ++k) {
-        kernels[k].sliced = t > 0 ? blurred(k, t) : nullptr;
-        kernels[k].splat = splat_target(k, t);
-      }
-      PassArgs args{N, L, lanes, K, kernels.data(), unary_rows.data, t == 0 ? init : nullptr,
+      const PassKernel* kernels = pass_at[t == 0 ? 0 : 2 - t % 2].data();
+      PassArgs args{N, L, lanes, K, kernels, unary_rows.data, t == 0 ? init : nullptr,
                     out_stride > 0 ? out + t * out_stride : t == iterations ? out : nullptr, t < iterations, order};
       run_pixel_pass(args, share, chunk_begin(N, chunks, share), chunk_begin(N, chunks, share + 1));
       return;
