@@ -64,3 +64,11 @@ def all_finite(t):
     if t.is_complex():
         return all_finite(torch.view_as_real(t))
     return all(math.isfinite(v) for v in value_range(t))
+
+
+def is_plain_batch(x, channels, like):
+    """Whether x is a (B, channels, H, W) tensor with B, H, W > 0 and ``like``'s dtype and device:
+    the input a layer's fast path may hand to a kernel without the op's checks (anything else takes
+    the op, whose checks name what is wrong)."""
+    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == channels and x.shape[0] > 0
+            and min(x.shape[2:]) > 0 and x.dtype == like.dtype and x.device == like.device)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backends
+from .._checks import is_plain_batch
 from .._layout import output_memory_format
 from ._kept import KeepsDerived, cached
 from ..ops.atrous import _cudnn_forward, _padding, atrous_conv2d
@@ -98,10 +99,10 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
                                                                  or shift.requires_grad)):
             return False
         c = self.conv
-        if x.dim() != 4 or x.dtype != weight.dtype or x.device != weight.device or x.shape[1] != c.in_channels:
+        if not is_plain_batch(x, c.in_channels, weight):
             return False
         sizes = zip(x.shape[2:], c.kernel_size, c.stride, c.padding, c.dilation)
-        return x.shape[0] > 0 and all(n > 0 and (n + 2 * p - d * (k - 1) - 1) // s >= 0 for n, k, s, p, d in sizes)
+        return all((n + 2 * p - d * (k - 1) - 1) // s >= 0 for n, k, s, p, d in sizes)
 
     def folded(self, dtype, device):
         """(scale, shift) with relu(bn(conv(x) + bias)) = relu(scale * conv(x) + shift) in eval mode
@@ -236,8 +237,7 @@ class ASPP(KeepsDerived, nn.Module):
         # TF32 unless torch.backends.cuda.matmul.allow_tf32 is set).
         first = self.branches[0]
         weight = first.weight if self.version == "v2" else first.conv.weight
-        if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] > 0 and min(x.shape[2:]) > 0
-                and x.shape[1] == weight.shape[1] and x.dtype == weight.dtype and x.device == weight.device):
+        if not is_plain_batch(x, weight.shape[1], weight):
             return False  # the per-branch path's checks name what is wrong (or handle an empty batch)
         if self.backend == "triton":
             return x.is_cuda or _backends.TRITON_INTERPRETED

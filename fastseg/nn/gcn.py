@@ -8,6 +8,7 @@ same block; the forward passes go through ``fastseg.gcn_conv2d`` and ``fastseg.a
 import torch
 from torch import nn
 
+from .._checks import is_plain_batch
 from .._layout import output_memory_format
 from ..ops import gcn as gcn_ops
 from ..ops.atrous import atrous_conv2d
@@ -51,8 +52,7 @@ class GlobalConv2d(KeepsDerived, nn.Module):
         convs = (self.conv_l1, self.conv_l2, self.conv_r1, self.conv_r2)
         weights, biases = [c.weight for c in convs], [c.bias for c in convs]
         w = weights[0]
-        if (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() == 4 and x.dtype == w.dtype and x.device == w.device
-                and x.shape[1] == w.shape[1] and min(x.shape[2:]) > 0
+        if (is_plain_batch(x, w.shape[1], w) and x.is_cuda
                 and (self.backend == "cudnn" or (self.backend == "auto" and x.dtype in (torch.float16, torch.bfloat16)))):
             fmt = output_memory_format(x)
             multiple = gcn_ops.channel_multiple(x.dtype)
