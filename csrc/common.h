@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 
 #if defined(__GNUC__)
 #define FASTSEG_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -12,12 +13,15 @@
 #define FASTSEG_ALWAYS_INLINE inline
 #endif
 
-// CPU hot loops are compiled twice, for the baseline ISA and for AVX2+FMA (FASTSEG_TARGET_AVX2 on an
-// entry point that inlines an always-inline body), and picked at run time by cpu_has_avx2(): the
-// extension is built without -march=native so that one wheel runs everywhere.
+// CPU hot loops are compiled more than once, for the baseline ISA and for AVX2+FMA
+// (FASTSEG_TARGET_AVX2 on an entry point that inlines an always-inline body; dense_crf's also for
+// AVX-512, FASTSEG_TARGET_AVX512), and picked at run time by cpu_isa(): the extension is built
+// without -march=native so that one wheel runs everywhere.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
 #define FASTSEG_HAVE_AVX2_CLONE 1
 #define FASTSEG_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// AVX-512VL for its 32 vector registers and masks; the code's vectors stay 256 bits wide.
+#define FASTSEG_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")))
 #else
 #define FASTSEG_HAVE_AVX2_CLONE 0
 #endif
@@ -55,14 +59,31 @@ inline int64_t env_setting(const char* name, int64_t fallback, int64_t minimum) 
   return s ? std::max<int64_t>(minimum, std::atoll(s)) : fallback;
 }
 
-inline bool cpu_has_avx2() {
+// The widest clone this CPU runs, capped by the environment variable FASTSEG_CPU_ISA ("base",
+// "avx2" or "avx512", read once), so that tests can run every clone on one machine.
+enum class CpuIsa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+inline CpuIsa cpu_isa() {
+  static const CpuIsa isa = [] {
+    CpuIsa best = CpuIsa::kBase;
 #if FASTSEG_HAVE_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = CpuIsa::kAvx2;
+    if (best == CpuIsa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+      best = CpuIsa::kAvx512;
+    }
 #endif
+    const char* cap = std::getenv("FASTSEG_CPU_ISA");
+    if (cap == nullptr || cap[0] == '\0') return best;
+    const std::string name(cap);
+    TORCH_CHECK_VALUE(name == "base" || name == "avx2" || name == "avx512",
+                      "FASTSEG_CPU_ISA must be base, avx2 or avx512, got '", name, "'");
+    const CpuIsa limit = name == "base" ? CpuIsa::kBase : name == "avx2" ? CpuIsa::kAvx2 : CpuIsa::kAvx512;
+    return std::min(best, limit);
+  }();
+  return isa;
 }
+inline bool cpu_has_avx2() { return cpu_isa() >= CpuIsa::kAvx2; }
+inline bool cpu_has_avx512() { return cpu_isa() >= CpuIsa::kAvx512; }
 #endif
 
 }  // namespace fastseg
