@@ -23,8 +23,12 @@
 // AVX-512VL for its 32 vector registers; the code's vectors stay 256 bits wide, and so do the
 // compiler's own loops (prefer-vector-width=256: 512-bit instructions lower the clock of some Intel
 // server parts; level with 512-bit loops on this project's Zen 4 VM).
+#if defined(__clang__)  // Clang's target attribute has no prefer-vector-width
+#define FASTSEG_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")))
+#else
 #define FASTSEG_TARGET_AVX512 \
   __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq,prefer-vector-width=256")))
+#endif
 #else
 #define FASTSEG_HAVE_AVX2_CLONE 0
 #endif
