@@ -4,6 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "common.h"
+
 namespace fastseg {
 
 #ifdef FASTSEG_WITH_CUDA
@@ -19,8 +23,18 @@ int64_t cuda_version() {
 #endif
 }
 
+// The clone of the CPU hot loops this process runs (common.h's cpu_isa): base, avx2 or avx512.
+std::string cpu_isa_name() {
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx2: return "avx2";
+    default: return "base";
+  }
+}
+
 TORCH_LIBRARY(fastseg, m) {
   m.def("_cuda_version() -> int", &cuda_version);
+  m.def("_cpu_isa() -> str", &cpu_isa_name);
 
   // Max-unpooling (SegNet). input/indices (B, C, H, W); indices are flat positions in the
   // (Ho, Wo) output plane, as max_pool2d(return_indices=True) gives them. kernel_size, stride and

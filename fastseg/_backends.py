@@ -33,6 +33,7 @@ EXTENSION_ERROR = _load_extension()
 EXTENSION_LOADED = EXTENSION_ERROR is None
 #: CUDA version the extension was compiled against (e.g. 13000), 0 without CUDA kernels.
 CUDA_COMPILED = torch.ops.fastseg._cuda_version() if EXTENSION_LOADED else 0
+
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -44,6 +45,12 @@ if not EXTENSION_LOADED:
         RuntimeWarning,
         stacklevel=2,
     )
+
+
+def cpu_isa():
+    """The clone of the C++ CPU loops this process runs ('base', 'avx2' or 'avx512': the widest the
+    CPU has, capped by the environment variable FASTSEG_CPU_ISA), or None without the extension."""
+    return torch.ops.fastseg._cpu_isa() if EXTENSION_LOADED else None
 
 
 def unavailable_reason(backend, device_type):

@@ -151,7 +151,7 @@ def environment():
         machine=platform.machine(), processor=_cpu_name(), cpu_threads=torch.get_num_threads(),
         cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         extension_loaded=_backends.EXTENSION_LOADED, cuda_kernels=bool(_backends.CUDA_COMPILED),
-        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        cpu_isa=_backends.cpu_isa(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
     try:
         import triton

@@ -29,7 +29,11 @@ def _info(args):
     extension = "loaded" if _backends.EXTENSION_LOADED else f"not loaded: {_backends.EXTENSION_ERROR}"
     print(f"fastseg._C {extension}"
           f"{f'; CUDA kernels compiled for CUDA {cuda // 1000}.{cuda % 1000 // 10}' if cuda else ''}")
-    print(f"CPU threads: {torch.get_num_threads()}")
+    try:
+        isa = _backends.cpu_isa()
+    except ValueError as error:  # a bad FASTSEG_CPU_ISA
+        isa = f"error: {error}"
+    print(f"CPU threads: {torch.get_num_threads()}" + (f"; C++ CPU loops: {isa}" if isa else ""))
     print()
     print(f"{'backend':<10} {'cpu':<44} cuda")
     for backend in _backends.BACKENDS:

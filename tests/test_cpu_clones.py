@@ -51,3 +51,10 @@ def test_bad_isa_setting_is_a_clear_error():
     result = _run(["-c", code], "sse9", timeout=300)
     assert result.returncode != 0
     assert "FASTSEG_CPU_ISA must be base, avx2 or avx512, got 'sse9'" in result.stderr
+
+
+@needs_cpp
+def test_the_picked_clone_is_reported():
+    assert fastseg._backends.cpu_isa() in ("base", "avx2", "avx512")
+    result = _run(["-c", "import fastseg; print(fastseg._backends.cpu_isa())"], "base", timeout=300)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "base", result.stdout + result.stderr
