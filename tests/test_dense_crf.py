@@ -532,3 +532,17 @@ def test_bad_input_direct_op_calls():
         torch.ops.fastseg.dense_crf(U, [f], [torch.eye(3)], [7], 1, None)
     with pytest.raises(ValueError, match="one entry per kernel"):
         torch.ops.fastseg.dense_crf(U, [f], [], [3], 1, None)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_cpp_flushes_denormals_only_inside_the_call():
+    # Mean field flushes values below float's normal range to zero on its threads (splats of tiny
+    # Q took microcode assists) and must leave the calling thread's mode as it found it.
+    L, H, W = 4, 12, 10
+    logits = 100 * _smooth_logits(L, H, W, seed=3)  # energies 80+ apart: tiny Q, tiny splats
+    image = _random_image(H, W, seed=3)
+    q = fastseg.dense_crf(logits, image, iterations=3, backend="cpp")
+    ref = fastseg.dense_crf(logits, image, iterations=3, backend="reference")
+    assert torch.isfinite(q).all() and (q - ref).abs().max() <= 1e-5
+    tiny = torch.tensor([1e-38], dtype=torch.float32) / 10  # a denormal, not flushed to 0
+    assert tiny.item() > 0
