@@ -536,13 +536,16 @@ def test_bad_input_direct_op_calls():
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 def test_cpp_flushes_denormals_only_inside_the_call():
-    # Mean field flushes values below float's normal range to zero on its threads (splats of tiny
-    # Q took microcode assists) and must leave the calling thread's mode as it found it.
+    # Mean field and its backward flush values below float's normal range to zero on their threads
+    # (splats of tiny Q took microcode assists) and must leave the calling thread's mode as it was.
     L, H, W = 4, 12, 10
     logits = 100 * _smooth_logits(L, H, W, seed=3)  # energies 80+ apart: tiny Q, tiny splats
     image = _random_image(H, W, seed=3)
-    q = fastseg.dense_crf(logits, image, iterations=3, backend="cpp")
-    ref = fastseg.dense_crf(logits, image, iterations=3, backend="reference")
-    assert torch.isfinite(q).all() and (q - ref).abs().max() <= 1e-5
+    scores = {backend: logits.clone().requires_grad_() for backend in ("cpp", "reference")}
+    q = {b: fastseg.dense_crf(x, image, iterations=3, backend=b) for b, x in scores.items()}
+    assert torch.isfinite(q["cpp"]).all() and (q["cpp"] - q["reference"]).abs().max() <= 1e-5
+    weights = torch.randn(q["cpp"].shape, generator=torch.Generator().manual_seed(3))
+    grads = {b: torch.autograd.grad((q[b] * weights).sum(), scores[b])[0] for b in scores}
+    assert (grads["cpp"] - grads["reference"]).norm() <= 1e-5 * grads["reference"].norm()
     tiny = torch.tensor([1e-38], dtype=torch.float32) / 10  # a denormal, not flushed to 0
     assert tiny.item() > 0

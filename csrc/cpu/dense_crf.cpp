@@ -1762,6 +1762,18 @@ Workspace& thread_workspace() {
 // Large images would pin their (large) workspace for the rest of the process.
 constexpr int64_t kKeepWorkspacePixels = int64_t(4) << 20;
 
+// Splats of very small Q (scores whose energies differ by 80 or more) fall below float's normal
+// range, where x86 arithmetic takes microcode assists: energies scaled x100 cost 119 ms against 108
+// (500x375, 10 iterations, 2 threads). Mean field and its backward flush such values to zero on
+// their threads (a change of at most 1.2e-38 in any value), restoring each thread's mode after.
+struct FlushDenormals {
+#if defined(__x86_64__) || defined(__i386__)
+  const unsigned int saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040); }  // FTZ (bit 15) and DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
 // fn(k, b, e) for the part [b, e) of kernel k's items that falls in [begin, end), the K kernels'
 // size(k) items laid end to end (how the gather and blur share out several kernels' rows).
 template <typename Size, typename Fn>
@@ -1796,7 +1808,10 @@ void gather_and_blur_kernels(std::vector<KernelState>& states, int K, bool rever
     auto rows = [&](int k) { return active(k) ? states[k].lattice.M : int64_t(0); };
     int64_t total = 0;
     for (int k = 0; k < K; ++k) total += rows(k);
-    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) { split_over_kernels(K, rows, begin, end, fn); });
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      const FlushDenormals flush;
+      split_over_kernels(K, rows, begin, end, fn);
+    });
   };
   std::vector<char> single(K);
   for (int k = 0; k < K; ++k) {
@@ -1926,18 +1941,6 @@ FASTSEG_ALWAYS_INLINE void cpu_relax() {
 // under OMP_WAIT_POLICY=PASSIVE (benchmarks/RESULTS.md). Deadlock-free with any number of threads
 // (one thread runs every share itself); the first exception stops the remaining work and is
 // rethrown.
-// Splats of very small Q (scores whose energies differ by 80 or more) fall below float's normal
-// range, where x86 arithmetic takes microcode assists: energies scaled x100 cost 119 ms against 108
-// (500x375, 10 iterations, 2 threads). Mean field flushes such values to zero (a change of at most
-// 1.2e-38 in any value), restoring the thread's previous mode after.
-struct FlushDenormals {
-#if defined(__x86_64__) || defined(__i386__)
-  const unsigned int saved = _mm_getcsr();
-  FlushDenormals() { _mm_setcsr(saved | 0x8040); }  // FTZ (bit 15) and DAZ (bit 6)
-  ~FlushDenormals() { _mm_setcsr(saved); }
-#endif
-};
-
 template <typename ShareCount, typename RunShare>
 void run_phases(int64_t phases, ShareCount&& share_count, RunShare&& run_share) {
   struct alignas(64) Counter {
@@ -2352,6 +2355,7 @@ std::vector<at::Tensor> dense_crf_backward_cpu(const at::Tensor& grad, const at:
           args.splat = t > 0;
           args.grad_init = t == 0 && init.has_value() ? grad_init.mutable_data_ptr<float>() + b * L * N : nullptr;
           at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+            const FlushDenormals flush;
             for (int64_t c = begin; c < end; ++c) {
               run_reverse_pass(args, c, chunk_begin(N, chunks, c), chunk_begin(N, chunks, c + 1));
             }
