@@ -33,7 +33,6 @@
 #include <mutex>
 #include <new>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -1002,38 +1001,36 @@ FASTSEG_ALWAYS_INLINE void prefetch_bytes(const void* begin, int64_t bytes) {
   for (uintptr_t line = first; line <= last; line += 64) __builtin_prefetch(reinterpret_cast<const void*>(line), 0);
 }
 
-// fn(std::integral_constant<int, D1>()) with D1 = d1 for the usual simplex sizes (3: positions, 4:
-// positions and grey, 6: positions and RGB), else 0 (d1 known at run time only): the slice and
-// splat loops below then unroll, which took 2-4% off a 500x375 call (1 and 2 threads).
-template <typename Fn>
-FASTSEG_ALWAYS_INLINE void with_simplex_size(int d1, Fn&& fn) {
-  if (d1 == 3) {
-    fn(std::integral_constant<int, 3>());
-  } else if (d1 == 4) {
-    fn(std::integral_constant<int, 4>());
-  } else if (d1 == 6) {
-    fn(std::integral_constant<int, 6>());
-  } else {
-    fn(std::integral_constant<int, 0>());
-  }
-}
-
 // Lattice rows of one pass position (its d1 vertices off[j] with barycentric weights w[j]) and a
 // label row of nv vectors: the slice out = scale * sum_j w_j row_j, and the splat row_j += scale *
-// w_j in. Shared by the forward and reverse passes. D1 as in with_simplex_size.
-template <typename V, int W, int D1 = 0>
-FASTSEG_ALWAYS_INLINE void slice_row(const float* rows, const int32_t* off, const float* w, int d1_, float scale,
-                                     int lanes, int nv, V* out) {
-  const int d1 = D1 > 0 ? D1 : d1_;
+// w_j in. Shared by the forward and reverse passes. The vertex loops are unrolled for the usual
+// simplex sizes (D1 = 3: positions, 4: positions and grey, 6: positions and RGB; 0: d1 at run time),
+// which took 2-4% off a 500x375 call (1 and 2 threads). The switches call templates, not lambdas: a
+// lambda's body was compiled out of line for the baseline ISA, outside the caller's clone.
+template <typename V, int W, int D1>
+FASTSEG_ALWAYS_INLINE void slice_row_unrolled(const float* rows, const int32_t* off, const float* w, int d1,
+                                              float scale, int lanes, int nv, V* out) {
+  const int n = D1 > 0 ? D1 : d1;
   {
     const float* row = rows + int64_t(off[0]) * lanes;
     const float w0 = w[0] * scale;
     for (int v = 0; v < nv; ++v) out[v] = w0 * vload<V>(row + v * W);
   }
-  for (int j = 1; j < d1; ++j) {
+  for (int j = 1; j < n; ++j) {
     const float* row = rows + int64_t(off[j]) * lanes;
     const float wj = w[j] * scale;
     for (int v = 0; v < nv; ++v) out[v] += wj * vload<V>(row + v * W);
+  }
+}
+
+template <typename V, int W>
+FASTSEG_ALWAYS_INLINE void slice_row(const float* rows, const int32_t* off, const float* w, int d1, float scale,
+                                     int lanes, int nv, V* out) {
+  switch (d1) {
+    case 3: return slice_row_unrolled<V, W, 3>(rows, off, w, d1, scale, lanes, nv, out);
+    case 4: return slice_row_unrolled<V, W, 4>(rows, off, w, d1, scale, lanes, nv, out);
+    case 6: return slice_row_unrolled<V, W, 6>(rows, off, w, d1, scale, lanes, nv, out);
+    default: return slice_row_unrolled<V, W, 0>(rows, off, w, d1, scale, lanes, nv, out);
   }
 }
 
@@ -1078,14 +1075,25 @@ struct PlaneWriter {
   }
 };
 
-template <typename V, int W, int D1 = 0>
-FASTSEG_ALWAYS_INLINE void splat_row(float* rows, const int32_t* off, const float* w, int d1_, float scale,
-                                     int lanes, int nv, const V* in) {
-  const int d1 = D1 > 0 ? D1 : d1_;
-  for (int j = 0; j < d1; ++j) {
+template <typename V, int W, int D1>
+FASTSEG_ALWAYS_INLINE void splat_row_unrolled(float* rows, const int32_t* off, const float* w, int d1, float scale,
+                                              int lanes, int nv, const V* in) {
+  const int n = D1 > 0 ? D1 : d1;
+  for (int j = 0; j < n; ++j) {
     float* row = rows + int64_t(off[j]) * lanes;
     const float wj = w[j] * scale;
     for (int v = 0; v < nv; ++v) vstore(row + v * W, vload<V>(row + v * W) + wj * in[v]);
+  }
+}
+
+template <typename V, int W>
+FASTSEG_ALWAYS_INLINE void splat_row(float* rows, const int32_t* off, const float* w, int d1, float scale,
+                                     int lanes, int nv, const V* in) {
+  switch (d1) {  // as in slice_row
+    case 3: return splat_row_unrolled<V, W, 3>(rows, off, w, d1, scale, lanes, nv, in);
+    case 4: return splat_row_unrolled<V, W, 4>(rows, off, w, d1, scale, lanes, nv, in);
+    case 6: return splat_row_unrolled<V, W, 6>(rows, off, w, d1, scale, lanes, nv, in);
+    default: return splat_row_unrolled<V, W, 0>(rows, off, w, d1, scale, lanes, nv, in);
   }
 }
 
@@ -1173,9 +1181,7 @@ FASTSEG_ALWAYS_INLINE void pixel_pass_rows(const PassArgs& a, int64_t chunk, int
       for (int k = 0; k < a.kernels; ++k) {
         const PassKernel& K = a.k[k];
         // w * 1.0f is exact: the post scale multiplies the sum below instead.
-        with_simplex_size(K.d1, [&](auto D1) {
-          slice_row<V, W, D1>(K.sliced, K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, 1.0f, lanes, nv, s);
-        });
+        slice_row<V, W>(K.sliced, K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, 1.0f, lanes, nv, s);
         const float scale = K.post ? K.post[pq] : K.post_constant;
         if (K.diagonal) {
           for (int v = 0; v < nv; ++v) e[q][v] += scale * vload<V>(K.compat + v * W) * s[v];
@@ -1229,10 +1235,8 @@ FASTSEG_ALWAYS_INLINE void pixel_pass_rows(const PassArgs& a, int64_t chunk, int
       if (!splat) continue;
       for (int k = 0; k < a.kernels; ++k) {
         const PassKernel& K = a.k[k];
-        with_simplex_size(K.d1, [&](auto D1) {
-          splat_row<V, W, D1>(K.splat[chunk], K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1,
-                              K.pre ? K.pre[pq] : 1.0f, lanes, nv, e[q]);
-        });
+        splat_row<V, W>(K.splat[chunk], K.offset + pq * K.d1, K.weight + pq * K.d1, K.d1, K.pre ? K.pre[pq] : 1.0f,
+                        lanes, nv, e[q]);
       }
     }
   }
@@ -1362,9 +1366,7 @@ FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int
       for (int v = 0; v < nv; ++v) vstore(a.q_rows + p * lanes + v * W, q[v]);
       for (int k = 0; k < a.kernels; ++k) {
         const ReverseKernel& K = a.k[k];
-        with_simplex_size(K.d1, [&](auto D1) {
-          slice_row<V, W, D1>(K.sliced, K.offset + p * K.d1, K.weight + p * K.d1, K.d1, K.pre[p], lanes, nv, s);
-        });
+        slice_row<V, W>(K.sliced, K.offset + p * K.d1, K.weight + p * K.d1, K.d1, K.pre[p], lanes, nv, s);
         float* r_row = a.r_rows + (p * a.kernels + k) * lanes;
         for (int v = 0; v < nv; ++v) vstore(r_row + v * W, s[v]);
         if (K.diagonal) {
@@ -1391,9 +1393,7 @@ FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int
     if (!a.splat) continue;
     for (int k = 0; k < a.kernels; ++k) {
       const ReverseKernel& K = a.k[k];
-      with_simplex_size(K.d1, [&](auto D1) {
-        splat_row<V, W, D1>(K.splat[chunk], K.offset + p * K.d1, K.weight + p * K.d1, K.d1, K.post[p], lanes, nv, gq);
-      });
+      splat_row<V, W>(K.splat[chunk], K.offset + p * K.d1, K.weight + p * K.d1, K.d1, K.post[p], lanes, nv, gq);
     }
   }
 }
