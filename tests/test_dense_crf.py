@@ -521,6 +521,32 @@ def test_bad_input(call, error, match):
         call()
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [(0, 0, 0, 0), (1, 2, 7, 8), (1, 1, 3, 8)], ids=["first", "last", "row-tail"])
+@pytest.mark.parametrize("unary", ["logits", "energy"])
+def test_non_finite_scores_anywhere(backend, value, where, unary):
+    # The C++ kernel checks while it packs the scores (8 pixels at a time, then a scalar tail: a
+    # 9-wide map has both); the reference is checked in Python. Both say the same.
+    scores = S.clone()
+    scores[where] = value
+    with pytest.raises(ValueError, match="scores contains non-finite values"):
+        fastseg.dense_crf(scores, I, unary=unary, backend=backend)
+
+
+def test_non_finite_scores_direct_op_and_float32_overflow():
+    U = S.clone()
+    U[1, 0, 4, 4] = float("nan")
+    f = torch.randn(1, 2, 8, 9)
+    with pytest.raises(ValueError, match="scores contains non-finite values"):
+        torch.ops.fastseg.dense_crf(U, [f], [-torch.eye(3)], [3], 1, None)
+    # Finite in float64, inf once the kernel's float32: an error, not a map of nan.
+    big = S.double()
+    big[0, 0, 0, 0] = 1e300
+    with pytest.raises(ValueError, match="scores contains non-finite values"):
+        fastseg.dense_crf(big, I)
+
+
 def test_bad_input_direct_op_calls():
     U = torch.randn(1, 3, 4, 5)
     f = torch.randn(1, 2, 4, 5)
