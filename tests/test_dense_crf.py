@@ -466,6 +466,10 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(refine, fullgraph=True, backend="eager")
     assert torch.equal(compiled(logits, image), refine(logits, image))
+    # The Python checks on values are skipped while compiling; the C++ kernel's own check is not.
+    logits[0, 1, 5, 6] = float("nan")
+    with pytest.raises(ValueError, match="scores contains non-finite values"):
+        compiled(logits, image)
 
 
 @pytest.mark.slow
