@@ -1389,10 +1389,7 @@ FASTSEG_ALWAYS_INLINE void reverse_pass(const ReverseArgs& a, int64_t chunk, int
       for (int k = 0; k < a.kernels; ++k) {
         const ReverseKernel& K = a.k[k];
         const int32_t* off = K.offset + (p + kPrefetchAhead) * K.d1;
-        for (int j = 0; j < K.d1; ++j) {
-          if (slice) prefetch_row(K.sliced + int64_t(off[j]) * lanes, lanes);
-          if (a.splat) prefetch_row(K.splat[chunk] + int64_t(off[j]) * lanes, lanes);
-        }
+        prefetch_vertex_rows<1>(slice ? K.sliced : nullptr, a.splat ? K.splat[chunk] : nullptr, off, K.d1, lanes);
       }
     }
     const int64_t pixel = a.order ? a.order[p] : p;
