@@ -192,24 +192,31 @@ def test_winograd_tilings(case, dtype, layout, poison):
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
-def test_winograd_bands():
-    # Inputs whose products exceed the band size run in bands of tile rows (only very large ones at
-    # the default 256 MiB): a tiny band size, read once per process, forces a band per tile row;
-    # the weight-transform cache is off in that process.
+def test_winograd_blocks_and_chunks():
+    # Up to 512 input channels the tiles run in blocks of about FASTSEG_WINOGRAD_BLOCK_PRODUCTS
+    # products, one thread each, and each block's input transform in chunks of
+    # FASTSEG_WINOGRAD_CHUNK_CHANNELS channels whose GEMMs accumulate. Tiny blocks (a tile or two
+    # each) and chunks of 4 channels over 6 and 9 channels, blocks over image boundaries, in float64
+    # and float32; the weight-transform cache off; 0 = one block of all tiles.
     script = """
-import torch, torch.nn.functional as F, fastseg
+import os, torch, torch.nn.functional as F, fastseg
+torch.set_num_threads(2)
 gen = torch.Generator().manual_seed(3)
-for B, H, W, p, d in [(3, 13, 11, 2, 2), (2, 20, 17, 7, 7), (1, 9, 30, 1, 1)]:
-    x = torch.randn(B, 6, H, W, generator=gen, dtype=torch.float64)
-    w = torch.randn(5, 6, 3, 3, generator=gen, dtype=torch.float64)
-    r = torch.randn(B, 5, H + 2 * p - 2 * d, W + 2 * p - 2 * d, generator=gen, dtype=torch.float64)
-    out = torch.ops.fastseg.atrous_conv2d(x, w, None, None, r, [1, 1], [p, p], [d, d], 1, False, 'winograd')
-    ref = F.conv2d(x, w, None, 1, p, d) + r
-    err = ((out - ref).norm() / ref.norm()).item()
-    assert err < 1e-12, (B, H, W, p, d, err)
+for blocks, chunk in [('1', '4'), ('7', '4'), ('40', '5'), ('0', '4')]:
+    os.environ['FASTSEG_WINOGRAD_BLOCK_PRODUCTS'], os.environ['FASTSEG_WINOGRAD_CHUNK_CHANNELS'] = blocks, chunk
+    for B, C, H, W, p, d in [(3, 6, 13, 11, 2, 2), (2, 9, 20, 17, 7, 7), (1, 6, 9, 30, 1, 1), (2, 9, 33, 33, 24, 24)]:
+        for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
+            x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+            w = torch.randn(5, C, 3, 3, generator=gen, dtype=torch.float64)
+            r = torch.randn(B, 5, H + 2 * p - 2 * d, W + 2 * p - 2 * d, generator=gen, dtype=torch.float64)
+            out = torch.ops.fastseg.atrous_conv2d(x.to(dtype), w.to(dtype), None, None, r.to(dtype), [1, 1], [p, p],
+                                                  [d, d], 1, False, 'winograd')
+            ref = F.conv2d(x, w, None, 1, p, d) + r
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert err < tol, (blocks, chunk, B, C, H, W, p, d, dtype, err)
 print('ok')
 """
-    env = dict(os.environ, FASTSEG_WINOGRAD_BAND_BYTES="1", FASTSEG_WINOGRAD_CACHE_MB="0")  # and no cache
+    env = dict(os.environ, FASTSEG_WINOGRAD_CACHE_MB="0")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 

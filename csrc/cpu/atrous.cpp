@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -427,13 +428,22 @@ constexpr double kWinogradMinSavingNchw = 1.2;
 
 // Channels per pass of a tile's transforms: its 5 x 5 intermediate rows stay in L1.
 constexpr int64_t kTransformBlock = 128;
-// Input-transform bytes per band of tile rows: the band's products are computed, multiplied and
-// transformed back before the next band's. Large, because each band reads every weight transform
-// again (32 MiB bands made a 2048-channel layer's GEMMs 1.3x slower); bands only bound the scratch
-// memory of very large inputs. FASTSEG_WINOGRAD_BAND_BYTES overrides it (tests).
-int64_t winograd_band_bytes() {
-  static const int64_t bytes = env_setting("FASTSEG_WINOGRAD_BAND_BYTES", int64_t(256) << 20, 1);
-  return bytes;
+// Products per block of tiles, and input channels per chunk of a block's input transform (the
+// GEMMs accumulate the chunks). FASTSEG_WINOGRAD_BLOCK_PRODUCTS and FASTSEG_WINOGRAD_CHUNK_CHANNELS
+// override them (tests, tuning).
+int64_t winograd_block_products() {  // 0: one block of all tiles
+  const char* e = std::getenv("FASTSEG_WINOGRAD_BLOCK_PRODUCTS");
+  return e ? std::max<int64_t>(0, std::atoll(e)) : 1600;
+}
+// Blocks on their own threads pay where the weight transforms are small: two threads each running
+// their GEMMs on their own blocks, products kept in cache from transform to GEMM to output, ran
+// 1.1-1.2x faster than both threads on each GEMM of all tiles at 256 channels; at 2048 channels
+// each block reads 50+ MiB of weight transforms again and ran 1.1x slower, so there one block.
+constexpr int64_t kWinogradBlockMaxChannels = 512;
+constexpr int64_t kWinogradMinBlockProducts = 256;
+int64_t winograd_chunk_channels() {
+  const char* e = std::getenv("FASTSEG_WINOGRAD_CHUNK_CHANNELS");
+  return e ? std::max<int64_t>(1, std::atoll(e)) : 512;
 }
 
 // Grow-only scratch buffers per thread: the transforms' buffers run to hundreds of MiB for 2048
@@ -451,14 +461,14 @@ scalar_t* workspace(int which, int64_t numel) {
   return reinterpret_cast<scalar_t*>(t.mutable_data_ptr<uint8_t>());
 }
 
-// U[(R, Q)] = sum_ij GR[i] GQ[j] w[:, :, i, j] for every pair of G rows, (nG^2, C, O), from the
-// (O, C, 3, 3) weights: per row R, TR[j] = sum_i GR[i] w[i, j] on the (kH, kW, C, O) weights, then
+// U[(R, Q)] = sum_ij GR[i] GQ[j] w[:, :, i, j] for every pair of G rows, (nG^2, O, C), from the
+// (O, C, 3, 3) weights: per row R, TR[j] = sum_i GR[i] w[i, j] on the (kH, kW, O, C) weights, then
 // U = sum_j GQ[j] TR[j].
 template <typename scalar_t>
 at::Tensor compute_weight_transforms(const at::Tensor& weight, const std::vector<std::array<double, 3>>& grows) {
   const int64_t O = weight.size(0), n = weight.size(1) * O, nG = static_cast<int64_t>(grows.size());
-  const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();
-  at::Tensor U = at::empty({nG * nG, weight.size(1), O}, weight.options());
+  const at::Tensor wt = weight.permute({2, 3, 0, 1}).contiguous();
+  at::Tensor U = at::empty({nG * nG, O, weight.size(1)}, weight.options());
   at::Tensor tr = at::empty({3, n}, weight.options());
   const scalar_t* w = wt.const_data_ptr<scalar_t>();
   scalar_t* t = tr.mutable_data_ptr<scalar_t>();
@@ -553,6 +563,91 @@ void transform_input_tile(const TileKind& KR, const TileKind& KC, const TileIO<s
   transform_input_tile_base(KR, KC, io, C);
 }
 
+// One tile's outputs from its products, through the epilogue: y = (AT_row (x) AT_col) P, then
+// scale, shift, residual and ReLU; out0 is the tile's first output pixel (O values a pixel, row
+// pitch row, column pitch col), src[er][ec] its products.
+template <typename scalar_t>
+struct TileOut {
+  const scalar_t* src[5][5];
+  scalar_t* out0;
+  const scalar_t* res0;  // null: no residual
+  int64_t row, col;
+};
+
+template <typename scalar_t>
+FASTSEG_ALWAYS_INLINE void transform_output_tile_impl(const TileKind& KR, const TileKind& KC, const TileOut<scalar_t>& io,
+                                                      const scalar_t* sc, const scalar_t* sh, bool relu, int64_t O) {
+  scalar_t tmp[5][3][kTransformBlock];  // [er][jc]
+  scalar_t out[kTransformBlock];
+  const bool zero = KR.alpha == 0 || KC.alpha == 0;  // every tap in the padding: the epilogue of 0
+  for (int64_t o0 = 0; o0 < O; o0 += kTransformBlock) {
+    const int64_t ob = std::min(kTransformBlock, O - o0);
+    for (int er = 0; er < KR.alpha && !zero; ++er) {
+      for (int jc = 0; jc < KC.m; ++jc) std::fill(tmp[er][jc], tmp[er][jc] + ob, scalar_t(0));
+      for (int ec = 0; ec < KC.alpha; ++ec) {
+        const scalar_t* s = io.src[er][ec] + o0;
+        for (int jc = 0; jc < KC.m; ++jc) {
+          const scalar_t coef = scalar_t(KC.AT[jc][ec]);
+          if (coef == 0) continue;
+          scalar_t* acc = tmp[er][jc];
+          for (int64_t o = 0; o < ob; ++o) acc[o] += coef * s[o];
+        }
+      }
+    }
+    for (int jr = 0; jr < KR.m; ++jr) {
+      for (int jc = 0; jc < KC.m; ++jc) {
+        std::fill(out, out + ob, scalar_t(0));
+        for (int er = 0; er < KR.alpha && !zero; ++er) {
+          const scalar_t coef = scalar_t(KR.AT[jr][er]);
+          if (coef == 0) continue;
+          const scalar_t* s = tmp[er][jc];
+          for (int64_t o = 0; o < ob; ++o) out[o] += coef * s[o];
+        }
+        const int64_t at = jr * io.row + jc * io.col + o0;
+        scalar_t* dst = io.out0 + at;
+        if (sc) {
+          for (int64_t o = 0; o < ob; ++o) out[o] *= sc[o0 + o];
+        }
+        if (sh) {
+          for (int64_t o = 0; o < ob; ++o) out[o] += sh[o0 + o];
+        }
+        if (io.res0) {
+          const scalar_t* r = io.res0 + at;
+          for (int64_t o = 0; o < ob; ++o) out[o] += r[o];
+        }
+        if (relu) {
+          for (int64_t o = 0; o < ob; ++o) dst[o] = out[o] > scalar_t(0) ? out[o] : scalar_t(0);
+        } else {
+          for (int64_t o = 0; o < ob; ++o) dst[o] = out[o];
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void transform_output_tile_base(const TileKind& KR, const TileKind& KC, const TileOut<scalar_t>& io,
+                                const scalar_t* sc, const scalar_t* sh, bool relu, int64_t O) {
+  transform_output_tile_impl(KR, KC, io, sc, sh, relu, O);
+}
+
+#if FASTSEG_HAVE_AVX2_CLONE
+template <typename scalar_t>
+FASTSEG_TARGET_AVX2 void transform_output_tile_avx2(const TileKind& KR, const TileKind& KC, const TileOut<scalar_t>& io,
+                                                    const scalar_t* sc, const scalar_t* sh, bool relu, int64_t O) {
+  transform_output_tile_impl(KR, KC, io, sc, sh, relu, O);
+}
+#endif
+
+template <typename scalar_t>
+void transform_output_tile(const TileKind& KR, const TileKind& KC, const TileOut<scalar_t>& io, const scalar_t* sc,
+                           const scalar_t* sh, bool relu, int64_t O) {
+#if FASTSEG_HAVE_AVX2_CLONE
+  if (cpu_has_avx2()) return transform_output_tile_avx2(KR, KC, io, sc, sh, relu, O);
+#endif
+  transform_output_tile_base(KR, KC, io, sc, sh, relu, O);
+}
+
 template <typename scalar_t>
 void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tensor& y_nhwc, const at::Tensor& scale,
                    const at::Tensor& shift, const at::Tensor& res_nhwc, bool relu, const ConvGeometry& g,
@@ -561,146 +656,142 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
   GRows grows;
   const AxisPlan rows = plan_axis(g.H, g.Ho, g.pH, g.dH, grows);
   const AxisPlan cols = plan_axis(g.W, g.Wo, g.pW, g.dW, grows);
-  const int64_t nG = static_cast<int64_t>(grows.rows.size()), C = g.C, O = g.O;
+  const int64_t nG = static_cast<int64_t>(grows.rows.size()), nPairs = nG * nG, C = g.C, O = g.O;
   const int64_t nRT = static_cast<int64_t>(rows.tiles.size()), nCT = static_cast<int64_t>(cols.tiles.size());
+  const int64_t n_tiles = g.B * nRT * nCT;
   const auto opts = x_nhwc.options();
 
-  const at::Tensor U = weight_transforms<scalar_t>(weight, grows, cache_weights);
-
-  // Column tiles are the same in every band: each element's position among the tiles with its G row.
-  std::vector<int64_t> n_col(nG, 0), col_pos(cols.grow.size());
-  for (size_t e = 0; e < cols.grow.size(); ++e) col_pos[e] = n_col[cols.grow[e]]++;
-  const int64_t col_products = cols.products;
-
+  const at::Tensor U = weight_transforms<scalar_t>(weight, grows, cache_weights);  // (pairs, O, C)
+  const scalar_t* u = U.const_data_ptr<scalar_t>();
   const scalar_t* x = x_nhwc.const_data_ptr<scalar_t>();
   scalar_t* y = y_nhwc.mutable_data_ptr<scalar_t>();
   const scalar_t* res = res_nhwc.defined() ? res_nhwc.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* sc = scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* sh = shift.defined() ? shift.const_data_ptr<scalar_t>() : nullptr;
 
-  // Bands of row units (image b, row tile i), u = b * nRT + i.
-  const int64_t units = g.B * nRT;
-  std::vector<int64_t> n_row(nG);
-  std::vector<int64_t> base(nG * nG);
-  for (int64_t u0 = 0; u0 < units;) {
-    int64_t u1 = u0, bytes = 0;
-    do {
-      const int64_t i = u1 % nRT;
-      bytes += (rows.first[i + 1] - rows.first[i]) * col_products * C * int64_t(sizeof(scalar_t));
-      ++u1;
-    } while (u1 < units && bytes < winograd_band_bytes());
-    // Each unit's elements' positions among the band's units with the same G row.
-    std::fill(n_row.begin(), n_row.end(), 0);
-    std::vector<int64_t> unit_pos;
-    std::vector<int64_t> unit_first(u1 - u0 + 1);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t i = u % nRT;
-      unit_first[u - u0] = static_cast<int64_t>(unit_pos.size());
-      for (int64_t e = rows.first[i]; e < rows.first[i + 1]; ++e) unit_pos.push_back(n_row[rows.grow[e]]++);
-    }
-    unit_first[u1 - u0] = static_cast<int64_t>(unit_pos.size());
-    int64_t slots = 0;
-    for (int64_t R = 0; R < nG; ++R) {
-      for (int64_t Q = 0; Q < nG; ++Q) {
-        base[R * nG + Q] = slots;
-        slots += n_row[R] * n_col[Q];
-      }
-    }
-    scalar_t* v = workspace<scalar_t>(0, slots * C);
-    scalar_t* pr = workspace<scalar_t>(1, slots * O);
-    auto slot_of = [&](int64_t u, int64_t i, int er, int64_t j, int ec) {
-      const int64_t R = rows.grow[rows.first[i] + er], Q = cols.grow[cols.first[j] + ec];
-      return base[R * nG + Q] + unit_pos[unit_first[u - u0] + er] * n_col[Q] + col_pos[cols.first[j] + ec];
-    };
-
-    // Input transform: V[slot] = (BT_row (x) BT_col) x over the tile's (m + 2)^2 inputs.
-    at::parallel_for(0, (u1 - u0) * nCT, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t u = u0 + t / nCT, j = t % nCT, b = u / nRT, i = u % nRT;
-        const AxisTile &rt = rows.tiles[i], &ct = cols.tiles[j];
-        const TileKind &KR = kinds[rt.kind], &KC = kinds[ct.kind];
-        if (KR.alpha == 0 || KC.alpha == 0) continue;
-        TileIO<scalar_t> io{};
-        for (int kr = 0; kr < KR.m + 2; ++kr) {
-          const int64_t iy = rt.in0 + kr * g.dH;
-          if (iy < 0 || iy >= g.H) continue;
-          for (int kc = 0; kc < KC.m + 2; ++kc) {
-            const int64_t ix = ct.in0 + kc * g.dW;
-            if (ix >= 0 && ix < g.W) io.src[kr][kc] = x + ((b * g.H + iy) * g.W + ix) * C;
-          }
-        }
-        for (int er = 0; er < KR.alpha; ++er) {
-          for (int ec = 0; ec < KC.alpha; ++ec) io.dst[er][ec] = v + slot_of(u, i, er, j, ec) * C;
-        }
-        transform_input_tile(KR, KC, io, C);
-      }
-    });
-
-    // One GEMM per pair of G rows: P[pair] = V[pair] U[pair].
-    for (int64_t R = 0; R < nG; ++R) {
-      for (int64_t Q = 0; Q < nG; ++Q) {
-        const int64_t n = n_row[R] * n_col[Q];
-        if (n == 0) continue;
-        at::Tensor out_view = at::from_blob(pr + base[R * nG + Q] * O, {n, O}, opts);
-        at::mm_out(out_view, at::from_blob(v + base[R * nG + Q] * C, {n, C}, opts), U[R * nG + Q]);
-      }
-    }
-    // Output transform and epilogue: y = (AT_row (x) AT_col) P over the tile's products.
-    at::parallel_for(0, (u1 - u0) * nCT, 1, [&](int64_t t0, int64_t t1) {
-      scalar_t tmp[5][3][kTransformBlock];
-      scalar_t out[kTransformBlock];
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t u = u0 + t / nCT, j = t % nCT, b = u / nRT, i = u % nRT;
-        const AxisTile &rt = rows.tiles[i], &ct = cols.tiles[j];
-        const TileKind &KR = kinds[rt.kind], &KC = kinds[ct.kind];
-        const bool zero = KR.alpha == 0 || KC.alpha == 0;
-        for (int64_t o0 = 0; o0 < O; o0 += kTransformBlock) {
-          const int64_t ob = std::min(kTransformBlock, O - o0);
-          if (!zero) {
-            for (int er = 0; er < KR.alpha; ++er) {
-              for (int jc = 0; jc < KC.m; ++jc) std::fill(tmp[er][jc], tmp[er][jc] + ob, scalar_t(0));
-              for (int ec = 0; ec < KC.alpha; ++ec) {
-                const scalar_t* s = pr + slot_of(u, i, er, j, ec) * O + o0;
-                for (int jc = 0; jc < KC.m; ++jc) {
-                  const scalar_t coef = scalar_t(KC.AT[jc][ec]);
-                  if (coef == 0) continue;
-                  scalar_t* acc = tmp[er][jc];
-                  for (int64_t o = 0; o < ob; ++o) acc[o] += coef * s[o];
-                }
-              }
-            }
-          }
-          for (int jr = 0; jr < KR.m; ++jr) {
-            const int64_t oy = rt.out0 + jr * g.dH;
-            for (int jc = 0; jc < KC.m; ++jc) {
-              const int64_t ox = ct.out0 + jc * g.dW;
-              std::fill(out, out + ob, scalar_t(0));
-              if (!zero) {
-                for (int er = 0; er < KR.alpha; ++er) {
-                  const scalar_t coef = scalar_t(KR.AT[jr][er]);
-                  if (coef == 0) continue;
-                  const scalar_t* s = tmp[er][jc];
-                  for (int64_t o = 0; o < ob; ++o) out[o] += coef * s[o];
-                }
-              }
-              const int64_t pos = ((b * g.Ho + oy) * g.Wo + ox) * O + o0;
-              scalar_t* dst = y + pos;
-              const scalar_t* r = res ? res + pos : nullptr;
-              for (int64_t o = 0; o < ob; ++o) {
-                scalar_t val = out[o];
-                if (sc) val *= sc[o0 + o];
-                if (sh) val += sh[o0 + o];
-                if (r) val += r[o];
-                if (relu) val = val > scalar_t(0) ? val : scalar_t(0);
-                dst[o] = val;
-              }
-            }
-          }
-        }
-      }
-    });
-    u0 = u1;
+  // Tile t = (image b, row tile i, column tile j), t = (b * nRT + i) * nCT + j, cut into blocks.
+  // Up to kWinogradBlockMaxChannels input channels, blocks of about winograd_block_products()
+  // products, as many per thread, each computed start to end on one thread; beyond it, one block
+  // over all tiles, with both threads on each of its passes and GEMMs (see the constant).
+  const int64_t total = g.B * rows.products * cols.products, threads = at::get_num_threads();
+  const int64_t want = winograd_block_products();
+  const bool per_thread = want > 0 && C <= kWinogradBlockMaxChannels && total >= threads * kWinogradMinBlockProducts;
+  int64_t n_target = 1;
+  if (per_thread) {
+    n_target = std::max<int64_t>(1, (total + want / 2) / want);
+    n_target = (n_target + threads - 1) / threads * threads;
   }
+  const int64_t target = (total + n_target - 1) / n_target;
+  std::vector<int64_t> block_first{0};
+  int64_t in_block = 0;
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int64_t i = (t / nCT) % nRT, j = t % nCT;
+    in_block += (rows.first[i + 1] - rows.first[i]) * (cols.first[j + 1] - cols.first[j]);
+    if (in_block >= target || t + 1 == n_tiles) {
+      block_first.push_back(t + 1);
+      in_block = 0;
+    }
+  }
+  const int64_t n_blocks = static_cast<int64_t>(block_first.size()) - 1;
+  const int64_t chunk = per_thread ? std::min(C, winograd_chunk_channels()) : C;
+
+  // A block: its tiles' input transforms (a chunk of input channels at a time), one GEMM per pair
+  // of G rows over the block's products with that pair, accumulating the chunks, and the output
+  // transforms with the epilogue. Inside a parallel region, at::parallel_for runs inline and MKL on
+  // one thread.
+  auto run_block = [&](int64_t k) {
+    const int64_t t0 = block_first[k], t1 = block_first[k + 1];
+    // The block's products grouped by pair: tile t's product e (row-major over its kinds' alphas)
+    // is row slot[first[t - t0] + e] of V and P; the pair's rows start at base[pair].
+    std::vector<int64_t> count(nPairs, 0), first(t1 - t0 + 1, 0), pair_of, slot;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = (t / nCT) % nRT, j = t % nCT;
+      first[t - t0] = static_cast<int64_t>(slot.size());
+      for (int64_t er = rows.first[i]; er < rows.first[i + 1]; ++er) {
+        for (int64_t ec = cols.first[j]; ec < cols.first[j + 1]; ++ec) {
+          const int64_t pair = rows.grow[er] * nG + cols.grow[ec];
+          pair_of.push_back(pair);
+          slot.push_back(count[pair]++);
+        }
+      }
+    }
+    first[t1 - t0] = static_cast<int64_t>(slot.size());
+    std::vector<int64_t> base(nPairs + 1, 0);
+    for (int64_t q = 0; q < nPairs; ++q) base[q + 1] = base[q] + count[q];
+    for (size_t e = 0; e < slot.size(); ++e) slot[e] += base[pair_of[e]];
+    const int64_t products = base[nPairs];
+    scalar_t* v = workspace<scalar_t>(0, products * chunk);
+    scalar_t* p = workspace<scalar_t>(1, products * O);
+
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t cn = std::min(chunk, C - c0);
+      // Input transform: V[slot] = (BT_row (x) BT_col) x over the tile's (m + 2)^2 inputs.
+      at::parallel_for(t0, t1, 1, [&](int64_t ta, int64_t tb) {
+        for (int64_t t = ta; t < tb; ++t) {
+          const int64_t b = t / nCT / nRT, i = (t / nCT) % nRT, j = t % nCT;
+          const AxisTile &rt = rows.tiles[i], &ct = cols.tiles[j];
+          const TileKind &KR = kinds[rt.kind], &KC = kinds[ct.kind];
+          if (KR.alpha == 0 || KC.alpha == 0) continue;
+          TileIO<scalar_t> io{};
+          for (int kr = 0; kr < KR.m + 2; ++kr) {
+            const int64_t iy = rt.in0 + kr * g.dH;
+            if (iy < 0 || iy >= g.H) continue;
+            for (int kc = 0; kc < KC.m + 2; ++kc) {
+              const int64_t ix = ct.in0 + kc * g.dW;
+              if (ix >= 0 && ix < g.W) io.src[kr][kc] = x + ((b * g.H + iy) * g.W + ix) * C + c0;
+            }
+          }
+          const int64_t* s = slot.data() + first[t - t0];
+          for (int er = 0; er < KR.alpha; ++er) {
+            for (int ec = 0; ec < KC.alpha; ++ec) io.dst[er][ec] = v + s[er * KC.alpha + ec] * cn;
+          }
+          transform_input_tile(KR, KC, io, cn);
+        }
+      });
+      // P[pair] (+)= V[pair] U[pair][:, chunk]^T.
+      for (int64_t q = 0; q < nPairs; ++q) {
+        if (count[q] == 0) continue;
+        const at::Tensor a = at::from_blob(v + base[q] * cn, {count[q], cn}, opts);
+        const at::Tensor bt = at::from_blob(const_cast<scalar_t*>(u) + q * O * C + c0, {cn, O}, {1, C}, opts);
+        at::Tensor out = at::from_blob(p + base[q] * O, {count[q], O}, opts);
+        if (c0 == 0) {
+          at::mm_out(out, a, bt);
+        } else {
+          out.addmm_(a, bt);
+        }
+      }
+    }
+
+    // Output transform and epilogue.
+    at::parallel_for(t0, t1, 1, [&](int64_t ta, int64_t tb) {
+      for (int64_t t = ta; t < tb; ++t) {
+        const int64_t b = t / nCT / nRT, i = (t / nCT) % nRT, j = t % nCT;
+        const AxisTile &rt = rows.tiles[i], &ct = cols.tiles[j];
+        const TileKind &KR = kinds[rt.kind], &KC = kinds[ct.kind];
+        const int64_t pos = ((b * g.Ho + rt.out0) * g.Wo + ct.out0) * O;
+        TileOut<scalar_t> io{};
+        io.out0 = y + pos;
+        io.res0 = res ? res + pos : nullptr;
+        io.row = g.dH * g.Wo * O;
+        io.col = g.dW * O;
+        const int64_t* s = slot.data() + first[t - t0];
+        for (int er = 0; er < KR.alpha; ++er) {
+          for (int ec = 0; ec < KC.alpha; ++ec) io.src[er][ec] = p + s[er * KC.alpha + ec] * O;
+        }
+        transform_output_tile(KR, KC, io, sc, sh, relu, O);
+      }
+    });
+  };
+
+  if (n_blocks == 1) {
+    run_block(0);
+    return;
+  }
+  // Blocks handed out one at a time, to whichever thread is free.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(n_blocks, threads), 1, [&](int64_t, int64_t) {
+    for (int64_t k = next++; k < n_blocks; k = next++) run_block(k);
+  });
 }
 
 // Whether the winograd path applies, and whether it beats oneDNN's convolution (below).
