@@ -409,9 +409,11 @@ AxisPlan plan_axis(int64_t n_in, int64_t n_out, int64_t p, int64_t d, GRows& gro
 // 32 and 64 channels and 2048 -> 21 lost up to 2x: the transforms outweigh the GEMMs), and when the
 // in-image taps outnumber the products, each GEMM counted kWinogradGemmRows rows more (a small GEMM
 // still reads its whole weight transform), by kWinogradMinSaving: more for channels_last inputs,
-// where oneDNN is at its best (8x256x33x33 at rate 24 saves 1.44x by this count and ran level; 256
-// channels at 33x33, rate 12, saves 1.13x and ran 0.77x), less for NCHW ones, which oneDNN
-// reorders (the same 8x256x33x33 ran 2.4x faster as winograd).
+// where oneDNN is at its best (with blocks per thread, 33x33 maps at rate 24, saving 1.27x at batch
+// 1 and 1.44x at batch 8 by this count, ran 1.12-1.29x faster at 256..2048 channels, 41x41 at rate
+// 24 1.27x, 25x25 at rate 18 1.07x, 17x17 at rate 12 level; 256 channels at 33x33, rate 12,
+// saves 1.13x and ran 0.76x), less for NCHW ones, which oneDNN reorders (8x256x33x33 at rate 24
+// ran 2.4x faster as winograd).
 constexpr int64_t kWinogradMinInChannels = 256;
 constexpr int64_t kWinogradMinOutChannels = 128;
 constexpr double kWinogradGemmRows = 32;
@@ -423,7 +425,7 @@ constexpr double kWinogradTransformRows = 128;
 // Nor where the weight transforms (nG^2 x C x O values) would outgrow this: 2048 -> 2048 at nG = 5
 // needs 400 MiB of them, kept in memory beside oneDNN-sized weights of 144 MiB.
 constexpr int64_t kWinogradMaxTransformBytes = int64_t(256) << 20;
-constexpr double kWinogradMinSavingChannelsLast = 1.5;
+constexpr double kWinogradMinSavingChannelsLast = 1.25;
 constexpr double kWinogradMinSavingNchw = 1.2;
 
 // Channels per pass of a tile's transforms: its 5 x 5 intermediate rows stay in L1.
