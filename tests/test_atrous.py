@@ -222,6 +222,25 @@ print('ok')
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("C", [1024, 1028])
+def test_winograd_streamed_transforms(C, poison):
+    # Over 512 channels the products of all tiles are one block, and beyond 16 MiB of them the
+    # input transform writes them with non-temporal stores: 40x40 at rate 2 has about 4800 products
+    # (19 MiB at 1024 channels). 1028 channels leave rows off 32-byte boundaries and a 4-channel
+    # tail, which take plain stores.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, C, 40, 40, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, C, 3, 3, generator=gen, dtype=torch.float64) / (9 * C) ** 0.5
+    shift = torch.randn(4, generator=gen, dtype=torch.float64)
+    expected = F.relu(F.conv2d(x, w, None, 1, 2, 2) + shift.view(1, -1, 1, 1))
+    out = torch.ops.fastseg.atrous_conv2d(
+        x.float().contiguous(memory_format=torch.channels_last), w.float(), None, shift.float(), None,
+        [1, 1], [2, 2], [2, 2], 1, True, "winograd",
+    )
+    assert_relative_close(out, expected, torch.float32)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 def test_winograd_weight_cache_sees_every_change():
     # The weight transforms are cached by the weights' bytes: an in-place change through .data
     # (which leaves the version counter alone), a new tensor at a reused address, or the same
