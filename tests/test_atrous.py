@@ -196,24 +196,26 @@ def test_winograd_blocks_and_chunks():
     # Up to 512 input channels the tiles run in blocks of about FASTSEG_WINOGRAD_BLOCK_PRODUCTS
     # products, one thread each, and each block's input transform in chunks of
     # FASTSEG_WINOGRAD_CHUNK_CHANNELS channels whose GEMMs accumulate. Tiny blocks (a tile or two
-    # each) and chunks of 4 channels over 6 and 9 channels, blocks over image boundaries, in float64
-    # and float32; the weight-transform cache off; 0 = one block of all tiles.
+    # each) and chunks of 4 channels over 6 and 9 channels, blocks over image boundaries, 5 to 33
+    # output channels (float32 blocks multiply in panels of 16), in float64 and float32; the
+    # weight-transform cache off; 0 = one block of all tiles.
     script = """
 import os, torch, torch.nn.functional as F, fastseg
 torch.set_num_threads(2)
 gen = torch.Generator().manual_seed(3)
 for blocks, chunk in [('1', '4'), ('7', '4'), ('40', '5'), ('0', '4')]:
     os.environ['FASTSEG_WINOGRAD_BLOCK_PRODUCTS'], os.environ['FASTSEG_WINOGRAD_CHUNK_CHANNELS'] = blocks, chunk
-    for B, C, H, W, p, d in [(3, 6, 13, 11, 2, 2), (2, 9, 20, 17, 7, 7), (1, 6, 9, 30, 1, 1), (2, 9, 33, 33, 24, 24)]:
+    for B, C, O, H, W, p, d in [(3, 6, 5, 13, 11, 2, 2), (2, 9, 21, 20, 17, 7, 7), (1, 6, 16, 9, 30, 1, 1),
+                                (2, 9, 33, 33, 33, 24, 24)]:
         for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
             x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
-            w = torch.randn(5, C, 3, 3, generator=gen, dtype=torch.float64)
-            r = torch.randn(B, 5, H + 2 * p - 2 * d, W + 2 * p - 2 * d, generator=gen, dtype=torch.float64)
+            w = torch.randn(O, C, 3, 3, generator=gen, dtype=torch.float64)
+            r = torch.randn(B, O, H + 2 * p - 2 * d, W + 2 * p - 2 * d, generator=gen, dtype=torch.float64)
             out = torch.ops.fastseg.atrous_conv2d(x.to(dtype), w.to(dtype), None, None, r.to(dtype), [1, 1], [p, p],
                                                   [d, d], 1, False, 'winograd')
             ref = F.conv2d(x, w, None, 1, p, d) + r
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert err < tol, (blocks, chunk, B, C, H, W, p, d, dtype, err)
+            assert err < tol, (blocks, chunk, B, C, O, H, W, p, d, dtype, err)
 print('ok')
 """
     env = dict(os.environ, FASTSEG_WINOGRAD_CACHE_MB="0")
