@@ -410,17 +410,28 @@ AxisPlan plan_axis(int64_t n_in, int64_t n_out, int64_t p, int64_t d, GRows& gro
 }
 
 // When 'auto' takes the winograd path for float32, from measurements against oneDNN here
-// (benchmarks/RESULTS.md): on at least this many input and output channels (128 -> 128 was level,
-// 32 and 64 channels and 2048 -> 21 lost up to 2x: the transforms outweigh the GEMMs), and when the
-// in-image taps outnumber the products, each GEMM counted kWinogradGemmRows rows more (a small GEMM
-// still reads its whole weight transform), by kWinogradMinSaving: more for channels_last inputs,
-// where oneDNN is at its best (with blocks per thread, 33x33 maps at rate 24, saving 1.27x at batch
-// 1 and 1.44x at batch 8 by this count, ran 1.12-1.29x faster at 256..2048 channels, 41x41 at rate
+// (benchmarks/RESULTS.md): on at least this many input and output channels, and when the in-image
+// taps outnumber the products, each GEMM counted kWinogradGemmRows rows more (a small GEMM still
+// reads its whole weight transform), by kWinogradMinSaving: more for channels_last inputs, where
+// oneDNN is at its best (with blocks per thread, 33x33 maps at rate 24, saving 1.27x at batch 1
+// and 1.44x at batch 8 by this count, ran 1.12-1.29x faster at 256..2048 channels, 41x41 at rate
 // 24 1.27x, 25x25 at rate 18 1.07x, 17x17 at rate 12 level; 256 channels at 33x33, rate 12,
 // saves 1.13x and ran 0.76x), less for NCHW ones, which oneDNN reorders (8x256x33x33 at rate 24
-// ran 2.4x faster as winograd).
+// ran 2.4x faster as winograd). NCHW inputs, and machines without AVX2 (MKL's GEMMs), from 256 in
+// and 128 out (with MKL, 128 -> 128 was level, 32 and 64 channels and 2048 -> 21 lost up to 2x; NCHW
+// 64..512 -> 21..128 with the packed kernel ran 0.43-1.26x: converting the layout costs as much).
 constexpr int64_t kWinogradMinInChannels = 256;
 constexpr int64_t kWinogradMinOutChannels = 128;
+// channels_last inputs with the packed GEMM kernel (AVX2), from 64 in and 16 out: 128 -> 128 ran
+// 1.25-2.07x faster than oneDNN (65x65 rate 12 to 180x180 rate 1), 64 -> 64 1.15-1.54x, 128 <-> 64
+// 1.44x, 1024 -> 64 1.45x, 2048 -> 21 (DeepLab v2's classifier) at 65x65 rate 12 4.05x, 512 -> 21
+// 1.36x; 32 -> 32 lost (0.9x at 180x180). Under 64 outputs the GEMMs are small beside the input
+// transform, so the saving must reach kWinogradMinSavingFewOutputs (2048 -> 21 at 33x33, rate 24,
+// saves 1.27x and ran 0.92x).
+constexpr int64_t kWinogradPackedMinInChannels = 64;
+constexpr int64_t kWinogradPackedMinOutChannels = 16;
+constexpr int64_t kWinogradFewOutputs = 64;
+constexpr double kWinogradMinSavingFewOutputs = 1.5;
 constexpr double kWinogradGemmRows = 32;
 // When the weights change on every call (training), each GEMM's weight transform is computed anew,
 // costing about this many GEMM rows (2048 -> 256 at 65x65: 60-95 ms for rate 24's 64 transforms;
@@ -951,7 +962,11 @@ bool winograd_possible(const ConvGeometry& g, int64_t groups, at::ScalarType typ
 }
 
 bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
-  if (g.C < kWinogradMinInChannels || g.O < kWinogradMinOutChannels) return false;
+  const bool packed = channels_last && cpu_has_avx2();  // gemm_packed_avx2 (winograd_conv)
+  if (packed ? g.C < kWinogradPackedMinInChannels || g.O < kWinogradPackedMinOutChannels
+             : g.C < kWinogradMinInChannels || g.O < kWinogradMinOutChannels) {
+    return false;
+  }
   GRows grows;
   const AxisPlan rows = plan_axis(g.H, g.Ho, g.pH, g.dH, grows);
   const AxisPlan cols = plan_axis(g.W, g.Wo, g.pW, g.dW, grows);
@@ -960,7 +975,9 @@ bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
   const double per_gemm = kWinogradGemmRows + (cold ? kWinogradTransformRows : 0.0);
   const double cost = g.B * double(rows.products) * double(cols.products) + per_gemm * gemms;
   const double taps = g.B * double(rows.direct_taps) * double(cols.direct_taps);
-  return taps >= (channels_last ? kWinogradMinSavingChannelsLast : kWinogradMinSavingNchw) * cost;
+  double saving = channels_last ? kWinogradMinSavingChannelsLast : kWinogradMinSavingNchw;
+  if (packed && g.O < kWinogradFewOutputs) saving = kWinogradMinSavingFewOutputs;
+  return taps >= saving * cost;
 }
 
 void check_atrous_conv2d_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
