@@ -647,6 +647,15 @@ FASTSEG_TARGET_AVX2 inline void store_row_avx2(double* dst, const double* row, i
 template <typename scalar_t, typename Store>
 FASTSEG_ALWAYS_INLINE void transform_input_tile_impl(const TileKind& KR, const TileKind& KC,
                                                      const TileIO<scalar_t>& io, int64_t C, Store store) {
+  if (KR.alpha == 1 && KC.alpha == 1 && KR.m == 1 && KC.m == 1) {  // one in-image tap: a copy
+    int ar = 0, ac = 0;
+    while (KR.BT[0][ar] == 0) ++ar;
+    while (KC.BT[0][ac] == 0) ++ac;
+    for (int64_t c0 = 0; c0 < C; c0 += kTransformBlock) {
+      store(io.dst[0][0] + c0, io.src[ar][ac] + c0, std::min(kTransformBlock, C - c0), io.stream);
+    }
+    return;
+  }
   scalar_t tmp[5][5][kTransformBlock];  // [er][kc]
   scalar_t row[kTransformBlock];
   for (int64_t c0 = 0; c0 < C; c0 += kTransformBlock) {
@@ -711,14 +720,41 @@ struct TileOut {
   int64_t row, col;
 };
 
+// dst = relu(out * sc + sh + res), each optional, over n channels.
+template <typename scalar_t>
+FASTSEG_ALWAYS_INLINE void epilogue_row(scalar_t* out, scalar_t* dst, const scalar_t* res, const scalar_t* sc,
+                                        const scalar_t* sh, bool relu, int64_t n) {
+  if (sc) {
+    for (int64_t o = 0; o < n; ++o) out[o] *= sc[o];
+  }
+  if (sh) {
+    for (int64_t o = 0; o < n; ++o) out[o] += sh[o];
+  }
+  if (res) {
+    for (int64_t o = 0; o < n; ++o) out[o] += res[o];
+  }
+  if (relu) {
+    for (int64_t o = 0; o < n; ++o) dst[o] = out[o] > scalar_t(0) ? out[o] : scalar_t(0);
+  } else {
+    for (int64_t o = 0; o < n; ++o) dst[o] = out[o];
+  }
+}
+
 template <typename scalar_t>
 FASTSEG_ALWAYS_INLINE void transform_output_tile_impl(const TileKind& KR, const TileKind& KC, const TileOut<scalar_t>& io,
                                                       const scalar_t* sc, const scalar_t* sh, bool relu, int64_t O) {
   scalar_t tmp[5][3][kTransformBlock];  // [er][jc]
   scalar_t out[kTransformBlock];
   const bool zero = KR.alpha == 0 || KC.alpha == 0;  // every tap in the padding: the epilogue of 0
+  const bool single = KR.alpha == 1 && KC.alpha == 1 && KR.m == 1 && KC.m == 1;  // y = P (AT = 1)
   for (int64_t o0 = 0; o0 < O; o0 += kTransformBlock) {
     const int64_t ob = std::min(kTransformBlock, O - o0);
+    if (single) {
+      std::copy(io.src[0][0] + o0, io.src[0][0] + o0 + ob, out);
+      epilogue_row(out, io.out0 + o0, io.res0 ? io.res0 + o0 : nullptr, sc ? sc + o0 : nullptr, sh ? sh + o0 : nullptr,
+                   relu, ob);
+      continue;
+    }
     for (int er = 0; er < KR.alpha && !zero; ++er) {
       for (int jc = 0; jc < KC.m; ++jc) std::fill(tmp[er][jc], tmp[er][jc] + ob, scalar_t(0));
       for (int ec = 0; ec < KC.alpha; ++ec) {
@@ -741,22 +777,8 @@ FASTSEG_ALWAYS_INLINE void transform_output_tile_impl(const TileKind& KR, const 
           for (int64_t o = 0; o < ob; ++o) out[o] += coef * s[o];
         }
         const int64_t at = jr * io.row + jc * io.col + o0;
-        scalar_t* dst = io.out0 + at;
-        if (sc) {
-          for (int64_t o = 0; o < ob; ++o) out[o] *= sc[o0 + o];
-        }
-        if (sh) {
-          for (int64_t o = 0; o < ob; ++o) out[o] += sh[o0 + o];
-        }
-        if (io.res0) {
-          const scalar_t* r = io.res0 + at;
-          for (int64_t o = 0; o < ob; ++o) out[o] += r[o];
-        }
-        if (relu) {
-          for (int64_t o = 0; o < ob; ++o) dst[o] = out[o] > scalar_t(0) ? out[o] : scalar_t(0);
-        } else {
-          for (int64_t o = 0; o < ob; ++o) dst[o] = out[o];
-        }
+        epilogue_row(out, io.out0 + at, io.res0 ? io.res0 + at : nullptr, sc ? sc + o0 : nullptr,
+                     sh ? sh + o0 : nullptr, relu, ob);
       }
     }
   }
