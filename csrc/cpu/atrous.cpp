@@ -4,15 +4,17 @@
 // Three paths. "conv" calls at::convolution (oneDNN for float32/bfloat16) and applies the whole
 // epilogue in one in-place pass, where eager PyTorch spends a pass per BatchNorm, add and ReLU.
 // "winograd" (3x3, stride 1, any rate; below) turns the convolution into minimal-filtering tiles
-// whose products are a few large GEMMs, the epilogue fused into the output transform. "taps"
+// whose products are GEMMs (fastseg's own kernel for float32 on AVX2), the epilogue fused into the
+// output transform. "taps"
 // splits the output plane into rectangles over which the set of in-image taps is constant, packs
 // only those taps' input pixels and multiplies them with ATen's GEMM, one GEMM per kernel row.
 //
 // Measured on this machine (2-core EPYC): oneDNN's convolution already skips the taps that fall
 // into the zero padding (256->256 3x3 at 65x65, channels_last: rate 36 takes 0.4x the time of
 // rate 1, the in-image fraction), so skipping them alone does not beat it (the taps path lost by
-// 1.2-4x on float32); multiplying less does: the winograd path takes 1.2-1.9x less time than
-// oneDNN on DeepLab's 256..2048-channel layers (benchmarks/RESULTS.md). "auto" takes "winograd"
+// 1.2-4x on float32); multiplying less does: the winograd path takes 1.3-3.5x less time than
+// oneDNN on DeepLab's 256..2048-channel layers and 1.2-2x on 64..128-channel ones
+// (benchmarks/RESULTS.md). "auto" takes "winograd"
 // for float32 where winograd_pays() (enough channels, products saved and GEMM rows), "taps" for
 // float64 with groups == 1 (oneDNN has no float64 kernel and ATen's fallback loop is slow), and
 // "conv" otherwise (float16, bfloat16, grouped and depthwise convolutions, strides, other kernels).
