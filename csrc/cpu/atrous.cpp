@@ -12,7 +12,7 @@
 // Measured on this machine (2-core EPYC): oneDNN's convolution already skips the taps that fall
 // into the zero padding (256->256 3x3 at 65x65, channels_last: rate 36 takes 0.4x the time of
 // rate 1, the in-image fraction), so skipping them alone does not beat it (the taps path lost by
-// 1.2-4x on float32); multiplying less does: the winograd path takes 1.3-3.5x less time than
+// 1.2-4x on float32); multiplying less does: the winograd path takes 1.3-3x less time than
 // oneDNN on DeepLab's 256..2048-channel layers and 1.2-2x on 64..128-channel ones
 // (benchmarks/RESULTS.md). "auto" takes "winograd"
 // for float32 where winograd_pays() (enough channels, products saved and GEMM rows), "taps" for
