@@ -419,19 +419,21 @@ AxisPlan plan_axis(int64_t n_in, int64_t n_out, int64_t p, int64_t d, GRows& gro
 // and 1.44x at batch 8 by this count, ran 1.12-1.29x faster at 256..2048 channels, 41x41 at rate
 // 24 1.27x, 25x25 at rate 18 1.07x, 17x17 at rate 12 level; 256 channels at 33x33, rate 12,
 // saves 1.13x and ran 0.76x), less for NCHW ones, which oneDNN reorders (8x256x33x33 at rate 24
-// ran 2.4x faster as winograd). NCHW inputs, and machines without AVX2 (MKL's GEMMs), from 256 in
-// and 128 out (with MKL, 128 -> 128 was level, 32 and 64 channels and 2048 -> 21 lost up to 2x; NCHW
-// 64..512 -> 21..128 with the packed kernel ran 0.43-1.26x: converting the layout costs as much).
+// ran 2.4x faster as winograd). Machines without AVX2 (MKL's GEMMs) from 256 in and 128 out (with
+// MKL, 128 -> 128 was level, 32 and 64 channels and 2048 -> 21 lost up to 2x).
 constexpr int64_t kWinogradMinInChannels = 256;
 constexpr int64_t kWinogradMinOutChannels = 128;
-// channels_last inputs with the packed GEMM kernel (AVX2), from 64 in and 16 out: 128 -> 128 ran
-// 1.25-2.07x faster than oneDNN (65x65 rate 12 to 180x180 rate 1), 64 -> 64 1.15-1.54x, 128 <-> 64
-// 1.44x, 1024 -> 64 1.45x, 2048 -> 21 (DeepLab v2's classifier) at 65x65 rate 12 4.05x, 512 -> 21
+// With the packed GEMM kernel (AVX2), from 64 in and 16 out for channels_last inputs: 128 -> 128
+// ran 1.25-2.07x faster than oneDNN (65x65 rate 12 to 180x180 rate 1), 64 -> 64 1.15-1.54x, 128 <->
+// 64 1.44x, 1024 -> 64 1.45x, 2048 -> 21 (DeepLab v2's classifier) at 65x65 rate 12 4.05x, 512 -> 21
 // 1.36x; 32 -> 32 lost (0.9x at 180x180). Under 64 outputs the GEMMs are small beside the input
 // transform, so the saving must reach kWinogradMinSavingFewOutputs (2048 -> 21 at 33x33, rate 24,
-// saves 1.27x and ran 0.92x).
+// saves 1.27x and ran 0.92x). NCHW inputs (transposed in and out) from 64 in and 64 out: 64 -> 64
+// and 128 -> 128 ran 1.47-1.66x faster than oneDNN (64x64 to 180x180), 128 -> 64 at rate 4 1.09x;
+// with 21 outputs 0.72-1.39x, 32 -> 32 0.75x.
 constexpr int64_t kWinogradPackedMinInChannels = 64;
 constexpr int64_t kWinogradPackedMinOutChannels = 16;
+constexpr int64_t kWinogradPackedMinOutChannelsNchw = 64;
 constexpr int64_t kWinogradFewOutputs = 64;
 constexpr double kWinogradMinSavingFewOutputs = 1.5;
 constexpr double kWinogradGemmRows = 32;
@@ -1045,8 +1047,9 @@ bool winograd_possible(const ConvGeometry& g, int64_t groups, at::ScalarType typ
 }
 
 bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
-  const bool packed = channels_last && cpu_has_avx2();  // gemm_packed_avx2 (winograd_conv)
-  if (packed ? g.C < kWinogradPackedMinInChannels || g.O < kWinogradPackedMinOutChannels
+  const bool packed = cpu_has_avx2();  // gemm_packed_avx2, and for NCHW transpose_strip_avx2
+  const int64_t min_out = channels_last ? kWinogradPackedMinOutChannels : kWinogradPackedMinOutChannelsNchw;
+  if (packed ? g.C < kWinogradPackedMinInChannels || g.O < min_out
              : g.C < kWinogradMinInChannels || g.O < kWinogradMinOutChannels) {
     return false;
   }
