@@ -224,6 +224,24 @@ print('ok')
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", [(2, 64, 64, 37, 1), (1, 130, 70, 41, 6), (3, 256, 21, 33, 12)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_auto_on_the_channel_thresholds(case, layout, poison):
+    # Shapes at and near 'auto''s channel thresholds for the winograd path (64 in, 16 or 64 out with
+    # the AVX2 kernel; NCHW inputs transposed in and out), whichever path it picks: float32 within
+    # 1e-5 of float64, in the input's layout.
+    B, C, O, S, d = case
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(B, C, S, S, generator=gen, dtype=torch.float64)
+    w = torch.randn(O, C, 3, 3, generator=gen, dtype=torch.float64) / (9 * C) ** 0.5
+    expected = F.relu(F.conv2d(x, w, None, 1, d, d))
+    out = fastseg.atrous_conv2d(_layout(x.float(), layout), w.float(), padding=d, dilation=d, activation="relu")
+    assert_relative_close(out, expected, torch.float32)
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 @pytest.mark.parametrize("C", [1024, 1028])
 def test_winograd_streamed_transforms(C, poison):
     # Over 512 channels the products of all tiles are one block, and beyond 16 MiB of them the
