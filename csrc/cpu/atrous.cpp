@@ -450,27 +450,21 @@ constexpr double kWinogradMinSavingNchw = 1.2;
 
 // Channels per pass of a tile's transforms: its 5 x 5 intermediate rows stay in L1.
 constexpr int64_t kTransformBlock = 128;
-// Products per block of tiles, and input channels per chunk of a block's input transform (the
-// GEMMs accumulate the chunks). FASTSEG_WINOGRAD_BLOCK_PRODUCTS and FASTSEG_WINOGRAD_CHUNK_CHANNELS
-// override them (tests, tuning).
-int64_t winograd_block_products() {  // 0: one block of all tiles
-  const char* e = std::getenv("FASTSEG_WINOGRAD_BLOCK_PRODUCTS");
-  return e ? std::max<int64_t>(0, std::atoll(e)) : 1600;
-}
 // Blocks on their own threads pay where the weight transforms are small: two threads each running
 // their GEMMs on their own blocks, products kept in cache from transform to GEMM to output, ran
 // 1.1-1.2x faster than both threads on each GEMM of all tiles at 256 channels; at 2048 channels
 // each block reads 50+ MiB of weight transforms again and ran 1.1x slower, so there one block.
 constexpr int64_t kWinogradBlockMaxChannels = 512;
 constexpr int64_t kWinogradMinBlockProducts = 256;
+// Products per block of tiles (0: one block of all tiles), and input channels per chunk of a
+// block's input transform (the GEMMs accumulate the chunks). FASTSEG_WINOGRAD_BLOCK_PRODUCTS and
+// FASTSEG_WINOGRAD_CHUNK_CHANNELS override them, read on every call (tests change them in-process).
+int64_t winograd_block_products() { return env_setting("FASTSEG_WINOGRAD_BLOCK_PRODUCTS", 1600, 0); }
+int64_t winograd_chunk_channels() { return env_setting("FASTSEG_WINOGRAD_CHUNK_CHANNELS", 512, 1); }
 // Transformed inputs larger than this, about the L3 cache, are written with non-temporal stores
 // (store_row): 2048 -> 256 channels at 65x65 ran 1.18x faster at rate 12 (118 MiB of them), at
 // 33x33 rate 2 (25 MiB) 1.09x, DeepLab v3's ASPP 1.10x.
 constexpr int64_t kWinogradStreamBytes = int64_t(16) << 20;
-int64_t winograd_chunk_channels() {
-  const char* e = std::getenv("FASTSEG_WINOGRAD_CHUNK_CHANNELS");
-  return e ? std::max<int64_t>(1, std::atoll(e)) : 512;
-}
 
 // Grow-only scratch buffers per thread: the transforms' buffers run to hundreds of MiB for 2048
 // channels, and fresh ones would be page-faulted in (zeroed by the kernel) on every call.
