@@ -513,11 +513,12 @@ at::Tensor compute_weight_transforms(const at::Tensor& weight, const std::vector
 // --- the blocks' GEMM kernel ------------------------------------------------------------------------
 //
 // In a block, each pair's product rows meet their weight transform once: MKL packed that transform
-// again on every call (16% of a 256-channel layer's time, read cold from L3), so float32 on AVX2
-// machines multiplies with this kernel instead, reading transforms packed once per weights: per
-// pair, panels of kGemmPanel output channels, each C rows of kGemmPanel values (zero past O).
-// Against MKL on the same blocks: 1.14-1.30x faster layers at 256 and 512 channels; in the one block
-// of 2048-channel layers, its rows split between the threads, 1.05-1.2x (DeepLab v3's ASPP).
+// again on every call (19% of `perf`'s samples over a 256-channel layer's calls, read cold from
+// L3), so float32 on AVX2 machines multiplies with this kernel instead, reading transforms packed
+// once per weights: per pair, panels of kGemmPanel output channels, each C rows of kGemmPanel
+// values (zero past O). Against MKL on the same blocks: 1.14-1.30x faster layers at 256 and 512
+// channels; in the one block of 2048-channel layers, its rows split between the threads, 2048->256
+// layers 1.09-1.16x, DeepLab v3's ASPP 1.04-1.17x.
 constexpr int64_t kGemmPanel = 16;
 constexpr int kGemmRows = 6;  // rows per register tile: 12 accumulators of 8 lanes
 
