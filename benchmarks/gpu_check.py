@@ -398,7 +398,8 @@ def section_gcn_layer():
 
 
 UNPOOL_SHAPES = [(8, 64, 360, 480), (8, 512, 45, 60), (16, 128, 180, 240)]
-UNPOOL_BACKENDS = ("cuda", "triton")
+# 'aten' is F.max_unpool2d after fastseg's range check: 'auto' on CUDA outside deterministic mode.
+UNPOOL_BACKENDS = tuple(b for b in ("aten", "cuda", "triton") if fastseg._backends.unavailable_reason(b, "cuda") is None)
 
 
 def section_unpool():
@@ -418,7 +419,7 @@ def section_unpool():
                     # memory format, ATen's CUDA unpooling returns NCHW: seen on an H200).
                     log(name=f"unpool exact {backend} B{B} C{C} {H}x{W} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}",
                         bit_equal=bool(torch.equal(out, expected)), same_strides=out.stride() == expected.stride(),
-                        layout_follows_input=out.is_contiguous(memory_format=x.suggest_memory_format()))
+                        layout_follows_input=out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format))
                 fns["eager"] = lambda: F.max_unpool2d(values, indices, 2, output_size=(H, W))
                 bytes_moved = values.numel() * (values.element_size() + 8) + expected.numel() * expected.element_size()
                 row = versus(f"unpool B{B} C{C} {H}x{W} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}", fns)

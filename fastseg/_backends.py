@@ -3,7 +3,8 @@
 Backends: ``reference`` (plain PyTorch, every device, the test oracle and the fallback), ``cpp``
 (the compiled C++ kernels, CPU tensors), ``cuda`` (the compiled CUDA kernels, CUDA tensors),
 ``triton`` (Triton kernels, CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``, for tests)
-and ``cudnn`` (cuDNN's fused convolution + bias + add + ReLU through ATen, CUDA tensors).
+``cudnn`` (cuDNN's fused convolution + bias + add + ReLU through ATen, CUDA tensors) and ``aten``
+(PyTorch's own kernel after fastseg's checks, every device: max_unpool2d).
 """
 import importlib
 import importlib.util
@@ -12,7 +13,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("reference", "cpp", "cuda", "triton", "cudnn")
+BACKENDS = ("reference", "cpp", "cuda", "triton", "cudnn", "aten")
 
 # Which compiled backend 'auto' tries first on each device type; 'reference' always follows.
 AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
@@ -55,7 +56,7 @@ def cpu_isa():
 
 def unavailable_reason(backend, device_type):
     """Why ``backend`` cannot run on ``device_type`` tensors here, or None if it can."""
-    if backend == "reference":
+    if backend in ("reference", "aten"):
         return None
     if backend == "cpp":
         if device_type != "cpu":
@@ -88,8 +89,11 @@ def unavailable_reason(backend, device_type):
 # convolutions 0.18-0.99x in float16 (gcn_conv2d's 'auto' on CUDA takes the Triton taps route for
 # some float32 shapes: fastseg.ops.gcn.cuda_backend).
 # max_unpool2d's CUDA C++ and Triton kernels ran 0.17-0.54x ATen's on the same H200 run (their
-# index arithmetic: 64-bit divisions per element), so its 'auto' is ATen's kernel there.
-AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": (), "unpool_conv2d": (), "max_unpool2d": ()}
+# index arithmetic: 64-bit divisions per element), so its 'auto' is ATen's kernel there, except
+# under torch.use_deterministic_algorithms (ATen's CUDA unpooling refuses it: it keeps any one of
+# repeated indices). unpool_conv2d's 'cudnn' route is ATen's unpooling, then cuDNN's fused call.
+AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": (), "unpool_conv2d": ("cudnn",),
+                "max_unpool2d": ("aten", "cuda", "triton")}
 
 
 def select(op, backend, device, implemented=BACKENDS):
@@ -99,6 +103,8 @@ def select(op, backend, device, implemented=BACKENDS):
     if backend == "auto":
         order = AUTO_ON_CUDA.get(op) if device.type == "cuda" else None
         for candidate in AUTO_ORDER.get(device.type, ()) if order is None else order:
+            if candidate == "aten" and torch.are_deterministic_algorithms_enabled():
+                continue
             if candidate in implemented and unavailable_reason(candidate, device.type) is None:
                 return candidate
         return "reference"

@@ -586,10 +586,21 @@ def test_auto_on_cuda():
     # (RESULTS.md, "GPU"), so 'auto' runs atrous_conv2d through cuDNN's fused kernel on CUDA and
     # the other convolutions in plain PyTorch; 'triton' stays by name.
     implemented = ("reference", "cpp", "triton", "cudnn")
+    cuda = torch.device("cuda")
     if torch.backends.cudnn.is_available():
-        assert fastseg._backends.select("atrous_conv2d", "auto", torch.device("cuda"), implemented) == "cudnn"
-    for op in ("gcn_conv2d", "unpool_conv2d"):  # gcn_conv2d: see fastseg.ops.gcn.cuda_backend
-        assert fastseg._backends.select(op, "auto", torch.device("cuda"), implemented) == "reference"
-    # ATen's unpooling beat both compiled kernels on the H200.
-    assert fastseg._backends.select("max_unpool2d", "auto", torch.device("cuda")) == "reference"
+        for op in ("atrous_conv2d", "unpool_conv2d"):  # unpool_conv2d: ATen's unpooling, then cuDNN
+            assert fastseg._backends.select(op, "auto", cuda, implemented) == "cudnn"
+    # gcn_conv2d: see fastseg.ops.gcn.cuda_backend
+    assert fastseg._backends.select("gcn_conv2d", "auto", cuda, implemented) == "reference"
+    # ATen's unpooling beat both compiled kernels on the H200; deterministic mode, which ATen's
+    # CUDA unpooling refuses, takes a compiled kernel (later index wins), else the reference.
+    unpool = fastseg.ops.unpool._IMPLEMENTED
+    assert fastseg._backends.select("max_unpool2d", "auto", cuda, unpool) == "aten"
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        compiled = [b for b in ("cuda", "triton") if fastseg._backends.unavailable_reason(b, "cuda") is None]
+        assert fastseg._backends.select("max_unpool2d", "auto", cuda, unpool) == (compiled + ["reference"])[0]
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     assert fastseg._backends.select("dense_crf", "auto", torch.device("cuda"), ("reference", "cpp", "triton")) == "triton"

@@ -167,6 +167,28 @@ def _scrambled_indices(values, H, W, seed):
     return torch.randint(0, H * W, values.shape, generator=gen)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cudnn route runs on CUDA tensors only")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", [c for c in CASES if c[6] >= c[5]], ids=str)
+def test_cudnn_route_with_aten_unpooling(case, dtype, layout):
+    # Outside deterministic mode (which the poison fixture turns on) the cudnn route unpools with
+    # ATen's kernel; its outputs are still checked against the float64 chain. Windows that do not
+    # overlap only: where indices repeat, ATen's CUDA kernel keeps any one of them.
+    assert not torch.are_deterministic_algorithms_enabled()
+    pr = _problem(case)
+    t = {k: v.to(device="cuda", dtype=dtype) if v.is_floating_point() else v.cuda() for k, v in pr.items()}
+    out = fastseg.unpool_conv2d(
+        _layout(t["values"], layout), _layout(t["indices"], layout), t["w"], t["bias"], scale=t["scale"],
+        shift=t["shift"], residual=_layout(t["residual"], layout), activation="relu", **_kwargs(case),
+    )
+    expected = _expected(pr, case, dtype)
+    assert out.shape == expected.shape and out.dtype == dtype
+    if layout == "channels_last" and out.shape[1] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_relative_close(out.cpu(), expected, dtype)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_out_of_window_and_repeated_indices(backend, device, layout, poison):

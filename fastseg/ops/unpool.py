@@ -3,11 +3,13 @@
 SegNet (Badrinarayanan, Kendall & Cipolla, TPAMI 2017) upsamples its decoder by placing each
 pooled value back at the position its encoder max-pooling took it from. The semantics are exactly
 those of ``torch.nn.functional.max_unpool2d``; the kernels write every output element once, in a
-single pass and without atomics, so every backend is deterministic.
+single pass and without atomics, so they are deterministic; on CUDA 'auto' runs ATen's own kernel
+(faster there), whose pick among repeated indices is unspecified, as ``F.max_unpool2d``'s is.
 """
 from typing import List
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backends
@@ -18,7 +20,7 @@ from ._reference import unpool as reference
 __all__ = ["max_unpool2d", "unpool_output_size"]
 
 OP = "max_unpool2d"
-_IMPLEMENTED = ("reference", "cpp", "cuda", "triton")
+_IMPLEMENTED = ("reference", "cpp", "cuda", "triton", "aten")
 
 
 
@@ -43,13 +45,15 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
         indices: int64 tensor of input's shape, flat positions in each (Ho, Wo) output plane, as
             ``max_pool2d(..., return_indices=True)`` returns them. Positions outside the pooling
             windows are allowed too (slower path); where two entries name one position the later
-            one in flat order wins.
+            one in flat order wins (with ``backend='aten'``, and 'auto' on CUDA outside
+            ``torch.use_deterministic_algorithms``, ATen's CUDA kernel keeps any one of them).
         kernel_size, stride, padding: those of the pooling being inverted (int or pair);
             ``stride`` defaults to ``kernel_size``.
         output_size: (Ho, Wo), or a sequence ending in them; by default
             ``(H - 1) * stride - 2 * padding + kernel_size`` per dimension, and it must lie
             strictly within ``stride`` of that default (as in PyTorch).
-        backend: 'auto', or one of 'reference', 'cpp', 'cuda', 'triton' (see ``fastseg info``).
+        backend: 'auto', or one of 'reference', 'cpp', 'cuda', 'triton', 'aten' (``F.max_unpool2d``
+            after fastseg's checks) (see ``fastseg info``).
 
     Returns:
         (B, C, Ho, Wo) (or (C, Ho, Wo)) tensor of input's dtype and device. Differentiable in
@@ -73,11 +77,27 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
         input, indices = input.unsqueeze(0), indices.unsqueeze(0)
     if impl == "reference":
         out = _ReferenceMaxUnpool2d.apply(input, indices, out_hw)
+    elif impl == "aten":
+        out = aten_max_unpool2d(input, indices, kernel_size, stride, padding, out_hw)
     elif impl == "triton":
         out = torch.ops.fastseg.max_unpool2d_triton(input, indices, kernel_size, stride, padding, out_hw)
     else:  # cpp or cuda: one op, dispatched on the tensors' device
         out = torch.ops.fastseg.max_unpool2d(input, indices, kernel_size, stride, padding, out_hw)
     return out if batched else out.squeeze(0)
+
+
+def aten_max_unpool2d(input, indices, kernel_size, stride, padding, output_size):
+    """``F.max_unpool2d`` on a 4-D batch, in the input's memory format, after a range check of the
+    indices: ATen's CUDA kernel asserts on the device for an index outside the plane, which ends
+    the process's CUDA context, so fastseg raises its IndexError first (one pass over the indices
+    and a host sync)."""
+    Ho, Wo = output_size
+    if indices.numel():
+        low, high = torch.aminmax(indices)
+        if bool((low < 0) | (high >= Ho * Wo)):  # one sync
+            reference.raise_index_out_of_range(indices, Ho, Wo)
+    out = F.max_unpool2d(input, indices, list(kernel_size), list(stride), list(padding), output_size=[Ho, Wo])
+    return out.contiguous(memory_format=output_memory_format(input))
 
 
 def unpool_output_size(input_hw, kernel_size, stride, padding, output_size=None):
