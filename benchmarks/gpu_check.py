@@ -398,8 +398,9 @@ def section_gcn_layer():
 
 
 UNPOOL_SHAPES = [(8, 64, 360, 480), (8, 512, 45, 60), (16, 128, 180, 240)]
-# 'aten' is F.max_unpool2d after fastseg's range check: 'auto' on CUDA outside deterministic mode.
-UNPOOL_BACKENDS = tuple(b for b in ("aten", "cuda", "triton") if fastseg._backends.unavailable_reason(b, "cuda") is None)
+# 'aten' is F.max_unpool2d after fastseg's range check; 'auto' picks by layout (ops.unpool.cuda_backend).
+UNPOOL_BACKENDS = ("auto",) + tuple(b for b in ("aten", "cuda", "triton")
+                                    if fastseg._backends.unavailable_reason(b, "cuda") is None)
 
 
 def section_unpool():

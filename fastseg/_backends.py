@@ -88,12 +88,9 @@ def unavailable_reason(backend, device_type):
 # + bias + ReLU with BatchNorm folded into the weights ran 0.86-1.41x; gcn_conv2d's four Triton
 # convolutions 0.18-0.99x in float16 (gcn_conv2d's 'auto' on CUDA takes the Triton taps route for
 # some float32 shapes: fastseg.ops.gcn.cuda_backend).
-# max_unpool2d's CUDA C++ and Triton kernels ran 0.17-0.54x ATen's on the same H200 run (their
-# index arithmetic: 64-bit divisions per element), so its 'auto' is ATen's kernel there, except
-# under torch.use_deterministic_algorithms (ATen's CUDA unpooling refuses it: it keeps any one of
-# repeated indices). unpool_conv2d's 'cudnn' route is ATen's unpooling, then cuDNN's fused call.
-AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": (), "unpool_conv2d": ("cudnn",),
-                "max_unpool2d": ("aten", "cuda", "triton")}
+# max_unpool2d picks by layout and deterministic mode: fastseg.ops.unpool.cuda_backend.
+# unpool_conv2d's 'cudnn' route is max_unpool2d's 'auto', then cuDNN's fused call.
+AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": (), "unpool_conv2d": ("cudnn",), "max_unpool2d": ()}
 
 
 def select(op, backend, device, implemented=BACKENDS):
@@ -103,8 +100,6 @@ def select(op, backend, device, implemented=BACKENDS):
     if backend == "auto":
         order = AUTO_ON_CUDA.get(op) if device.type == "cuda" else None
         for candidate in AUTO_ORDER.get(device.type, ()) if order is None else order:
-            if candidate == "aten" and torch.are_deterministic_algorithms_enabled():
-                continue
             if candidate in implemented and unavailable_reason(candidate, device.type) is None:
                 return candidate
         return "reference"

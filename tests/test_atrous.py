@@ -592,15 +592,19 @@ def test_auto_on_cuda():
             assert fastseg._backends.select(op, "auto", cuda, implemented) == "cudnn"
     # gcn_conv2d: see fastseg.ops.gcn.cuda_backend
     assert fastseg._backends.select("gcn_conv2d", "auto", cuda, implemented) == "reference"
-    # ATen's unpooling beat both compiled kernels on the H200; deterministic mode, which ATen's
-    # CUDA unpooling refuses, takes a compiled kernel (later index wins), else the reference.
-    unpool = fastseg.ops.unpool._IMPLEMENTED
-    assert fastseg._backends.select("max_unpool2d", "auto", cuda, unpool) == "aten"
+    # max_unpool2d on CUDA (layout only: CPU tensors stand in): ATen's kernel for NCHW, Triton's for
+    # channels_last; deterministic mode, which ATen's CUDA unpooling refuses, a fastseg kernel.
+    choose = fastseg.ops.unpool.cuda_backend
+    nchw = torch.empty(2, 3, 4, 5)
+    cl = nchw.contiguous(memory_format=torch.channels_last)
+    triton = fastseg._backends.unavailable_reason("triton", "cuda") is None
+    assert choose(nchw) == "aten"
+    assert choose(cl) == ("triton" if triton else "aten")
     deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        compiled = [b for b in ("cuda", "triton") if fastseg._backends.unavailable_reason(b, "cuda") is None]
-        assert fastseg._backends.select("max_unpool2d", "auto", cuda, unpool) == (compiled + ["reference"])[0]
+        compiled = [b for b in ("triton", "cuda") if fastseg._backends.unavailable_reason(b, "cuda") is None]
+        assert choose(nchw) == choose(cl) == (compiled + ["reference"])[0]
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     assert fastseg._backends.select("dense_crf", "auto", torch.device("cuda"), ("reference", "cpp", "triton")) == "triton"

@@ -4,7 +4,8 @@ SegNet (Badrinarayanan, Kendall & Cipolla, TPAMI 2017) upsamples its decoder by 
 pooled value back at the position its encoder max-pooling took it from. The semantics are exactly
 those of ``torch.nn.functional.max_unpool2d``; the kernels write every output element once, in a
 single pass and without atomics, so they are deterministic; on CUDA 'auto' runs ATen's own kernel
-(faster there), whose pick among repeated indices is unspecified, as ``F.max_unpool2d``'s is.
+for NCHW input (faster there), whose pick among repeated indices is unspecified, as
+``F.max_unpool2d``'s is.
 """
 from typing import List
 
@@ -45,8 +46,8 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
         indices: int64 tensor of input's shape, flat positions in each (Ho, Wo) output plane, as
             ``max_pool2d(..., return_indices=True)`` returns them. Positions outside the pooling
             windows are allowed too (slower path); where two entries name one position the later
-            one in flat order wins (with ``backend='aten'``, and 'auto' on CUDA outside
-            ``torch.use_deterministic_algorithms``, ATen's CUDA kernel keeps any one of them).
+            one in flat order wins (with ``backend='aten'``, and 'auto' for NCHW CUDA tensors
+            outside ``torch.use_deterministic_algorithms``, ATen's CUDA kernel keeps any one).
         kernel_size, stride, padding: those of the pooling being inverted (int or pair);
             ``stride`` defaults to ``kernel_size``.
         output_size: (Ho, Wo), or a sequence ending in them; by default
@@ -70,7 +71,10 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     stride = kernel_size if stride is None else to_pair(OP, "stride", stride, minimum=1)
     padding = to_pair(OP, "padding", padding, minimum=0)
     out_hw = unpool_output_size(input.shape[-2:], kernel_size, stride, padding, output_size)
-    impl = _backends.select(OP, backend, input.device, _IMPLEMENTED)
+    if backend == "auto" and input.device.type == "cuda":
+        impl = cuda_backend(input)
+    else:
+        impl = _backends.select(OP, backend, input.device, _IMPLEMENTED)
 
     batched = input.dim() == 4
     if not batched:
@@ -84,6 +88,22 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     else:  # cpp or cuda: one op, dispatched on the tensors' device
         out = torch.ops.fastseg.max_unpool2d(input, indices, kernel_size, stride, padding, out_hw)
     return out if batched else out.squeeze(0)
+
+
+def cuda_backend(input):
+    """What 'auto' runs on CUDA tensors (an H200, benchmarks/RESULTS.md, "NVIDIA H200, 2026-11-27
+    (third session)"): channels_last input by the Triton kernel, which writes its output in that
+    format (2.1x ``F.max_unpool2d`` on SegNet's large maps; ATen's CUDA kernel writes NCHW, and
+    converting back cost more than the unpooling); NCHW input by ATen's kernel after the range
+    check ('aten'); under ``torch.use_deterministic_algorithms``, which ATen's CUDA unpooling
+    refuses, by the Triton kernel, else the CUDA C++ one, else the reference."""
+    triton = _backends.unavailable_reason("triton", "cuda") is None
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if triton and (deterministic or output_memory_format(input) == torch.channels_last):
+        return "triton"
+    if not deterministic:
+        return "aten"
+    return "cuda" if _backends.unavailable_reason("cuda", "cuda") is None else "reference"
 
 
 def aten_max_unpool2d(input, indices, kernel_size, stride, padding, output_size):
