@@ -89,7 +89,7 @@ def unavailable_reason(backend, device_type):
 # convolutions 0.18-0.99x in float16 (gcn_conv2d's 'auto' on CUDA takes the Triton taps route for
 # some float32 shapes: fastseg.ops.gcn.cuda_backend).
 # max_unpool2d picks by layout and deterministic mode: fastseg.ops.unpool.cuda_backend.
-# unpool_conv2d's 'cudnn' route is max_unpool2d's 'auto', then cuDNN's fused call.
+# unpool_conv2d's 'cudnn' route is ATen's unpooling after a range check, then cuDNN's fused call.
 AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": (), "unpool_conv2d": ("cudnn",), "max_unpool2d": ()}
 
 

@@ -21,7 +21,7 @@ from .._layout import output_memory_format
 from ._reference import unpool as reference_unpool
 from ._reference import unpool_conv as reference
 from .atrous import _cudnn_forward, _padding, atrous_output_size, check_epilogue
-from .unpool import _ReferenceMaxUnpool2d, check_pooled, max_unpool2d, unpool_output_size
+from .unpool import _ReferenceMaxUnpool2d, aten_max_unpool2d, check_pooled, max_unpool2d, unpool_output_size
 
 __all__ = ["unpool_conv2d"]
 
@@ -63,9 +63,9 @@ def unpool_conv2d(
         activation: None or 'relu'.
         residual: (B, O, Ho, Wo) added before the activation, or None.
         backend: 'auto' (C++ on the CPU, 'cudnn' on CUDA), 'reference', 'cpp', 'triton' or
-            'cudnn' (CUDA tensors: ``max_unpool2d``'s CUDA route, then cuDNN's fused convolution
-            + bias (+ residual) + ReLU as in ``atrous_conv2d``; the unpooled map is built, as in
-            eager).
+            'cudnn' (CUDA tensors: ATen's unpooling after a range check, then cuDNN's fused
+            convolution + bias (+ residual) + ReLU as in ``atrous_conv2d``; the unpooled map is
+            built, as in eager).
 
     Returns:
         (B, O, Ho, Wo) with Ho = H + 2 pH - dH (kH - 1) (likewise Wo), in values' dtype, device
@@ -140,10 +140,14 @@ def _reference(values, indices, weight, scale, shift, residual, kernel_size, str
 
 def _cudnn(values, indices, weight, scale, shift, residual, kernel_size, stride, pool_padding, output_size,
            padding, dilation, relu):
-    # max_unpool2d's own CUDA route (Triton for channels_last, ATen's kernel for NCHW; see its
-    # cuda_backend), then atrous_conv2d's cuDNN route (its own custom op and autograd): eager's
-    # passes less the BatchNorm and ReLU ones. The unpooled map is in the values' format.
-    unpooled = max_unpool2d(values, indices, kernel_size, stride, pool_padding, output_size)
+    # ATen's unpooling after the range check, then atrous_conv2d's cuDNN route (its own custom op
+    # and autograd): eager's passes less the BatchNorm and ReLU ones. On the H200 this ran 0.82-1.19x
+    # eager, unpooling by the Triton kernel 0.31-1.77x (host-bound on small maps: its three launches
+    # and status read). Deterministic mode, which ATen's CUDA unpooling refuses: max_unpool2d's route.
+    if torch.are_deterministic_algorithms_enabled():
+        unpooled = max_unpool2d(values, indices, kernel_size, stride, pool_padding, output_size)
+    else:
+        unpooled = aten_max_unpool2d(values, indices, kernel_size, stride, pool_padding, output_size)
     out = _backends.call(torch.ops.fastseg.atrous_conv2d_cudnn, _cudnn_forward, unpooled, weight, scale, shift,
                          residual, [1, 1], padding, dilation, 1, relu)
     return out.contiguous(memory_format=output_memory_format(values))
