@@ -583,8 +583,8 @@ def test_compiled_op_checks_its_arguments():
 
 def test_auto_on_cuda():
     # Selection only (no CUDA tensor is made): the Triton conv kernels lost to cuDNN on an H200
-    # (RESULTS.md, "GPU"), so 'auto' runs atrous_conv2d through cuDNN's fused kernel on CUDA and
-    # the other convolutions in plain PyTorch; 'triton' stays by name.
+    # (RESULTS.md, "GPU"), so 'auto' runs atrous_conv2d and unpool_conv2d through cuDNN's fused
+    # kernel on CUDA and gcn_conv2d by its own rule; 'triton' stays by name.
     implemented = ("reference", "cpp", "triton", "cudnn")
     cuda = torch.device("cuda")
     if torch.backends.cudnn.is_available():
