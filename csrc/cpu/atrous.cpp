@@ -806,6 +806,10 @@ void transform_output_tile(const TileKind& KR, const TileKind& KC, const TileOut
   transform_output_tile_base(KR, KC, io, sc, sh, relu, O);
 }
 
+// Whether float32 products run on gemm_packed_avx2 (NCHW inputs transposed by transpose_strip_avx2):
+// winograd_pays' thresholds and winograd_conv's weight layout both follow this one test.
+inline bool packed_gemm() { return cpu_has_avx2(); }
+
 template <typename scalar_t>
 void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tensor& y_nhwc, const at::Tensor& scale,
                    const at::Tensor& shift, const at::Tensor& res_nhwc, bool relu, const ConvGeometry& g,
@@ -854,7 +858,7 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
   // Weight transforms (pairs, O, C), or packed for gemm_packed_avx2 (float32 on AVX2).
   bool packed = false;
 #if FASTSEG_HAVE_AVX2_CLONE
-  packed = std::is_same_v<scalar_t, float> && cpu_has_avx2();
+  packed = std::is_same_v<scalar_t, float> && packed_gemm();
 #endif
   const at::Tensor U = weight_transforms<scalar_t>(weight, grows, cache_weights, packed);
   const scalar_t* u = U.const_data_ptr<scalar_t>();
@@ -1042,7 +1046,7 @@ bool winograd_possible(const ConvGeometry& g, int64_t groups, at::ScalarType typ
 }
 
 bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
-  const bool packed = cpu_has_avx2();  // gemm_packed_avx2, and for NCHW transpose_strip_avx2
+  const bool packed = packed_gemm();
   const int64_t min_out = channels_last ? kWinogradPackedMinOutChannels : kWinogradPackedMinOutChannelsNchw;
   if (packed ? g.C < kWinogradPackedMinInChannels || g.O < min_out
              : g.C < kWinogradMinInChannels || g.O < kWinogradMinOutChannels) {
