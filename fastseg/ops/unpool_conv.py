@@ -141,7 +141,7 @@ def _reference(values, indices, weight, scale, shift, residual, kernel_size, str
 def _cudnn(values, indices, weight, scale, shift, residual, kernel_size, stride, pool_padding, output_size,
            padding, dilation, relu):
     # ATen's unpooling after the range check, then atrous_conv2d's cuDNN route (its own custom op
-    # and autograd): eager's passes less the BatchNorm and ReLU ones. On the H200 this ran 0.82-1.18x
+    # and autograd): eager's passes less the BatchNorm and ReLU ones. On the H200 this ran 0.80-1.18x
     # eager, unpooling by the Triton kernel 0.31-1.77x (host-bound on small maps: its three launches
     # and status read). Deterministic mode, which ATen's CUDA unpooling refuses: max_unpool2d's route.
     if torch.are_deterministic_algorithms_enabled():
