@@ -3,6 +3,7 @@ gradients and custom ops, the AtrousConvBNReLU and ASPP layers against plain PyT
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -607,4 +608,7 @@ def test_auto_on_cuda():
         assert choose(nchw) == choose(cl) == (compiled + ["reference"])[0]
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    # Under torch.compile, the Triton custom op (the 'aten' route's check reads back to the host).
+    with mock.patch.object(fastseg._backends, "tracing", return_value=True):
+        assert choose(nchw) == ("triton" if triton else "aten")
     assert fastseg._backends.select("dense_crf", "auto", torch.device("cuda"), ("reference", "cpp", "triton")) == "triton"

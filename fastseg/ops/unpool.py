@@ -96,10 +96,12 @@ def cuda_backend(input):
     format (2.1x ``F.max_unpool2d`` on SegNet's large maps; ATen's CUDA kernel writes NCHW, and
     converting back cost more than the unpooling); NCHW input by ATen's kernel after the range
     check ('aten'); under ``torch.use_deterministic_algorithms``, which ATen's CUDA unpooling
-    refuses, by the Triton kernel, else the CUDA C++ one, else the reference."""
+    refuses, by the Triton kernel, else the CUDA C++ one, else the reference. Under torch.compile
+    the Triton custom op too: the 'aten' route's range check reads a value back to the host, which
+    breaks the graph."""
     triton = _backends.unavailable_reason("triton", "cuda") is None
     deterministic = torch.are_deterministic_algorithms_enabled()
-    if triton and (deterministic or output_memory_format(input) == torch.channels_last):
+    if triton and (deterministic or _backends.tracing() or output_memory_format(input) == torch.channels_last):
         return "triton"
     if not deterministic:
         return "aten"
