@@ -143,8 +143,9 @@ def _cudnn(values, indices, weight, scale, shift, residual, kernel_size, stride,
     # ATen's unpooling after the range check, then atrous_conv2d's cuDNN route (its own custom op
     # and autograd): eager's passes less the BatchNorm and ReLU ones. On the H200 this ran 0.80-1.18x
     # eager, unpooling by the Triton kernel 0.31-1.77x (host-bound on small maps: its three launches
-    # and status read). Deterministic mode, which ATen's CUDA unpooling refuses: max_unpool2d's route.
-    if torch.are_deterministic_algorithms_enabled():
+    # and status read). Deterministic mode, which ATen's CUDA unpooling refuses, and torch.compile,
+    # whose graph the check's read-back would break: max_unpool2d's route (a Triton custom op).
+    if torch.are_deterministic_algorithms_enabled() or _backends.tracing():
         unpooled = max_unpool2d(values, indices, kernel_size, stride, pool_padding, output_size)
     else:
         unpooled = aten_max_unpool2d(values, indices, kernel_size, stride, pool_padding, output_size)
