@@ -14,10 +14,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include "unpool.h"
 
 namespace fastseg {
@@ -73,35 +69,22 @@ void owned_rows(const UnpoolGeometry& g, int64_t ph, int64_t& begin, int64_t& en
   end = ph == g.H - 1 ? g.Ho : top(ph + 1);
 }
 
-// Copies a finished block to the output with non-temporal stores where the target is aligned:
-// the output is written once and not read back soon, so it need not be read into cache first
-// (the read-for-ownership that ordinary stores cost).
-void stream_copy(void* dst, const void* src, size_t bytes) {
-#if defined(__SSE2__)
-  if (reinterpret_cast<uintptr_t>(dst) % 16 == 0 && bytes % 16 == 0) {
-    auto* d = static_cast<__m128i*>(dst);
-    const auto* s = static_cast<const __m128i*>(src);
-    for (size_t i = 0; i < bytes / 16; ++i) _mm_stream_si128(d + i, _mm_loadu_si128(s + i));
-    return;
-  }
-#endif
-  std::memcpy(dst, src, bytes);
-}
-
-// Bytes of output rows built per block: consecutive pooled rows are grouped until their owned rows
-// would pass this size, so that small planes (2 output rows of 32 floats per pooled row at 32x32)
-// pay the zeroing and the streaming once per group instead of once per pooled row: 1.12-1.19x on
-// 4..8x512x32x32 NCHW. Larger groups lost on wide rows (64 KiB: 0.92-0.93x at 64..256-wide planes,
-// 8 KiB 0.94-0.96x); rows of 2 KiB and more stay one pooled row per block, as before.
+// Bytes of output rows zeroed and filled per step: consecutive pooled rows are grouped until their
+// owned rows would pass this size, so that small planes (2 output rows of 32 floats per pooled row
+// at 32x32) take one zeroing per group instead of one per pooled row (1.12-1.19x on 4..8x512x32x32
+// NCHW when measured with the earlier block-and-stream build; larger groups lost 4-8% on 64..256-
+// wide planes). Rows of 2 KiB and more take one pooled row per step.
 constexpr int64_t kOwnedBlockBytes = 2048;
 
-// kH <= sH: build the rows that the pooled rows in [ph_begin, ph_end) own, a group of them at a
-// time, in a cache-resident block (zero it, store the rows' entries), then stream the block out.
-// The scan proved every index lies in its own window, hence in rows its pooled row owns: no branch
-// per element. Entries go in flat order, so of two naming one position the later wins.
+// kH <= sH: zero the output rows that the pooled rows in [ph_begin, ph_end) own, a group at a
+// time, and store the rows' entries while those rows are in cache. The scan proved every index lies
+// in its own window, hence in rows its pooled row owns: no branch per element. Entries go in flat
+// order, so of two naming one position the later wins. (Building each group in a separate block
+// and copying it out with non-temporal stores, the kernel of 2026-11-25, ran 0.94-1.19x the time of
+// writing in place, same process, 4x512x32x32 to 16x64x256x256, both layouts.)
 template <typename T>
 void fill_owned_rows(const T* x, const int64_t* idx, T* out, const UnpoolGeometry& g,
-                     int64_t ph_begin, int64_t ph_end, std::vector<T>& block) {
+                     int64_t ph_begin, int64_t ph_end) {
   const int64_t C = g.channels;
   const int64_t in_row = g.W * C;
   const int64_t out_row = g.Wo * C;
@@ -109,16 +92,14 @@ void fill_owned_rows(const T* x, const int64_t* idx, T* out, const UnpoolGeometr
     int64_t begin, end;
     owned_rows(g, ph0, begin, end);
     int64_t ph1 = ph0 + 1;
-    for (; ph1 < ph_end; ++ph1) {  // owned rows are consecutive: extend while the block fits
+    for (; ph1 < ph_end; ++ph1) {  // owned rows are consecutive: extend while the group is small
       int64_t next_begin, next_end;
       owned_rows(g, ph1, next_begin, next_end);
       if ((next_end - begin) * out_row * int64_t(sizeof(T)) > kOwnedBlockBytes) break;
       end = next_end;
     }
-    const int64_t n = (end - begin) * out_row;
-    if (int64_t(block.size()) < n) block.resize(n);
-    T* b = block.data() - begin * out_row;  // b[v * C + c] addresses output position v
-    std::memset(block.data(), 0, sizeof(T) * n);
+    std::memset(out + begin * out_row, 0, sizeof(T) * (end - begin) * out_row);
+    T* b = out;  // b[v * C + c] addresses output position v
     for (int64_t ph = ph0; ph < ph1; ++ph) {
       const int64_t* irow = idx + ph * in_row;
       const T* xrow = x + ph * in_row;
@@ -130,7 +111,6 @@ void fill_owned_rows(const T* x, const int64_t* idx, T* out, const UnpoolGeometr
         }
       }
     }
-    stream_copy(out + begin * out_row, block.data(), sizeof(T) * n);
     ph0 = ph1;
   }
 }
@@ -190,8 +170,7 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
   const int64_t units = by_pooled_row ? g.H : g.Ho;
   auto fast_path = [&](int64_t s, int64_t begin, int64_t end) {
     if (by_pooled_row) {
-      thread_local std::vector<T> block;
-      fill_owned_rows(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g, begin, end, block);
+      fill_owned_rows(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g, begin, end);
     } else {
       gather_rows(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g, begin, end);
     }
@@ -250,9 +229,6 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
       }
     }
   }
-#if defined(__SSE2__)
-  _mm_sfence();  // order the streamed stores before the output is handed back
-#endif
   for (int64_t s = 0; s < g.slabs; ++s) {
     if (status[s] == kOutOfRange) fail_index_out_of_range(bad_value.load(), g.Ho, g.Wo);
   }
