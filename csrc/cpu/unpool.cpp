@@ -74,7 +74,7 @@ void owned_rows(const UnpoolGeometry& g, int64_t ph, int64_t& begin, int64_t& en
 // at 32x32) take one zeroing per group instead of one per pooled row (1.12-1.19x on 4..8x512x32x32
 // NCHW when measured with the earlier block-and-stream build; larger groups lost 4-8% on 64..256-
 // wide planes). Rows of 2 KiB and more take one pooled row per step.
-constexpr int64_t kOwnedBlockBytes = 2048;
+constexpr int64_t kOwnedGroupBytes = 2048;
 
 // kH <= sH: zero the output rows that the pooled rows in [ph_begin, ph_end) own, a group at a
 // time, and store the rows' entries while those rows are in cache. The scan proved every index lies
@@ -95,19 +95,19 @@ void fill_owned_rows(const T* x, const int64_t* idx, T* out, const UnpoolGeometr
     for (; ph1 < ph_end; ++ph1) {  // owned rows are consecutive: extend while the group is small
       int64_t next_begin, next_end;
       owned_rows(g, ph1, next_begin, next_end);
-      if ((next_end - begin) * out_row * int64_t(sizeof(T)) > kOwnedBlockBytes) break;
+      if ((next_end - begin) * out_row * int64_t(sizeof(T)) > kOwnedGroupBytes) break;
       end = next_end;
     }
     std::memset(out + begin * out_row, 0, sizeof(T) * (end - begin) * out_row);
-    T* b = out;  // b[v * C + c] addresses output position v
+    // out[v * C + c] is output position v; every v here lies in rows [begin, end).
     for (int64_t ph = ph0; ph < ph1; ++ph) {
       const int64_t* irow = idx + ph * in_row;
       const T* xrow = x + ph * in_row;
       if (C == 1) {
-        for (int64_t pw = 0; pw < g.W; ++pw) b[irow[pw]] = xrow[pw];
+        for (int64_t pw = 0; pw < g.W; ++pw) out[irow[pw]] = xrow[pw];
       } else {
         for (int64_t pw = 0; pw < g.W; ++pw) {
-          for (int64_t c = 0; c < C; ++c) b[irow[pw * C + c] * C + c] = xrow[pw * C + c];
+          for (int64_t c = 0; c < C; ++c) out[irow[pw * C + c] * C + c] = xrow[pw * C + c];
         }
       }
     }

@@ -100,12 +100,17 @@ def cuda_backend(input):
     the Triton custom op too: the 'aten' route's range check reads a value back to the host, which
     breaks the graph."""
     triton = _backends.unavailable_reason("triton", "cuda") is None
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if triton and (deterministic or _backends.tracing() or output_memory_format(input) == torch.channels_last):
+    if triton and (not aten_route_suits() or output_memory_format(input) == torch.channels_last):
         return "triton"
-    if not deterministic:
+    if not torch.are_deterministic_algorithms_enabled():
         return "aten"
     return "cuda" if _backends.unavailable_reason("cuda", "cuda") is None else "reference"
+
+
+def aten_route_suits():
+    """Whether ATen's CUDA unpooling may take a call: not under deterministic mode, which it refuses,
+    nor while torch.compile traces, whose graph the range check's read-back would break."""
+    return not torch.are_deterministic_algorithms_enabled() and not _backends.tracing()
 
 
 def aten_max_unpool2d(input, indices, kernel_size, stride, padding, output_size):

@@ -21,7 +21,8 @@ from .._layout import output_memory_format
 from ._reference import unpool as reference_unpool
 from ._reference import unpool_conv as reference
 from .atrous import _cudnn_forward, _padding, atrous_output_size, check_epilogue
-from .unpool import _ReferenceMaxUnpool2d, aten_max_unpool2d, check_pooled, max_unpool2d, unpool_output_size
+from .unpool import (_ReferenceMaxUnpool2d, aten_max_unpool2d, aten_route_suits, check_pooled, max_unpool2d,
+                     unpool_output_size)
 
 __all__ = ["unpool_conv2d"]
 
@@ -143,12 +144,12 @@ def _cudnn(values, indices, weight, scale, shift, residual, kernel_size, stride,
     # ATen's unpooling after the range check, then atrous_conv2d's cuDNN route (its own custom op
     # and autograd): eager's passes less the BatchNorm and ReLU ones. On the H200 this ran 0.80-1.18x
     # eager, unpooling by the Triton kernel 0.31-1.77x (host-bound on small maps: its three launches
-    # and status read). Deterministic mode, which ATen's CUDA unpooling refuses, and torch.compile,
-    # whose graph the check's read-back would break: max_unpool2d's route (a Triton custom op).
-    if torch.are_deterministic_algorithms_enabled() or _backends.tracing():
-        unpooled = max_unpool2d(values, indices, kernel_size, stride, pool_padding, output_size)
-    else:
+    # and status read). Where ATen's route does not suit (deterministic mode, torch.compile):
+    # max_unpool2d's own route (a Triton custom op).
+    if aten_route_suits():
         unpooled = aten_max_unpool2d(values, indices, kernel_size, stride, pool_padding, output_size)
+    else:
+        unpooled = max_unpool2d(values, indices, kernel_size, stride, pool_padding, output_size)
     out = _backends.call(torch.ops.fastseg.atrous_conv2d_cudnn, _cudnn_forward, unpooled, weight, scale, shift,
                          residual, [1, 1], padding, dilation, 1, relu)
     return out.contiguous(memory_format=output_memory_format(values))
