@@ -1,5 +1,5 @@
 """The C++ hot loops are compiled for several instruction sets (the baseline, AVX2 and, for the
-dense CRF, AVX-512) and one clone is picked at run time: the widest the CPU runs, capped by the
+dense CRF and max-unpooling, AVX-512) and one clone is picked at run time: the widest the CPU runs, capped by the
 environment variable FASTSEG_CPU_ISA. The rest of the suite runs the widest clone; here each
 narrower one reruns the tests of the ops that have clones, in a pytest process of its own (the
 variable is read once per process). On a CPU without a clone's instructions the cap changes
@@ -17,7 +17,8 @@ import fastseg
 ROOT = Path(__file__).resolve().parent.parent
 
 # The tests of the ops with cloned loops: the dense CRF (every pass, blur and build clone, forward
-# and backward), the atrous convolution's winograd transforms and the GCN's spectra.
+# and backward), the atrous convolution's winograd transforms, the GCN's spectra and max-unpooling's
+# index scan and per-pixel select.
 CLONED_TESTS = [
     "tests/test_dense_crf.py",
     "tests/test_dense_crf_grad.py",
@@ -26,6 +27,7 @@ CLONED_TESTS = [
     "tests/test_gcn.py::test_cpu_routes",
     "tests/test_gcn.py::test_cpu_fft_route",
     "tests/test_gcn.py::test_cpu_fft_backward",
+    "tests/test_unpool.py",
 ]
 
 needs_cpp = pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")

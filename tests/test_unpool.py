@@ -129,6 +129,53 @@ def test_few_large_planes(shape, layout, backend, device, poison):
     _assert_unpooled(out, values, indices, _aten(values, indices, 2), backend)
 
 
+# channels_last with 128 bytes of channels per pixel and more: the CPU kernel selects each output
+# pixel from its window's entries (no scatter) where windows overlap in neither direction. The
+# poolings above have at most 6 channels. 40 float16 channels (80 bytes) stay on the scatter.
+WIDE_POOLINGS = [
+    ((2, 72, 8, 8), 2, 2, 0, False),
+    ((1, 72, 9, 11), 2, 2, 0, False),  # output 9x11, one row and column past the default 8x10
+    ((2, 40, 9, 11), 2, 2, 0, True),
+    ((2, 36, 11, 12), 2, 3, 0, False),  # gaps between windows
+    ((1, 72, 12, 10), (2, 3), (2, 3), (1, 1), False),  # padding: clipped first and last windows
+    ((1, 72, 13, 7), 3, 2, 1, False),  # overlapping windows: the scatter
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pooling", WIDE_POOLINGS, ids=str)
+def test_many_channels_channels_last(pooling, dtype, backend, device, poison):
+    shape, kernel, stride, padding, ceil_mode = pooling
+    if backend == "triton" and device == "cpu" and dtype != torch.float32:
+        pytest.skip("the interpreter is slow; float32 covers the Triton kernel's wide case")
+    values, indices = _pooled(shape, kernel, stride, padding, ceil_mode, dtype, device)
+    values, indices = _layout(values, "channels_last"), _layout(indices, "channels_last")
+    out = fastseg.max_unpool2d(values, indices, kernel, stride, padding, output_size=shape[-2:], backend=backend)
+    expected = _aten(values, indices, kernel, stride, padding, output_size=shape[-2:])
+    _assert_unpooled(out, values, indices, expected, backend)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("move", ["to a named position", "to an unnamed position", "to another row"])
+def test_many_channels_index_outside_its_window(move, backend, device, poison):
+    # One index leaves its window. Moved along its row it still passes the CPU kernel's scan of
+    # window rows, and the select must notice it and send the image to the scatter.
+    values, indices = _pooled((2, 64, 8, 12), 2, 2, 0, False, device=device)
+    indices = indices.clone()
+    if move == "to a named position":  # the position its right neighbour names: a repeat, later wins
+        indices[1, 5, 2, 3] = indices[1, 5, 2, 4]
+    elif move == "to an unnamed position":  # one its right neighbour's window holds, not named
+        window = [row * 12 + col for row in (4, 5) for col in (8, 9)]  # pooled (2, 4)'s window
+        indices[1, 5, 2, 3] = next(p for p in window if p != indices[1, 5, 2, 4].item())
+    else:
+        indices[1, 5, 2, 3] = 0
+    values, indices = _layout(values, "channels_last"), _layout(indices, "channels_last")
+    out = fastseg.max_unpool2d(values, indices, 2, backend=backend)
+    _assert_unpooled(out, values, indices, _aten(values, indices, 2), backend)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_output_size(backend, device, poison):
     values, indices = _pooled((2, 3, 9, 9), 2, 2, 0, False, device=device)  # pooled to 4x4
