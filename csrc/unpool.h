@@ -35,6 +35,14 @@ enum UnpoolStatus : uint8_t {
   kOutOfRange = 2,  // some index lies outside its plane: an error
 };
 
+#if !defined(__CUDACC__)
+// Scans pooled rows [ph_begin, ph_end) of one slab's indices (csrc/cpu/unpool.cpp): kOutOfRange,
+// with one offending value in bad_value, if an index lies outside the plane; else kOutOfWindow if
+// one lies outside its window's rows; else kInWindow. Columns are not checked.
+UnpoolStatus scan_pooled_rows(const int64_t* idx, const UnpoolGeometry& g, int64_t ph_begin, int64_t ph_end,
+                              int64_t& bad_value);
+#endif
+
 inline UnpoolGeometry unpool_geometry(
     const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
     at::IntArrayRef padding, int64_t Ho, int64_t Wo, bool channels_last) {

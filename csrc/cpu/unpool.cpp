@@ -34,8 +34,8 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// Scans pooled rows [ph_begin, ph_end) of one slab's indices. Its reductions are unsigned 64-bit
-// maxima, which the baseline x86-64 ISA (SSE2) has no vector form of: hence the clones below.
+// scan_pooled_rows (unpool.h). Its reductions are unsigned 64-bit maxima, which the baseline x86-64
+// ISA (SSE2) has no vector form of: hence the clones below.
 FASTSEG_ALWAYS_INLINE UnpoolStatus scan_rows_impl(const int64_t* idx, const UnpoolGeometry& g, int64_t ph_begin,
                                                   int64_t ph_end, int64_t& bad_value) {
   const uint64_t plane = uint64_t(g.Ho * g.Wo);
@@ -82,14 +82,18 @@ FASTSEG_TARGET_AVX512 UnpoolStatus scan_rows_avx512(const int64_t* idx, const Un
 }
 #endif
 
-UnpoolStatus scan_rows(const int64_t* idx, const UnpoolGeometry& g, int64_t ph_begin, int64_t ph_end,
-                       int64_t& bad_value) {
+}  // namespace
+
+UnpoolStatus scan_pooled_rows(const int64_t* idx, const UnpoolGeometry& g, int64_t ph_begin, int64_t ph_end,
+                              int64_t& bad_value) {
 #if FASTSEG_HAVE_AVX2_CLONE
   if (cpu_has_avx512()) return scan_rows_avx512(idx, g, ph_begin, ph_end, bad_value);
   if (cpu_has_avx2()) return scan_rows_avx2(idx, g, ph_begin, ph_end, bad_value);
 #endif
   return scan_rows_base(idx, g, ph_begin, ph_end, bad_value);
 }
+
+namespace {
 
 // Output rows owned by pooled row ph when windows do not overlap vertically (kH <= sH): from the
 // top of its window to the top of the next one, so every output row has exactly one owner.
@@ -326,7 +330,7 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
     at::parallel_for(0, g.slabs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
         int64_t bad = 0;
-        status[s] = scan_rows(idx + s * in_slab, g, 0, g.H, bad);
+        status[s] = scan_pooled_rows(idx + s * in_slab, g, 0, g.H, bad);
         if (status[s] == kInWindow && !fast_path(s, 0, units)) status[s] = kOutOfWindow;
         if (status[s] == kOutOfWindow) {
           scatter_slab(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g);
@@ -356,7 +360,7 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
           const int64_t s = r / g.H, ph = r % g.H;
           const int64_t stop = std::min({end, (s + 1) * g.H, r + scan_rows_per_step});
           int64_t bad = 0;
-          UnpoolStatus st = scan_rows(idx + s * in_slab, g, ph, ph + (stop - r), bad);
+          UnpoolStatus st = scan_pooled_rows(idx + s * in_slab, g, ph, ph + (stop - r), bad);
           if (st == kOutOfRange) bad_value = bad;
           if (st == kInWindow && !fast_path(s, ph, ph + (stop - r))) st = kOutOfWindow;
           record(s, st);
@@ -370,7 +374,7 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
           const int64_t s = r / g.H, ph = r % g.H;
           const int64_t stop = std::min(end, (s + 1) * g.H);
           int64_t bad = 0;
-          const UnpoolStatus st = scan_rows(idx + s * in_slab, g, ph, ph + (stop - r), bad);
+          const UnpoolStatus st = scan_pooled_rows(idx + s * in_slab, g, ph, ph + (stop - r), bad);
           if (st == kOutOfRange) bad_value = bad;
           record(s, st);
           r = stop;

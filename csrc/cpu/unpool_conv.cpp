@@ -60,33 +60,21 @@ struct UnpoolConvGeometry {
 // Scans every pooled row's indices: kOutOfRange (with one bad value) beats kOutOfWindow beats
 // kInWindow. "In window" checks rows only, which is all the row gather needs.
 UnpoolStatus scan_indices(const int64_t* idx, const UnpoolGeometry& g, int64_t& bad_value) {
-  const uint64_t plane = uint64_t(g.Ho * g.Wo);
   const int64_t row_len = g.W * g.channels;
   std::atomic<uint8_t> worst{kInWindow};
   std::atomic<int64_t> bad{0};
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
   at::parallel_for(0, g.slabs * g.H, grain, [&](int64_t begin, int64_t end) {
     uint8_t local = kInWindow;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t ph = r % g.H;
-      const int64_t r0 = std::max<int64_t>(ph * g.sH - g.pH, 0);
-      const int64_t r1 = std::min<int64_t>(ph * g.sH - g.pH + g.kH, g.Ho);
-      const int64_t lo = r0 * g.Wo;
-      const uint64_t span = r1 > r0 ? uint64_t((r1 - r0) * g.Wo) : 0;
-      const int64_t* row = idx + r * row_len;
-      bool out_of_range = false, out_of_window = false;
-      for (int64_t j = 0; j < row_len; ++j) {
-        out_of_range |= uint64_t(row[j]) >= plane;
-        out_of_window |= uint64_t(row[j] - lo) >= span;
-      }
-      if (out_of_range) {
-        for (int64_t j = 0; j < row_len; ++j) {
-          if (uint64_t(row[j]) >= plane) bad = row[j];
-        }
-        local = kOutOfRange;
-        break;
-      }
-      if (out_of_window) local = std::max<uint8_t>(local, kOutOfWindow);
+    const int64_t in_slab = g.H * row_len;
+    for (int64_t r = begin; r < end && local != kOutOfRange;) {
+      const int64_t s = r / g.H, ph = r % g.H;
+      const int64_t stop = std::min(end, (s + 1) * g.H);
+      int64_t found = 0;
+      const UnpoolStatus st = scan_pooled_rows(idx + s * in_slab, g, ph, ph + (stop - r), found);
+      if (st == kOutOfRange) bad = found;
+      local = std::max<uint8_t>(local, st);
+      r = stop;
     }
     uint8_t seen = worst.load();
     while (seen < local && !worst.compare_exchange_weak(seen, local)) {
