@@ -6,7 +6,7 @@ order that rotates from round to round. Prints medians and the range of the per-
     python benchmarks/interleaved.py unpool_conv --rounds 9
     python benchmarks/interleaved.py gcn --rounds 9        # also the CPU kernel's forced routes
     python benchmarks/interleaved.py gcn_training --rounds 7  # forward + backward
-    python benchmarks/interleaved.py models --rounds 7     # fastseg.models and fastseg.convert
+    python benchmarks/interleaved.py models --rounds 7     # fastseg.models (converted, layers only, reference) and fastseg.convert
     python benchmarks/interleaved.py atrous --rounds 7     # also the CPU kernel's forced paths, and ASPP
 
 Shapes are those of test_bench_unpool_conv.py, test_bench_gcn.py, test_bench_models.py and
@@ -156,12 +156,14 @@ def models(rounds):
     x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
     for name in zoo.list_models():
         model = bench._model(name, "cpu", False)
+        converted = bench._converted(name, "cpu", False)
 
         def run(flag, model=model):
             model.set_use_kernels(flag)
             return model(x)["out"]
 
-        compare(f"{name} 1x3x512x512", {"fastseg": lambda: run(True), "reference layers": lambda: run(False)}, rounds)
+        compare(f"{name} 1x3x512x512", {"fastseg": lambda: converted(x)["out"], "layers only": lambda: run(True),
+                                        "reference layers": lambda: run(False)}, rounds)
     for name in bench.ZOO:
         original, converted = bench._zoo_pair(name, "cpu")
         compare(f"convert {name} 1x3x512x512", {"fastseg": lambda: converted(x), "original": lambda: original(x)},

@@ -1,5 +1,8 @@
-"""Inference of every fastseg.models architecture with fastseg's kernels (use_kernels=True) vs the
-same weights through plain PyTorch (use_kernels=False, "reference layers").
+"""Inference of every fastseg.models architecture, three ways with the same weights: fastseg's
+kernels in its layers and the backbone's conv (+BN) + ReLU chains fused by ``fastseg.convert``
+("fastseg", what README's quickstart recommends for inference); fastseg's layers alone
+(use_kernels=True, unconverted: "fastseg layers only"); and plain PyTorch (use_kernels=False,
+"reference layers").
 
 512x512 RGB input (256x256 in quick mode, for three models), batch 1 (and 8 in full mode on a GPU; on a CPU batch 8 of the VGG/ResNet-101
 models takes minutes per round), eval mode, no grad, fp32, 21 classes, each model with its paper's
@@ -20,7 +23,8 @@ from fastseg import models
 from fastseg.benchmarking import QUICK, SMOKE
 
 REFERENCE = "reference layers"
-IMPLS = [FASTSEG, REFERENCE]
+LAYERS_ONLY = "fastseg layers only"
+IMPLS = [FASTSEG, LAYERS_ONLY, REFERENCE]
 SMOKE_SIZES = {"dilated_frontend": 32, "dilated_context": 32}
 
 
@@ -43,13 +47,25 @@ def _model(name, device, smoke):
     return models.get_model(name, **kwargs).eval().to(device)
 
 
+@functools.lru_cache(maxsize=1)
+def _converted(name, device, smoke):
+    from fastseg import convert
+
+    model = _model(name, device, smoke)
+    model.set_use_kernels(True)
+    return convert(model, report=False)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device,name,batch", CASES, ids=lambda c: str(c))
 def test_model_inference(bench, device, name, batch, impl):
     size = SMOKE_SIZES.get(name, 64) if SMOKE else 256 if QUICK else 512
-    model = _model(name, device, SMOKE)
+    if impl == FASTSEG:
+        model = _converted(name, device, SMOKE)
+    else:
+        model = _model(name, device, SMOKE)
+        model.set_use_kernels(impl == LAYERS_ONLY)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    model.set_use_kernels(impl == FASTSEG)
 
     def run():
         with torch.no_grad():

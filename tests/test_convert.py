@@ -113,6 +113,24 @@ def test_zoo_models_equal_outputs(name, fused_everywhere):
         assert counts.get("conv+relu") == 1  # the 1x1 bin's Conv2dReLU has no BatchNorm
 
 
+@pytest.mark.parametrize("name,fused", [("segnet", 13), ("fcn8s", 13), ("deeplab_v3", 53)])
+def test_fastseg_models_convert(name, fused, fused_everywhere):
+    """fastseg's own models: their VGG and ResNet backbones trace (SegNet's pools return indices:
+    a branch on the pool's return_indices, not on the result's type), so every conv chain fuses."""
+    model = _randomise_batch_norms(getattr(fastseg.models, name)(num_classes=5))
+    with torch.no_grad():  # FCN zero-initialises its scorers: the output would be all zeros
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and not m.weight.any():
+                m.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(2))
+    fast, report = fastseg.convert(model)
+    assert "backbone" in report.traced or "" in report.traced
+    assert sum(n for p, n in report.counts().items() if p.startswith("conv")) >= fused, str(report)
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _assert_close_to_scale(_out(fast(x)), _out(model(x)))
+
+
 def test_fx_only_conversion_keeps_state_dict_and_inner_modules(fused_everywhere):
     """Where only conv chains are fused, the converted model's state dict is the original's and its
     inner modules still run their own (eager) forward."""

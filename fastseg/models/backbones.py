@@ -59,8 +59,9 @@ class VGG(nn.Module):
                 x = layer(x)
             out[f"stage{stage}"] = x
             size = x.shape[-2:]
-            x = self.features[end](x)
-            if isinstance(x, tuple):
+            pool = self.features[end]
+            x = pool(x)
+            if getattr(pool, "return_indices", False):  # a static branch, so that torch.fx can trace it
                 x, out[f"indices{stage}"] = x
                 out[f"size{stage}"] = size
             out[f"pool{stage}"] = x
