@@ -149,6 +149,30 @@ def test_cpu_paths(case, dtype, layout, algorithm, poison):
     assert_relative_close(out, pr["expected"], dtype)
 
 
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("out_channels", [8, 21])
+def test_cpu_half_epilogue(out_channels, dtype, layout, poison):
+    # The conv path's epilogue for half types converts 8 values at a time (F16C for float16, bit
+    # operations for bfloat16) and the rest one by one: channels_last rows of 8 and 21 channels
+    # (the CASES above have at most 6), NCHW planes of 7x9. It computes in float32 and rounds once:
+    # within one rounding of ATen's convolution followed by the epilogue in float32.
+    gen = torch.Generator().manual_seed(3)
+    x = _layout(torch.randn(2, 5, 7, 9, generator=gen).to(dtype), layout)
+    w = (torch.randn(out_channels, 5, 3, 3, generator=gen) / 6).to(dtype)
+    scale, shift = torch.rand(out_channels, generator=gen) + 0.5, torch.randn(out_channels, generator=gen)
+    residual = _layout(torch.randn(2, out_channels, 7, 9, generator=gen).to(dtype), layout)
+    out = torch.ops.fastseg.atrous_conv2d(x, w, scale.to(dtype), shift.to(dtype), residual, [1, 1], [2, 2],
+                                          [2, 2], 1, True, "conv")
+    conv = F.conv2d(x, w, padding=2, dilation=2).float()
+    expected = torch.relu(conv * scale.to(dtype).float()[:, None, None] + shift.to(dtype).float()[:, None, None]
+                          + residual.float())
+    resolution = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # half a unit in the last place
+    torch.testing.assert_close(out.float(), expected, rtol=resolution * 1.01, atol=1e-6)
+    assert out.dtype == dtype and (layout == "nchw") == out.is_contiguous()
+
+
 # The winograd path's tilings: every rate class on maps around the dilated kernel's size (runs of
 # 1, 2, 3 and more outputs per residue, tiles with padding at either or both ends), explicit
 # paddings below and above 'same', rectangular maps, batches, channel counts off its 128-channel

@@ -17,13 +17,14 @@ import fastseg
 ROOT = Path(__file__).resolve().parent.parent
 
 # The tests of the ops with cloned loops: the dense CRF (every pass, blur and build clone, forward
-# and backward), the atrous convolution's winograd transforms, the GCN's spectra and max-unpooling's
+# and backward), the atrous convolution's winograd transforms and half-type epilogue, the GCN's spectra and max-unpooling's
 # index scan and per-pixel select.
 CLONED_TESTS = [
     "tests/test_dense_crf.py",
     "tests/test_dense_crf_grad.py",
     "tests/test_atrous.py::test_cpu_paths",
     "tests/test_atrous.py::test_winograd_tilings",
+    "tests/test_atrous.py::test_cpu_half_epilogue",
     "tests/test_gcn.py::test_cpu_routes",
     "tests/test_gcn.py::test_cpu_fft_route",
     "tests/test_gcn.py::test_cpu_fft_backward",
