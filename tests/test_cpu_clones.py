@@ -17,7 +17,7 @@ import fastseg
 ROOT = Path(__file__).resolve().parent.parent
 
 # The tests of the ops with cloned loops: the dense CRF (every pass, blur and build clone, forward
-# and backward), the atrous convolution's winograd transforms and half-type epilogue, the GCN's spectra and max-unpooling's
+# and backward), the atrous convolution's winograd transforms and half-type epilogues (unpool_conv2d's too), the GCN's spectra and max-unpooling's
 # index scan and per-pixel select.
 CLONED_TESTS = [
     "tests/test_dense_crf.py",
@@ -29,6 +29,7 @@ CLONED_TESTS = [
     "tests/test_gcn.py::test_cpu_fft_route",
     "tests/test_gcn.py::test_cpu_fft_backward",
     "tests/test_unpool.py",
+    "tests/test_unpool_conv.py::test_matches_unpool_conv_bn_relu",
 ]
 
 needs_cpp = pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")

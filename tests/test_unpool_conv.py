@@ -10,7 +10,7 @@ from common import assert_relative_close, backend_params
 
 BACKENDS = backend_params(("reference", "cpp", "triton", "cudnn"))
 COMPILED = [p for p in BACKENDS if p.values[0] not in ("reference", "cudnn")]  # cudnn: no op of its own
-DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LAYOUTS = ["nchw", "channels_last"]
 TRITON_FP32_TOLERANCE = 5e-4  # a float32 tl.dot (tf32x3 with TF32 off, as conftest sets)
 
@@ -84,7 +84,7 @@ def _tolerance(backend, dtype):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_matches_unpool_conv_bn_relu(backend, device, case, dtype, layout, poison):

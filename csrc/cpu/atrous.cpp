@@ -34,6 +34,7 @@
 
 #include "atrous.h"
 #include "common.h"
+#include "half_convert.h"
 #include "weight_cache.h"
 
 #if FASTSEG_HAVE_AVX2_CLONE
@@ -106,51 +107,6 @@ struct OutLayout {
 
 // --- the "conv" path: at::convolution, then the epilogue in one in-place pass --------------------
 
-// Element conversions of the epilogue: c10's Half and BFloat16 convert through per-element helpers
-// the compiler does not vectorise (the float16 epilogue took 3 ms at 256x65x65, eager's three ATen
-// passes 0.24 ms). Within FASTSEG_TARGET_F16C code, Half goes through _Float16 (vcvtph2ps /
-// vcvtps2ph, rounding to nearest even as c10 does) and BFloat16 through its bits (c10's rounding:
-// to nearest even, NaN to 0x7FC0), both of which vectorise.
-template <typename scalar_t>
-struct Convert {
-  using acc_t = at::opmath_type<scalar_t>;
-  static FASTSEG_ALWAYS_INLINE acc_t load(scalar_t v) { return acc_t(v); }
-  static FASTSEG_ALWAYS_INLINE scalar_t store(acc_t v) { return scalar_t(v); }
-};
-
-#if FASTSEG_HAVE_AVX2_CLONE
-#define FASTSEG_TARGET_F16C __attribute__((target("avx2,fma,f16c")))
-
-struct HalfBits {
-  static FASTSEG_ALWAYS_INLINE float load(at::Half v) {
-    _Float16 h;
-    std::memcpy(&h, &v.x, sizeof(h));
-    return float(h);
-  }
-  static FASTSEG_ALWAYS_INLINE at::Half store(float v) {
-    const _Float16 h = static_cast<_Float16>(v);
-    uint16_t bits;
-    std::memcpy(&bits, &h, sizeof(bits));
-    return at::Half(bits, at::Half::from_bits());
-  }
-};
-
-struct BFloat16Bits {
-  static FASTSEG_ALWAYS_INLINE float load(at::BFloat16 v) {
-    const uint32_t bits = uint32_t(v.x) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-  }
-  static FASTSEG_ALWAYS_INLINE at::BFloat16 store(float v) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    return at::BFloat16(uint16_t(v != v ? 0x7FC0u : rounded), at::BFloat16::from_bits());
-  }
-};
-#endif
-
 // Rows [r0, r1) of the layout's innermost dimension: (b, pixel) rows of O channels for NHWC,
 // (b, o) planes for NCHW.
 template <typename scalar_t, typename Cvt>
@@ -193,10 +149,6 @@ FASTSEG_TARGET_F16C void epilogue_rows_f16c(at::BFloat16* y, const at::BFloat16*
 
 // Half's are not (GCC 12 keeps _Float16 conversions scalar): 8 at a time with F16C, the rest as in
 // epilogue_rows.
-FASTSEG_TARGET_F16C FASTSEG_ALWAYS_INLINE __m256 load_half8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 FASTSEG_TARGET_F16C void epilogue_rows_f16c(at::Half* y, const at::Half* res, const float* sc, const float* sh,
                                             bool relu, bool channels_last, int64_t O, int64_t len, int64_t r0,
                                             int64_t r1) {
@@ -248,8 +200,8 @@ void epilogue_in_place(at::Tensor& out, const at::Tensor& scale, const at::Tenso
   const int64_t rows = channels_last ? B * HW : B * O, len = channels_last ? O : HW;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t r0, int64_t r1) {
 #if FASTSEG_HAVE_AVX2_CLONE
-    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-      if (cpu_has_avx2() && __builtin_cpu_supports("f16c")) {
+    if constexpr (kIsHalfType<scalar_t>) {
+      if (cpu_has_f16c()) {
         epilogue_rows_f16c(y, res, sc, sh, relu, channels_last, O, len, r0, r1);
         return;
       }

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "atrous.h"
+#include "half_convert.h"
 #include "unpool.h"
 
 namespace fastseg {
@@ -195,42 +196,76 @@ void scatter_all(const T* x, const int64_t* idx, T* out, const UnpoolGeometry& g
 
 // Writes act(a * conv + b + residual) for output rows [r0, r0 + R), conv being those rows'
 // convolution (B, O, R, Wout) channels_last, into out (channels_last or NCHW, the residual alike).
-// a and b are scale and shift with the missing ones as 1 and 0.
+// a and b are scale and shift with the missing ones as 1 and 0. Tasks [u0, u1) of (image, output
+// row), each Wout x O elements read in the band's channels_last order; Cvt converts the elements
+// (half_convert.h).
+template <typename scalar_t, typename Cvt, bool kResidual, bool kRelu>
+FASTSEG_ALWAYS_INLINE scalar_t epilogue_value(scalar_t s, at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> b,
+                                              const scalar_t* r) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t v = Cvt::load(s) * a + b;
+  if (kResidual) v += Cvt::load(*r);
+  if (kRelu) v = v > acc_t(0) ? v : acc_t(0);
+  return Cvt::store(v);
+}
+
+template <typename scalar_t, typename Cvt, bool kResidual, bool kRelu>
+FASTSEG_ALWAYS_INLINE void epilogue_tasks(const scalar_t* src, scalar_t* y, const at::opmath_type<scalar_t>* ap,
+                                          const at::opmath_type<scalar_t>* bp, const scalar_t* res,
+                                          const UnpoolConvGeometry& g, int64_t R, int64_t r0, int64_t u0, int64_t u1) {
+  const int64_t O = g.O, Wout = g.Wout, len = Wout * O;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t bi = u / R, i = u % R;
+    const scalar_t* s = src + u * len;
+    if (g.channels_last) {
+      const int64_t dst = (bi * g.Hout + r0 + i) * len;
+      for (int64_t p = 0; p < Wout; ++p) {
+        for (int64_t o = 0; o < O; ++o) {
+          const int64_t e = p * O + o;
+          y[dst + e] = epilogue_value<scalar_t, Cvt, kResidual, kRelu>(s[e], ap[o], bp[o], res + dst + e);
+        }
+      }
+    } else {
+      // NCHW output: a transpose of the cache-resident row; each output run is written in order.
+      for (int64_t o = 0; o < O; ++o) {
+        const int64_t dst = ((bi * O + o) * g.Hout + r0 + i) * Wout;
+        for (int64_t p = 0; p < Wout; ++p) {
+          y[dst + p] = epilogue_value<scalar_t, Cvt, kResidual, kRelu>(s[p * O + o], ap[o], bp[o], res + dst + p);
+        }
+      }
+    }
+  }
+}
+
+#if FASTSEG_HAVE_AVX2_CLONE
+// Half types with F16C conversions: c10's per-element ones cost more than the convolution saved.
+template <typename scalar_t, bool kResidual, bool kRelu>
+FASTSEG_TARGET_F16C void epilogue_tasks_f16c(const scalar_t* src, scalar_t* y, const float* ap, const float* bp,
+                                             const scalar_t* res, const UnpoolConvGeometry& g, int64_t R, int64_t r0,
+                                             int64_t u0, int64_t u1) {
+  epilogue_tasks<scalar_t, HalfConvert<scalar_t>, kResidual, kRelu>(src, y, ap, bp, res, g, R, r0, u0, u1);
+}
+#endif
+
 template <typename scalar_t, bool kResidual, bool kRelu>
 void epilogue_rows(const at::Tensor& conv, at::Tensor& out, const std::vector<at::opmath_type<scalar_t>>& a,
                    const std::vector<at::opmath_type<scalar_t>>& b, const at::Tensor& residual,
                    const UnpoolConvGeometry& g, int64_t r0) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t R = conv.size(2), O = g.O, Wout = g.Wout, len = Wout * O;
+  const int64_t R = conv.size(2), len = g.Wout * g.O;
   const scalar_t* res = kResidual ? residual.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* src = conv.const_data_ptr<scalar_t>();
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
-  const acc_t* ap = a.data();
-  const acc_t* bp = b.data();
-  auto f = [&](scalar_t s, int64_t o, const scalar_t* r) {
-    acc_t v = acc_t(s) * ap[o] + bp[o];
-    if (kResidual) v += acc_t(*r);
-    if (kRelu) v = v > acc_t(0) ? v : acc_t(0);
-    return scalar_t(v);
-  };
-  // One task per (image, output row): Wout x O elements, read in the band's channels_last order.
   at::parallel_for(0, g.B * R, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t bi = u / R, i = u % R;
-      const scalar_t* s = src + u * len;
-      if (g.channels_last) {
-        const int64_t dst = (bi * g.Hout + r0 + i) * len;
-        for (int64_t p = 0; p < Wout; ++p) {
-          for (int64_t o = 0; o < O; ++o) y[dst + p * O + o] = f(s[p * O + o], o, res + dst + p * O + o);
-        }
-      } else {
-        // NCHW output: a transpose of the cache-resident row; each output run is written in order.
-        for (int64_t o = 0; o < O; ++o) {
-          const int64_t dst = ((bi * O + o) * g.Hout + r0 + i) * Wout;
-          for (int64_t p = 0; p < Wout; ++p) y[dst + p] = f(s[p * O + o], o, res + dst + p);
-        }
+#if FASTSEG_HAVE_AVX2_CLONE
+    if constexpr (kIsHalfType<scalar_t>) {
+      if (cpu_has_f16c()) {
+        epilogue_tasks_f16c<scalar_t, kResidual, kRelu>(src, y, a.data(), b.data(), res, g, R, r0, u0, u1);
+        return;
       }
     }
+#endif
+    epilogue_tasks<scalar_t, Convert<scalar_t>, kResidual, kRelu>(src, y, a.data(), b.data(), res, g, R, r0, u0,
+                                                                  u1);
   });
 }
 
