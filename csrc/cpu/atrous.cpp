@@ -147,8 +147,8 @@ FASTSEG_TARGET_F16C void epilogue_rows_f16c(at::BFloat16* y, const at::BFloat16*
   epilogue_rows<at::BFloat16, BFloat16Bits>(y, res, sc, sh, relu, channels_last, O, len, r0, r1);
 }
 
-// Half's are not (GCC 12 keeps _Float16 conversions scalar): 8 at a time with F16C, the rest as in
-// epilogue_rows.
+// Half's conversions the compiler keeps scalar (GCC 12, _Float16): here 8 at a time with F16C
+// intrinsics, the rest one by one as in epilogue_rows.
 FASTSEG_TARGET_F16C void epilogue_rows_f16c(at::Half* y, const at::Half* res, const float* sc, const float* sh,
                                             bool relu, bool channels_last, int64_t O, int64_t len, int64_t r0,
                                             int64_t r1) {
