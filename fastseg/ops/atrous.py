@@ -117,14 +117,14 @@ def atrous_conv2d(
     if impl == "reference":
         out = reference.atrous_conv2d(*args)
     elif impl == "triton":
-        out = torch.ops.fastseg.atrous_conv2d_triton(*args)
+        out = _backends.call(torch.ops.fastseg.atrous_conv2d_triton, None, *args)
     elif impl == "cudnn":
         out = _backends.call(torch.ops.fastseg.atrous_conv2d_cudnn, _cudnn_forward, *args)
     else:
         # Weights that autograd will update change on every call: the CPU kernel neither keeps nor
         # looks up their Winograd transforms then.
         training = torch.is_grad_enabled() and weight.requires_grad
-        out = torch.ops.fastseg.atrous_conv2d(*args, "auto_training" if training else "auto")
+        out = _backends.call(torch.ops.fastseg.atrous_conv2d, None, *args, "auto_training" if training else "auto")
     return out if batched else out.squeeze(0)
 
 

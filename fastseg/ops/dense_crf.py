@@ -186,11 +186,9 @@ def mean_field(unary, features, compats, normalizations, iterations, init=None, 
     if needs_grad and not checkpoint:
         # Every iterate comes out of the forward and is kept for the backward.
         return torch.ops.fastseg.dense_crf_iterates(*args, impl)[-1]
-    if impl == "reference":
-        return torch.ops.fastseg.dense_crf_reference(*args)
-    if impl == "triton":
-        return torch.ops.fastseg.dense_crf_triton(*args)
-    return torch.ops.fastseg.dense_crf(*args)
+    op = {"reference": torch.ops.fastseg.dense_crf_reference, "triton": torch.ops.fastseg.dense_crf_triton}.get(
+        impl, torch.ops.fastseg.dense_crf)
+    return op(*args) if needs_grad else _backends.call(op, None, *args)
 
 
 def permutohedral_filter(values, features, normalization="symmetric", *, transpose=False, backend="auto"):
@@ -217,11 +215,9 @@ def permutohedral_filter(values, features, normalization="symmetric", *, transpo
     impl = _backends.select(op, backend, values.device, implemented=_IMPLEMENTED)
     dtype = reference.compute_dtype(values.dtype) if impl == "reference" else torch.float32
     values, features = values.to(dtype).contiguous(), features.to(torch.float32).contiguous()
-    if impl == "reference":
-        return torch.ops.fastseg.permutohedral_filter_reference(values, features, code, transpose)
-    if impl == "triton":
-        return torch.ops.fastseg.permutohedral_filter_triton(values, features, code, transpose)
-    return torch.ops.fastseg.permutohedral_filter(values, features, code, transpose)
+    op = {"reference": torch.ops.fastseg.permutohedral_filter_reference,
+          "triton": torch.ops.fastseg.permutohedral_filter_triton}.get(impl, torch.ops.fastseg.permutohedral_filter)
+    return _backends.call(op, None, values, features, code, transpose)
 
 
 # --- features and parameters ---------------------------------------------------------------------

@@ -84,9 +84,10 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     elif impl == "aten":
         out = aten_max_unpool2d(input, indices, kernel_size, stride, padding, out_hw)
     elif impl == "triton":
-        out = torch.ops.fastseg.max_unpool2d_triton(input, indices, kernel_size, stride, padding, out_hw)
+        out = _backends.call(torch.ops.fastseg.max_unpool2d_triton, None, input, indices, kernel_size, stride, padding,
+                             out_hw)
     else:  # cpp or cuda: one op, dispatched on the tensors' device
-        out = torch.ops.fastseg.max_unpool2d(input, indices, kernel_size, stride, padding, out_hw)
+        out = _backends.call(torch.ops.fastseg.max_unpool2d, None, input, indices, kernel_size, stride, padding, out_hw)
     return out if batched else out.squeeze(0)
 
 

@@ -113,11 +113,11 @@ def unpool_conv2d(
     if impl == "reference":
         out = _reference(*args)
     elif impl == "triton":
-        out = torch.ops.fastseg.unpool_conv2d_triton(*args)
+        out = _backends.call(torch.ops.fastseg.unpool_conv2d_triton, None, *args)
     elif impl == "cudnn":
         out = _cudnn(*args)
     else:
-        out = torch.ops.fastseg.unpool_conv2d(*args)
+        out = _backends.call(torch.ops.fastseg.unpool_conv2d, None, *args)
     return out if batched else out.squeeze(0)
 
 
