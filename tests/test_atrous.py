@@ -380,6 +380,28 @@ def _op_for(backend):
             "cpp": getattr(torch.ops.fastseg, "atrous_conv2d", None)}[backend]
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_autograd_records_only_what_it_needs(backend, device):
+    # fastseg._backends.call starts a call below the Autograd key when no argument requires grad
+    # (or grad mode is off): the result must be the same, and a graph recorded whenever one is needed.
+    pr = _problem(CASES[1])
+    x, w = pr["x"].to(device, torch.float64), pr["w"].to(device, torch.float64)
+    kwargs = dict(backend=backend, activation="relu", **pr["kwargs"])
+    plain = fastseg.atrous_conv2d(x, w, **kwargs)
+    assert plain.grad_fn is None and not plain.requires_grad
+    for needs in ("input", "weight"):
+        xi, wi = x.clone().requires_grad_(needs == "input"), w.clone().requires_grad_(needs == "weight")
+        out = fastseg.atrous_conv2d(xi, wi, **kwargs)
+        assert out.requires_grad and out.grad_fn is not None
+        torch.testing.assert_close(out.detach(), plain, rtol=0, atol=0)
+        out.sum().backward()
+        assert (xi.grad if needs == "input" else wi.grad) is not None
+        with torch.no_grad():
+            assert fastseg.atrous_conv2d(xi, wi, **kwargs).grad_fn is None
+        with torch.inference_mode():
+            assert fastseg.atrous_conv2d(xi, wi, **kwargs).grad_fn is None
+
+
 @pytest.mark.parametrize("backend,device", COMPILED)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_opcheck(layout, backend, device):
