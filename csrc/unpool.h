@@ -41,6 +41,10 @@ enum UnpoolStatus : uint8_t {
 // one lies outside its window's rows; else kInWindow. Columns are not checked.
 UnpoolStatus scan_pooled_rows(const int64_t* idx, const UnpoolGeometry& g, int64_t ph_begin, int64_t ph_end,
                               int64_t& bad_value);
+
+// Scans every slab, rows split across threads: the worst status of all (kOutOfRange with one
+// offending value in bad_value), and each slab's own in per_slab[s] where per_slab is given.
+UnpoolStatus scan_slabs(const int64_t* idx, const UnpoolGeometry& g, uint8_t* per_slab, int64_t& bad_value);
 #endif
 
 inline UnpoolGeometry unpool_geometry(

@@ -21,8 +21,8 @@ Three rewrites, in this order:
 torch.fx records the code as it runs on Proxies: a forward whose Python branches depend on tensor
 values fails to trace (and falls back to its children); one that branches on a result's Python type
 would be recorded wrongly, which convert detects for poolings with ``return_indices=True`` (a
-forward that tests ``isinstance(y, tuple)`` on a pool's result) and then does not use the graph. fastseg.nn layers and fastseg ops stay single
-calls in a traced graph.
+forward that tests ``isinstance(y, tuple)`` on a pool's result) and then does not use the graph.
+fastseg.nn layers and fastseg ops stay single calls in a traced graph.
 
 A pattern is replaced only where fastseg's kernel was measured no slower than eager PyTorch on the
 model's device (:data:`NOT_SLOWER`); elsewhere it is left and the report says why.

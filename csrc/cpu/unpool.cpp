@@ -93,6 +93,35 @@ UnpoolStatus scan_pooled_rows(const int64_t* idx, const UnpoolGeometry& g, int64
   return scan_rows_base(idx, g, ph_begin, ph_end, bad_value);
 }
 
+UnpoolStatus scan_slabs(const int64_t* idx, const UnpoolGeometry& g, uint8_t* per_slab, int64_t& bad_value) {
+  const int64_t row_len = g.W * g.channels, in_slab = g.H * row_len;
+  std::vector<std::atomic<uint8_t>> worst(per_slab ? g.slabs : 0);
+  for (auto& w : worst) w = kInWindow;
+  std::atomic<uint8_t> overall{kInWindow};
+  std::atomic<int64_t> bad{0};
+  auto raise = [](std::atomic<uint8_t>& w, uint8_t st) {
+    uint8_t seen = w.load();
+    while (seen < st && !w.compare_exchange_weak(seen, st)) {
+    }
+  };
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
+  at::parallel_for(0, g.slabs * g.H, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end;) {
+      const int64_t s = r / g.H, ph = r % g.H;
+      const int64_t stop = std::min(end, (s + 1) * g.H);
+      int64_t found = 0;
+      const UnpoolStatus st = scan_pooled_rows(idx + s * in_slab, g, ph, ph + (stop - r), found);
+      if (st == kOutOfRange) bad = found;
+      if (per_slab) raise(worst[s], st);
+      raise(overall, st);
+      r = stop;
+    }
+  });
+  for (int64_t s = 0; s < int64_t(worst.size()); ++s) per_slab[s] = worst[s].load();
+  bad_value = bad.load();
+  return UnpoolStatus(overall.load());
+}
+
 namespace {
 
 // Output rows owned by pooled row ph when windows do not overlap vertically (kH <= sH): from the
@@ -342,19 +371,19 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
   } else {
     // Few large slabs: each slab's rows split across threads. A slab's status is the worst of its
     // parts'; its out-of-window slabs are redone with scatter_slab afterwards.
-    std::vector<std::atomic<uint8_t>> worst(g.slabs);
-    for (auto& w : worst) w = kInWindow;
-    auto record = [&](int64_t s, uint8_t st) {
-      uint8_t seen = worst[s].load();
-      while (seen < st && !worst[s].compare_exchange_weak(seen, st)) {
-      }
-    };
     const int64_t unit_size = (by_pooled_row ? g.W : g.Wo) * g.channels;
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(unit_size, 1));
-    const int64_t scan_rows_per_step = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.W * g.channels, 1));
     if (by_pooled_row) {
       // Pooled rows are the fast path's units: a few at a time, scanned and then unpooled while
       // their indices are in cache (a scan of every slab first read the indices twice from memory).
+      const int64_t scan_rows_per_step = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.W * g.channels, 1));
+      std::vector<std::atomic<uint8_t>> worst(g.slabs);
+      for (auto& w : worst) w = kInWindow;
+      auto record = [&](int64_t s, uint8_t st) {
+        uint8_t seen = worst[s].load();
+        while (seen < st && !worst[s].compare_exchange_weak(seen, st)) {
+        }
+      };
       at::parallel_for(0, g.slabs * g.H, grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end;) {
           const int64_t s = r / g.H, ph = r % g.H;
@@ -367,30 +396,21 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
           r = stop;
         }
       });
+      for (int64_t s = 0; s < g.slabs; ++s) status[s] = worst[s].load();
     } else {
       // Output rows are the units and each reads several pooled rows: scan every slab first.
-      at::parallel_for(0, g.slabs * g.H, scan_rows_per_step, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end;) {
-          const int64_t s = r / g.H, ph = r % g.H;
-          const int64_t stop = std::min(end, (s + 1) * g.H);
-          int64_t bad = 0;
-          const UnpoolStatus st = scan_pooled_rows(idx + s * in_slab, g, ph, ph + (stop - r), bad);
-          if (st == kOutOfRange) bad_value = bad;
-          record(s, st);
-          r = stop;
-        }
-      });
+      int64_t bad = 0;
+      if (scan_slabs(idx, g, status.data(), bad) == kOutOfRange) bad_value = bad;
       at::parallel_for(0, g.slabs * units, grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end;) {
           const int64_t s = r / units, u = r % units;
           const int64_t stop = std::min(end, (s + 1) * units);
-          if (worst[s].load() == kInWindow) fast_path(s, u, u + (stop - r));
+          if (status[s] == kInWindow) fast_path(s, u, u + (stop - r));
           r = stop;
         }
       });
     }
     for (int64_t s = 0; s < g.slabs; ++s) {
-      status[s] = worst[s].load();
       if (status[s] == kOutOfWindow) {
         scatter_slab(x + s * in_slab, idx + s * in_slab, out + s * out_slab, g);
       }

@@ -58,33 +58,6 @@ struct UnpoolConvGeometry {
   bool channels_last;
 };
 
-// Scans every pooled row's indices: kOutOfRange (with one bad value) beats kOutOfWindow beats
-// kInWindow. "In window" checks rows only, which is all the row gather needs.
-UnpoolStatus scan_indices(const int64_t* idx, const UnpoolGeometry& g, int64_t& bad_value) {
-  const int64_t row_len = g.W * g.channels;
-  std::atomic<uint8_t> worst{kInWindow};
-  std::atomic<int64_t> bad{0};
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
-  at::parallel_for(0, g.slabs * g.H, grain, [&](int64_t begin, int64_t end) {
-    uint8_t local = kInWindow;
-    const int64_t in_slab = g.H * row_len;
-    for (int64_t r = begin; r < end && local != kOutOfRange;) {
-      const int64_t s = r / g.H, ph = r % g.H;
-      const int64_t stop = std::min(end, (s + 1) * g.H);
-      int64_t found = 0;
-      const UnpoolStatus st = scan_pooled_rows(idx + s * in_slab, g, ph, ph + (stop - r), found);
-      if (st == kOutOfRange) bad = found;
-      local = std::max<uint8_t>(local, st);
-      r = stop;
-    }
-    uint8_t seen = worst.load();
-    while (seen < local && !worst.compare_exchange_weak(seen, local)) {
-    }
-  });
-  bad_value = bad.load();
-  return UnpoolStatus(worst.load());
-}
-
 // Where pooled element (b, c, ph, pw) lives: values and indices share one memory format.
 struct PooledLayout {
   int64_t sb, sc, sh, sw;
@@ -350,7 +323,8 @@ at::Tensor unpool_conv2d_cpu(const at::Tensor& values, const at::Tensor& indices
   UnpoolStatus status = kInWindow;
   if (x.numel() > 0) {
     int64_t bad = 0;
-    status = scan_indices(idx.const_data_ptr<int64_t>(), g.pool, bad);
+    // "In window" checks rows only, which is all the row gather needs.
+    status = scan_slabs(idx.const_data_ptr<int64_t>(), g.pool, nullptr, bad);
     TORCH_CHECK_INDEX(status != kOutOfRange, "unpool_conv2d: indices contains ", bad, ", outside the output plane of ",
                       H, "x", W, " (valid: 0 to ", H * W - 1, ")");
   }

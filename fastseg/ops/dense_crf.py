@@ -188,6 +188,7 @@ def mean_field(unary, features, compats, normalizations, iterations, init=None, 
         return torch.ops.fastseg.dense_crf_iterates(*args, impl)[-1]
     op = {"reference": torch.ops.fastseg.dense_crf_reference, "triton": torch.ops.fastseg.dense_crf_triton}.get(
         impl, torch.ops.fastseg.dense_crf)
+    # needs_grad, not _backends.call's own test: the compatibilities that may require grad sit in a list.
     return op(*args) if needs_grad else _backends.call(op, None, *args)
 
 
