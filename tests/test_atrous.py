@@ -571,6 +571,9 @@ BAD_CALLS = [
     ("2-D x", lambda x, w: (x[0, 0], w), {}, ValueError, "x must be 3-D or 4-D, got 2-D"),
     ("integer x", lambda x, w: (x.long(), w), {}, TypeError, "x must have dtype"),
     ("3-D weight", lambda x, w: (x, w[0]), {}, ValueError, "weight must be 4-D, got 3-D"),
+    # F.conv2d returns 0 channels here, not the epilogue of an empty sum
+    ("no input channels", lambda x, w: (x[:, :0], w[:, :0]), dict(shift=torch.ones(6)), ValueError,
+     r"x has no channels: shape \(2, 0, 9, 9\)"),
     ("channel mismatch", lambda x, w: (x, w[:, :3]), {}, ValueError,
      r"weight has shape \(6, 3, 3, 3\), expecting \(O, C / groups = 4, kH, kW\) for x with C = 4"),
     ("groups not dividing C", lambda x, w: (x, w), dict(groups=3), ValueError, "groups = 3 does not divide the 4 input"),
@@ -616,6 +619,8 @@ def test_compiled_op_checks_its_arguments():
         op(x, w[:, :3], None, None, None, [1, 1], [1, 1], [1, 1], 1, False)
     with pytest.raises(ValueError, match="stride and dilation must be positive"):
         op(x, w, None, None, None, [1, 1], [1, 1], [0, 1], 1, False)
+    with pytest.raises(ValueError, match="input has no channels"):
+        op(x[:, :0], w[:, :0], None, None, None, [1, 1], [1, 1], [1, 1], 1, False)
     with pytest.raises(ValueError, match="output would be empty"):
         op(x, w, None, None, None, [1, 1], [0, 0], [12, 12], 1, False)
     with pytest.raises(ValueError, match="algorithm must be"):

@@ -574,6 +574,10 @@ BAD_CALLS = [
     ("zero dilation", lambda x, ws: (x, *ws), dict(dilation=0), ValueError, "dilation must be >= 1, got 0"),
     ("pair dilation", lambda x, ws: (x, *ws), dict(dilation=(2, 2)), TypeError, "dilation must be an int"),
     ("empty map", lambda x, ws: (x[..., :0], *ws), {}, ValueError, "x has an empty spatial dimension"),
+    ("no input channels", lambda x, ws: (x[:, :0], ws[0][:, :0], ws[1], ws[2][:, :0], ws[3]), {}, ValueError,
+     r"x has no channels: shape \(2, 0, 9, 9\)"),
+    ("no output channels", lambda x, ws: (x, ws[0], ws[1][:0], ws[2], ws[3][:0]), {}, ValueError,
+     r"w_l2 has shape \(0, 5, 1, 7\): no output channels"),
     ("bad backend", lambda x, ws: (x, *ws), dict(backend="fast"), ValueError, "backend must be 'auto' or one of"),
     ("cuda backend on cpu", lambda x, ws: (x, *ws), dict(backend="cuda"), ValueError, "has no 'cuda' backend"),
 ]
@@ -591,6 +595,8 @@ def test_compiled_op_checks_its_arguments():
     op = torch.ops.fastseg.gcn_conv2d
     with pytest.raises(ValueError, match="input must be 4-D"):
         op(x[0], w_l1, w_l2, w_r1, w_r2, None, None, None, None, 1)
+    with pytest.raises(ValueError, match="input and w_l1 must have channels"):
+        op(x[:, :0], w_l1[:, :0], w_l2, w_r1[:, :0], w_r2, None, None, None, None, 1)
     with pytest.raises(ValueError, match="k must be odd"):
         op(x, w_l1[:, :, :6], w_l2[..., :6], w_r1[..., :6], w_r2[:, :, :6], None, None, None, None, 1)
     with pytest.raises(ValueError, match=r"w_r2 has shape \[4, 5, 7, 1\], expecting \(3, 5, 7, 1\)"):

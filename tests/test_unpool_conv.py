@@ -356,6 +356,8 @@ BAD = [
      r"weight has shape \(5, 3, 3, 3\), expecting \(O, 4, kH, kW\)"),
     (dict(weight=torch.zeros(5, 4, 3, 3)), TypeError, "weight has dtype float32 but values has dtype float64"),
     (dict(weight=torch.zeros(5, 4, 3, dtype=torch.float64)), ValueError, "weight must be 4-D"),
+    (dict(values=torch.zeros(3, 0, 4, 5, dtype=torch.float64), weight=torch.zeros(5, 0, 3, 3, dtype=torch.float64)),
+     ValueError, r"values has no channels: shape \(3, 0, 4, 5\)"),
     (dict(kernel_size=0), ValueError, "kernel_size must be >= 1"),
     (dict(stride=(2, 2, 2)), TypeError, "stride must be an int or a pair"),
     (dict(pool_padding=-1), ValueError, "pool_padding must be >= 0"),

@@ -509,6 +509,8 @@ at::Tensor gcn_conv2d_cpu(const at::Tensor& input, const at::Tensor& w_l1, const
   TORCH_CHECK_VALUE(dilation >= 1, "gcn_conv2d: dilation must be >= 1, got ", dilation);
   const int64_t Cin = input.size(1), Cm = w_l1.size(0), k = w_l1.size(2);
   TORCH_CHECK_VALUE(k % 2 == 1, "gcn_conv2d: k must be odd, got w_l1 with shape ", w_l1.sizes());
+  TORCH_CHECK_VALUE(Cin > 0 && Cm > 0, "gcn_conv2d: input and w_l1 must have channels, got shapes ", input.sizes(),
+                    " and ", w_l1.sizes());
   TORCH_CHECK_VALUE(w_l2.dim() == 4, "gcn_conv2d: w_l2 must be 4-D (Cout, Cmid, 1, k), got ", w_l2.dim(), "-D");
   const int64_t Co = w_l2.size(0);
   check_weight(w_l1, "w_l1", Cm, Cin, k, 1, input);

@@ -86,6 +86,8 @@ def atrous_conv2d(
     if groups < 1:
         raise ValueError(f"{OP}: groups must be >= 1, got {groups}")
     C, O = x.shape[-3], weight.shape[0]
+    if C == 0:  # F.conv2d would return 0 channels, not the epilogue of an empty sum
+        raise ValueError(f"{OP}: x has no channels: shape {tuple(x.shape)}")
     if C % groups:
         raise ValueError(f"{OP}: groups = {groups} does not divide the {C} input channels of x")
     if O % groups:

@@ -87,6 +87,8 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
         check_tensor(OP, name, w, ndims=(4,), dtypes=FLOAT_DTYPES)
         check_same_dtype_device(OP, name, w, x)
     Cin = x.shape[-3]
+    if Cin == 0:
+        raise ValueError(f"{OP}: x has no channels: shape {tuple(x.shape)}")
     Cmid, k = w_l1.shape[0], w_l1.shape[2]
     if w_l1.shape[3] != 1:
         raise ValueError(f"{OP}: w_l1 has shape {tuple(w_l1.shape)}, expecting (Cmid, Cin, k, 1): a k x 1 kernel")
@@ -98,6 +100,8 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
     if Cmid == 0:
         raise ValueError(f"{OP}: w_l1 has shape {tuple(w_l1.shape)}: no middle channels")
     Cout = w_l2.shape[0]
+    if Cout == 0:
+        raise ValueError(f"{OP}: w_l2 has shape {tuple(w_l2.shape)}: no output channels")
     expected = {
         "w_l1": (Cmid, Cin, k, 1), "w_l2": (Cout, Cmid, 1, k), "w_r1": (Cmid, Cin, 1, k), "w_r2": (Cout, Cmid, k, 1),
     }

@@ -84,6 +84,8 @@ def unpool_conv2d(
     check_tensor(OP, "weight", weight, ndims=(4,), dtypes=FLOAT_DTYPES)
     check_same_dtype_device(OP, "weight", weight, values, "values")
     C, O = values.shape[-3], weight.shape[0]
+    if C == 0:
+        raise ValueError(f"{OP}: values has no channels: shape {tuple(values.shape)}")
     if weight.shape[1] != C:
         raise ValueError(f"{OP}: weight has shape {tuple(weight.shape)}, expecting (O, {C}, kH, kW) for values "
                          f"with C = {C} channels")
