@@ -716,36 +716,52 @@ FASTSEG_ALWAYS_INLINE void transform_input_tile_impl(const TileKind& KR, const T
     int ar = 0, ac = 0;
     while (KR.BT[0][ar] == 0) ++ar;
     while (KC.BT[0][ac] == 0) ++ac;
-    for (int64_t c0 = 0; c0 < C; c0 += kTransformBlock) {
-      store(io.dst[0][0] + c0, io.src[ar][ac] + c0, std::min(kTransformBlock, C - c0), io.stream);
-    }
+    store(io.dst[0][0], io.src[ar][ac], C, io.stream);
     return;
   }
   scalar_t tmp[5][5][kTransformBlock];  // [er][kc]
-  scalar_t row[kTransformBlock];
+  scalar_t row[kTransformBlock];         // a streamed row's values before its store
+  bool tmp_zero[5];
   for (int64_t c0 = 0; c0 < C; c0 += kTransformBlock) {
     const int64_t cb = std::min(kTransformBlock, C - c0);
     for (int er = 0; er < KR.alpha; ++er) {
       for (int kc = 0; kc < KC.m + 2; ++kc) {
+        // The first term assigns and the rest add: no zero-fill (a memset call per row).
         scalar_t* acc = tmp[er][kc];
-        std::fill(acc, acc + cb, scalar_t(0));
+        bool first = true;
         for (int kr = 0; kr < KR.m + 2; ++kr) {
           const scalar_t coef = scalar_t(KR.BT[er][kr]);
           const scalar_t* s = io.src[kr][kc];
           if (coef == 0 || !s) continue;
           s += c0;
-          for (int64_t c = 0; c < cb; ++c) acc[c] += coef * s[c];
+          if (first) {
+            for (int64_t c = 0; c < cb; ++c) acc[c] = coef * s[c];
+          } else {
+            for (int64_t c = 0; c < cb; ++c) acc[c] += coef * s[c];
+          }
+          first = false;
         }
+        tmp_zero[kc] = first;
       }
       for (int ec = 0; ec < KC.alpha; ++ec) {
-        std::fill(row, row + cb, scalar_t(0));
+        // Straight into V unless streamed (a stored copy of the row would be one more pass).
+        scalar_t* out = io.stream ? row : io.dst[er][ec] + c0;
+        bool first = true;
         for (int kc = 0; kc < KC.m + 2; ++kc) {
           const scalar_t coef = scalar_t(KC.BT[ec][kc]);
-          if (coef == 0) continue;
+          if (coef == 0 || tmp_zero[kc]) continue;
           const scalar_t* s = tmp[er][kc];
-          for (int64_t c = 0; c < cb; ++c) row[c] += coef * s[c];
+          if (first) {
+            for (int64_t c = 0; c < cb; ++c) out[c] = coef * s[c];
+          } else {
+            for (int64_t c = 0; c < cb; ++c) out[c] += coef * s[c];
+          }
+          first = false;
         }
-        store(io.dst[er][ec] + c0, row, cb, io.stream);
+        if (first) {
+          for (int64_t c = 0; c < cb; ++c) out[c] = scalar_t(0);
+        }
+        if (io.stream) store(io.dst[er][ec] + c0, row, cb, true);
       }
     }
   }
@@ -820,26 +836,42 @@ FASTSEG_ALWAYS_INLINE void transform_output_tile_impl(const TileKind& KR, const 
                    relu, ob);
       continue;
     }
+    // As in the input transform, first terms assign: no zero-fills.
+    bool tmp_zero[5][3];
     for (int er = 0; er < KR.alpha && !zero; ++er) {
-      for (int jc = 0; jc < KC.m; ++jc) std::fill(tmp[er][jc], tmp[er][jc] + ob, scalar_t(0));
-      for (int ec = 0; ec < KC.alpha; ++ec) {
-        const scalar_t* s = io.src[er][ec] + o0;
-        for (int jc = 0; jc < KC.m; ++jc) {
+      for (int jc = 0; jc < KC.m; ++jc) {
+        scalar_t* acc = tmp[er][jc];
+        bool first = true;
+        for (int ec = 0; ec < KC.alpha; ++ec) {
           const scalar_t coef = scalar_t(KC.AT[jc][ec]);
           if (coef == 0) continue;
-          scalar_t* acc = tmp[er][jc];
-          for (int64_t o = 0; o < ob; ++o) acc[o] += coef * s[o];
+          const scalar_t* s = io.src[er][ec] + o0;
+          if (first) {
+            for (int64_t o = 0; o < ob; ++o) acc[o] = coef * s[o];
+          } else {
+            for (int64_t o = 0; o < ob; ++o) acc[o] += coef * s[o];
+          }
+          first = false;
         }
+        tmp_zero[er][jc] = first;
       }
     }
     for (int jr = 0; jr < KR.m; ++jr) {
       for (int jc = 0; jc < KC.m; ++jc) {
-        std::fill(out, out + ob, scalar_t(0));
+        bool first = true;
         for (int er = 0; er < KR.alpha && !zero; ++er) {
           const scalar_t coef = scalar_t(KR.AT[jr][er]);
-          if (coef == 0) continue;
+          if (coef == 0 || tmp_zero[er][jc]) continue;
           const scalar_t* s = tmp[er][jc];
-          for (int64_t o = 0; o < ob; ++o) out[o] += coef * s[o];
+          if (first) {
+            for (int64_t o = 0; o < ob; ++o) out[o] = coef * s[o];
+          } else {
+            for (int64_t o = 0; o < ob; ++o) out[o] += coef * s[o];
+          }
+          first = false;
+        }
+        if (first) {
+          for (int64_t o = 0; o < ob; ++o) out[o] = scalar_t(0);
         }
         const int64_t at = jr * io.row + jc * io.col + o0;
         epilogue_row(out, io.out0 + at, io.res0 ? io.res0 + at : nullptr, sc ? sc + o0 : nullptr,
@@ -908,11 +940,14 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
     n_target = (n_target + threads - 1) / threads * threads;
   }
   const int64_t target = (total + n_target - 1) / n_target;
+  auto tile_products = [&](int64_t t) {
+    const int64_t i = (t / nCT) % nRT, j = t % nCT;
+    return (rows.first[i + 1] - rows.first[i]) * (cols.first[j + 1] - cols.first[j]);
+  };
   std::vector<int64_t> block_first{0};
   int64_t in_block = 0;
   for (int64_t t = 0; t < n_tiles; ++t) {
-    const int64_t i = (t / nCT) % nRT, j = t % nCT;
-    in_block += (rows.first[i + 1] - rows.first[i]) * (cols.first[j + 1] - cols.first[j]);
+    in_block += tile_products(t);
     if (in_block >= target || t + 1 == n_tiles) {
       block_first.push_back(t + 1);
       in_block = 0;
@@ -939,6 +974,10 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
     // The block's products grouped by pair: tile t's product e (row-major over its kinds' alphas)
     // is row slot[first[t - t0] + e] of V and P; the pair's rows start at base[pair].
     std::vector<int64_t> count(nPairs, 0), first(t1 - t0 + 1, 0), pair_of, slot;
+    int64_t block_products = 0;
+    for (int64_t t = t0; t < t1; ++t) block_products += tile_products(t);
+    pair_of.reserve(block_products);
+    slot.reserve(block_products);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = (t / nCT) % nRT, j = t % nCT;
       first[t - t0] = static_cast<int64_t>(slot.size());
@@ -968,14 +1007,14 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
           const AxisTile &rt = rows.tiles[i], &ct = cols.tiles[j];
           const TileKind &KR = kinds[rt.kind], &KC = kinds[ct.kind];
           if (KR.alpha == 0 || KC.alpha == 0) continue;
-          TileIO<scalar_t> io{};
+          TileIO<scalar_t> io;  // only the entries the tile's kinds read are set
           io.stream = stream;
           for (int kr = 0; kr < KR.m + 2; ++kr) {
             const int64_t iy = rt.in0 + kr * g.dH;
-            if (iy < 0 || iy >= g.H) continue;
+            const bool row_in = iy >= 0 && iy < g.H;
             for (int kc = 0; kc < KC.m + 2; ++kc) {
               const int64_t ix = ct.in0 + kc * g.dW;
-              if (ix >= 0 && ix < g.W) io.src[kr][kc] = x + ((b * g.H + iy) * g.W + ix) * C + c0;
+              io.src[kr][kc] = row_in && ix >= 0 && ix < g.W ? x + ((b * g.H + iy) * g.W + ix) * C + c0 : nullptr;
             }
           }
           const int64_t* s = slot.data() + first[t - t0];
@@ -1021,7 +1060,7 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
         const AxisTile &rt = rows.tiles[i], &ct = cols.tiles[j];
         const TileKind &KR = kinds[rt.kind], &KC = kinds[ct.kind];
         const int64_t pos = ((b * g.Ho + rt.out0) * g.Wo + ct.out0) * O;
-        TileOut<scalar_t> io{};
+        TileOut<scalar_t> io;  // only the entries the tile's kinds read are set
         io.out0 = y + pos;
         io.res0 = res ? res + pos : nullptr;
         io.row = g.dH * g.Wo * O;
@@ -1150,6 +1189,7 @@ void check_atrous_conv2d_args(const at::Tensor& input, const at::Tensor& weight,
                         weight.size(1) * groups == input.size(1),
                     "atrous_conv2d: weight has shape ", weight.sizes(), " but input has ", input.size(1),
                     " channels and groups = ", groups);
+  TORCH_CHECK_VALUE(input.size(1) > 0, "atrous_conv2d: input has no channels: shape ", input.sizes());
   const int64_t O = weight.size(0);
   for (const auto* t : {&scale, &shift}) {
     if (t->has_value()) {
