@@ -758,7 +758,7 @@ FASTSEG_ALWAYS_INLINE void transform_input_tile_impl(const TileKind& KR, const T
           }
           first = false;
         }
-        if (first) {
+        if (first) {  // all of the product's inputs in the padding: zero, not a stale row
           for (int64_t c = 0; c < cb; ++c) out[c] = scalar_t(0);
         }
         if (io.stream) store(io.dst[er][ec] + c0, row, cb, true);
