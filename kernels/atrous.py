@@ -134,10 +134,10 @@ def output_strides(fmt, O, Ho, Wo):
     return O * Ho * Wo, Ho * Wo, 1
 
 
-def atrous_conv2d(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+def atrous_conv2d(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu, memory_format=None):
     """Launcher: input (B, C, H, W), weight (O, C / groups, kH, kW) -> (B, O, Ho, Wo) in input's
-    memory format; scale/shift (O) or None, residual (B, O, Ho, Wo) or None."""
-    fmt = output_memory_format(input)
+    memory format (or ``memory_format``); scale/shift (O) or None, residual (B, O, Ho, Wo) or None."""
+    fmt = output_memory_format(input) if memory_format is None else memory_format
     B, C, H, W = input.shape
     O, Cg, kH, kW = weight.shape
     (sH, sW), (pH, pW), (dH, dW) = stride, padding, dilation
@@ -150,6 +150,9 @@ def atrous_conv2d(input, weight, scale, shift, residual, stride, padding, dilati
     x = input.contiguous(memory_format=torch.channels_last)  # NHWC: a pixel's channels are a K row
     w = weight.permute(2, 3, 1, 0).contiguous()  # (kH, kW, Cg, O)
     res = residual.contiguous(memory_format=fmt) if residual is not None else out
+    # The kernel reads scale / shift at unit stride (a bias slice or an expanded scale is not).
+    scale = scale.contiguous() if scale is not None else None
+    shift = shift.contiguous() if shift is not None else None
     out_sb, out_so, out_sp = output_strides(fmt, O, Ho, Wo)
     Og = O // groups
     dummy = out

@@ -149,7 +149,8 @@ def lattice_filter(values, lattice, transpose=False, pre=None, post=None, out=No
         neighbours = lattice.neighbours[j].contiguous()
         _blur_kernel[_grid(M, C, block_c)](src, neighbours, dst, M, C, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=block_c)
         src, dst = dst, src
-    out = torch.empty_like(values) if out is None else out
+    # Not empty_like: an (N, 1) values tensor may have strides (1, N), which contiguous() keeps.
+    out = torch.empty((N, C), dtype=torch.float32, device=values.device) if out is None else out
     assert out.shape == (N, C) and out.stride(1) == 1
     _slice_kernel[_grid(N, C, block_c)](src, offsets, weights, post if post is not None else values, out, N, C, D1,
                                         float(lattice.alpha), out.stride(0), HAS_SCALE=post is not None,

@@ -49,6 +49,8 @@ def unpool_conv2d(values, indices, weight, scale, shift, residual, kernel_size, 
         return atrous.atrous_conv2d(unpooled, weight, scale, shift, residual, [1, 1], padding, dilation, 1, relu)
     wk = weight.permute(2, 3, 1, 0).contiguous()  # (kH, kW, C, O)
     res = residual.contiguous(memory_format=fmt) if residual is not None else out
+    scale = scale.contiguous() if scale is not None else None  # read at unit stride
+    shift = shift.contiguous() if shift is not None else None
     out_sb, out_so, out_sp = atrous.output_strides(fmt, O, Ho, Wo)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(O, meta["BLOCK_N"]), 1)
     atrous._atrous_conv_kernel[grid](

@@ -663,3 +663,21 @@ def test_auto_on_cuda():
     with mock.patch.object(fastseg._backends, "tracing", return_value=True):
         assert choose(nchw) == ("triton" if triton else "aten")
     assert fastseg._backends.select("dense_crf", "auto", torch.device("cuda"), ("reference", "cpp", "triton")) == "triton"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_bias_scale_and_shift(backend, device, poison):
+    # Per-channel vectors that are views: slices (stride 2), an expanded scalar (stride 0). The
+    # Triton kernel read them at unit stride (past the end of the expanded scalar's storage).
+    g = torch.Generator().manual_seed(12)
+    x, w, b8, s8 = (torch.randn(*s, generator=g).to(device) for s in ((2, 3, 7, 6), (4, 3, 3, 3), (8,), (8,)))
+    bias, shift, scale = b8[::2], s8[1::2], torch.full((1,), 1.5, device=device).expand(4)
+    conv = lambda b: F.conv2d(x.double(), w.double(), b, 1, 2, 2)  # noqa: E731
+    cases = [  # (bias, scale, shift, expected): a bias alone is passed on as the shift
+        (bias, scale, shift, conv(bias.double()) * 1.5 + shift.double().view(1, -1, 1, 1)),
+        (bias, None, None, conv(bias.double())),
+        (None, scale, None, conv(None) * 1.5),
+    ]
+    for b, sc, sh, expected in cases:
+        out = fastseg.atrous_conv2d(x, w, b, dilation=2, scale=sc, shift=sh, activation="relu", backend=backend)
+        assert_relative_close(out.cpu(), F.relu(expected).cpu(), torch.float32)

@@ -153,6 +153,28 @@ def test_gradcheck_init_and_batch():
     assert torch.autograd.gradcheck(f, (unary, init, *compat), fast_mode=True)
 
 
+_ALL_BACKENDS = [pytest.param("cpp", marks=needs_cpp), "reference", pytest.param("triton", marks=[
+    pytest.mark.triton_interpreter,
+    pytest.mark.skipif(_backends.unavailable_reason("triton", "cpu") is not None,
+                       reason=str(_backends.unavailable_reason("triton", "cpu")))])]
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("backend", _ALL_BACKENDS)
+def test_no_pairwise_kernel_backward(backend, checkpoint):
+    # gaussian=None, bilateral=None: no kernels, Q = softmax(-unary energy) = softmax(scores). The
+    # backward returned None for the (then empty) list of normalizations, which autograd refused.
+    g = torch.Generator().manual_seed(8)
+    scores = torch.randn(2, 3, 4, 5, generator=g, requires_grad=True)
+    w = torch.randn(2, 3, 4, 5, generator=g)
+    q = fastseg.dense_crf(scores, iterations=2, gaussian=None, bilateral=None, checkpoint=checkpoint, backend=backend)
+    (q * w).sum().backward()
+    plain = scores.detach().clone().requires_grad_()
+    (torch.softmax(plain, 1) * w).sum().backward()
+    assert relative_error(q.detach(), torch.softmax(scores.detach(), 1)) <= 1e-6
+    assert relative_error(scores.grad, plain.grad) <= 1e-5
+
+
 def test_zero_iterations_is_softmax():
     scores = _scores(2, 3, 4, 5, seed=5).requires_grad_()
     image = _image(4, 5, seed=5, B=2)
@@ -327,10 +349,7 @@ def test_opcheck(case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["stored", "checkpoint"])
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "reference", pytest.param("triton", marks=[
-    pytest.mark.triton_interpreter,
-    pytest.mark.skipif(_backends.unavailable_reason("triton", "cpu") is not None,
-                       reason=str(_backends.unavailable_reason("triton", "cpu")))])])
+@pytest.mark.parametrize("backend", _ALL_BACKENDS)
 def test_torch_compile_training_step(backend, checkpoint):
     # fullgraph through AOTAutograd: the backward is traced too (fake kernels, opaque ops).
     B, L, H, W = 2, 3, 8, 7

@@ -161,17 +161,18 @@ def test_dense_crf_matches_cpp(unary, device, request):
 
 
 @pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("channels", [4, 1])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-image", "shared-features"])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_permutohedral_filter_batch(transpose, shared, device, request):
+def test_permutohedral_filter_batch(transpose, shared, channels, device, request):
     # The batch's lattices concatenated: each image filtered on its own lattice; features of batch
-    # 1 serve every image.
+    # 1 serve every image. One channel: (N, 1) rows whose strides are (1, N).
     _poison_on_cpu(device, request)
     _, image = _crf_inputs(3, 2, 5, 6, seed=5)
     features = crf_ops.bilateral_features(image, 2.0, 2.0, [30.0] * 3)
     if shared:
         features = features[:1]
-    values = torch.rand(3, 4, 5, 6, generator=torch.Generator().manual_seed(5))
+    values = torch.rand(3, channels, 5, 6, generator=torch.Generator().manual_seed(5))
     out = crf_ops.permutohedral_filter(values.to(device), features.to(device), "before", transpose=transpose,
                                        backend="triton").cpu()
     ref = crf_ops.permutohedral_filter(values.double(), features, "before", transpose=transpose,

@@ -609,3 +609,30 @@ def test_compiled_op_checks_its_arguments():
         op(x, w_l1, w_l2, w_r1, w_r2, None, None, None, None, 0)
     with pytest.raises(ValueError, match="algorithm must be 'auto', 'auto_training', 'gemm', 'conv' or 'fft'"):
         op(x, w_l1, w_l2, w_r1, w_r2, None, None, None, None, 1, "winograd")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_one_middle_channel_channels_last_and_strided_biases(backend, device, poison):
+    # A (B, 1, H, W) middle map is NCHW- and channels_last-contiguous at once: the output must still
+    # take x's format (the Triton implicit-GEMM route returned NCHW). The biases are views (a slice,
+    # an expanded scalar), which the Triton launcher read at unit stride.
+    B, Cin, Cm, Co, H, W, k = 2, 3, 1, 5, 6, 7, 7
+    g = torch.Generator().manual_seed(21)
+    rand = lambda *shape, fan=1: torch.randn(*shape, generator=g, dtype=torch.float64) / fan ** 0.5  # noqa: E731
+    x = rand(B, Cin, H, W)
+    ws = [rand(Cm, Cin, k, 1, fan=Cin * k), rand(Co, Cm, 1, k, fan=k), rand(Cm, Cin, 1, k, fan=Cin * k),
+          rand(Co, Cm, k, 1, fan=k)]
+    b_l1, b_l2_twice, b_r1 = rand(Cm), rand(2 * Co), rand(Cm)
+    f32 = lambda t: t.to(device, torch.float32)  # noqa: E731
+    # The views made after the cast (a cast of a view is contiguous).
+    bs = [f32(b_l1), f32(b_l2_twice)[::2], f32(b_r1), torch.full((1,), 0.75, device=device).expand(Co)]
+    expected = _four_convs(x, *ws, *(b.double().cpu() for b in bs), 1)
+    xl = f32(x).contiguous(memory_format=torch.channels_last)
+    if backend == "triton":
+        outs = [torch.ops.fastseg.gcn_conv2d_triton(xl, *map(f32, ws), *bs, 1, algorithm)
+                for algorithm in ("taps", "implicit_gemm")]
+    else:
+        outs = [fastseg.gcn_conv2d(xl, *map(f32, ws), *bs, backend=backend)]
+    for out in outs:
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        assert_relative_close(out.cpu(), expected, torch.float32, _tolerance(backend, torch.float32))

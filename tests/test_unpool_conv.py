@@ -396,3 +396,23 @@ def test_bad_input_kernel_size_required():
     del kwargs["kernel_size"]
     with pytest.raises(TypeError, match="kernel_size"):
         fastseg.unpool_conv2d(kwargs.pop("values"), kwargs.pop("indices"), kwargs.pop("weight"), **kwargs)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_scale_and_shift(backend, device, poison):
+    # scale and shift as views (an expanded scalar, a slice), made after the cast (a cast of a view
+    # is contiguous): the Triton launcher read them at unit stride.
+    case = CASES[1]
+    pr = _problem(case)
+    O = pr["w"].shape[0]
+    pr["scale"] = torch.full((1,), 1.25, dtype=torch.float64).expand(O)
+    shift2 = torch.randn(2 * O, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pr["shift"] = shift2[::2]
+    expected = _expected(pr, case, torch.float32)
+    t = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in pr.items()}
+    scale = torch.full((1,), 1.25, device=device).expand(O)
+    shift = shift2.to(device, torch.float32)[::2]
+    assert scale.stride() == (0,) and shift.stride() == (2,)
+    out = fastseg.unpool_conv2d(t["values"], t["indices"], t["w"], t["bias"], scale=scale, shift=shift,
+                                residual=t["residual"], activation="relu", backend=backend, **_kwargs(case))
+    assert_relative_close(out.cpu(), expected, torch.float32)

@@ -573,8 +573,11 @@ def _per_input(ctx, grads):
 
 def _grads(ctx, grad_unary, grad_compat, grad_init, n_extra=0):
     # One gradient per positional input, the Tensor[] ones as lists (None for every feature map).
+    # Autograd compares the structure with the inputs': the normalizations, a list of strings, are
+    # one leaf (None), unless the list is empty (no kernels), which is an empty list.
     needs = ctx.needs_input_grad
-    return _per_input(ctx, (grad_unary if needs[0] else None, [None] * ctx.meta[0], grad_compat, None, None,
+    K = ctx.meta[0]
+    return _per_input(ctx, (grad_unary if needs[0] else None, [None] * K, grad_compat, None if K else [], None,
                             grad_init if len(needs) > 5 and needs[5] else None, None) + (None,) * n_extra)
 
 

@@ -417,10 +417,12 @@ def _triton_forward(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilat
     d = dilation
     p = d * (w_l1.shape[2] - 1) // 2
     one = [1, 1]
-    mid_l = kernels.atrous_conv2d(input, w_l1, None, b_l1, None, one, [p, 0], [d, 1], 1, False)
-    mid_r = kernels.atrous_conv2d(input, w_r1, None, b_r1, None, one, [0, p], [1, d], 1, False)
-    left = kernels.atrous_conv2d(mid_l, w_l2, None, b_l2, None, one, [0, p], [1, d], 1, False)
-    return kernels.atrous_conv2d(mid_r, w_r2, None, b_r2, left, one, [p, 0], [d, 1], 1, False)
+    # Every map in the input's format: a one-channel middle map reads as NCHW on its own.
+    fmt = output_memory_format(input)
+    mid_l = kernels.atrous_conv2d(input, w_l1, None, b_l1, None, one, [p, 0], [d, 1], 1, False, fmt)
+    mid_r = kernels.atrous_conv2d(input, w_r1, None, b_r1, None, one, [0, p], [1, d], 1, False, fmt)
+    left = kernels.atrous_conv2d(mid_l, w_l2, None, b_l2, None, one, [0, p], [1, d], 1, False, fmt)
+    return kernels.atrous_conv2d(mid_r, w_r2, None, b_r2, left, one, [p, 0], [d, 1], 1, False, fmt)
 
 
 @torch.library.custom_op("fastseg::gcn_conv2d_triton", mutates_args=())
