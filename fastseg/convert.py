@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn as fnn
-from .nn.atrous import fold_batch_norm
+from .nn.atrous import fold_batch_norm, folds_batch_norm
 from .ops.atrous import atrous_conv2d, atrous_output_size
 from .ops.dense_crf import dense_crf
 from .ops.gcn import gcn_conv2d
@@ -150,7 +150,9 @@ class FusedConv2d(nn.Module):
 
     def forward(self, x, residual=None):
         c = self.conv
-        if self.training:
+        # Eager where the BatchNorm normalises by the batch, and for unbatched input to a BatchNorm
+        # (which refuses it; atrous_conv2d would not).
+        if not folds_batch_norm(self) or (self.bn is not None and x.dim() != 4):
             return self._eager(x, residual)
         size = atrous_output_size(x.shape[-2:], c.kernel_size, c.stride, c.padding, c.dilation)
         if x.shape[0] * c.out_channels * size[0] * size[1] < EAGER_BELOW and x.dim() == 4:
@@ -252,7 +254,11 @@ def _replace_modules(module, prefix, rep, allowed):
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
         new = None
-        if type(child) is nn.MaxUnpool2d:
+        hooked = _hooked(child) if type(child) is nn.MaxUnpool2d else (
+            _is_zoo_aspp(child) and any(_hooked(m) for m in child.modules()))
+        if hooked:
+            rep.left.append(Left(path, type(child).__name__, _HOOKED))
+        elif type(child) is nn.MaxUnpool2d:
             if "max_unpool2d" in allowed:
                 new = fnn.MaxUnpool2d(child.kernel_size, child.stride, child.padding)
                 rep.replaced.append(Replacement(path, "max_unpool2d", "fastseg.nn.MaxUnpool2d"))
@@ -268,6 +274,15 @@ def _replace_modules(module, prefix, rep, allowed):
             setattr(module, name, new.train(child.training))  # new modules start in training mode
         else:
             _replace_modules(child, path, rep, allowed)
+
+
+_HOOKED = "has module hooks, which the replacement would not run"
+
+
+def _hooked(module):
+    """Whether forward or backward hooks are registered on the module itself."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def _is_zoo_aspp(module):
@@ -329,7 +344,8 @@ def _foldable(bn):
 
 class _Tracer(torch.fx.Tracer):
     """torch.nn's leaves, plus fastseg's own layers and ops (their Python argument checks cannot
-    take Proxies), which stay single calls in the graph."""
+    take Proxies), which stay single calls in the graph; so do modules with hooks, which an inlined
+    forward would skip (``_fuse`` converts inside them on their own)."""
 
     def __init__(self):
         # The package namespaces too, so that calls spelled fastseg.max_unpool2d(...) are wrapped.
@@ -338,6 +354,10 @@ class _Tracer(torch.fx.Tracer):
                          autowrap_functions=(atrous_conv2d, max_unpool2d, gcn_conv2d, dense_crf))
 
     def is_leaf_module(self, m, qualname):
+        return self.is_layer(m, qualname) or _hooked(m)
+
+    def is_layer(self, m, qualname):
+        """A torch.nn or fastseg layer: nothing inside it to rewrite."""
         return (type(m).__module__.startswith("fastseg.nn") or isinstance(m, FusedConv2d)
                 or super().is_leaf_module(m, qualname))
 
@@ -349,8 +369,8 @@ def _fuse(module, path, rep, allowed):
     a subclass whose forward is the rewritten graph's code; the fused layers live in its
     ``fastseg_fused`` ModuleDict and share the original convolutions and BatchNorms, so calling an
     inner submodule directly still runs it as before."""
-    if _Tracer().is_leaf_module(module, path):
-        return module  # a torch.nn or fastseg layer: nothing inside to rewrite
+    if _Tracer().is_layer(module, path):
+        return module
     if "fastseg_fused" in module._modules:
         rep.left.append(Left(path, type(module).__name__, "already converted"))
         return module
@@ -374,6 +394,8 @@ def _fuse(module, path, rep, allowed):
                 "__doc__": f"{cls.__qualname__} converted by fastseg.convert (forward rewritten by torch.fx).",
             })
             rep.traced.append(path)
+        for name, sub in _outermost_hooked(module):  # calls in the graph: converted on their own
+            _fuse(sub, f"{path}.{name}" if path else name, rep, allowed)
         return module
     if _has_own_chains(module) or "returns (values, indices)" in why:
         rep.left.append(Left(path, type(module).__name__,
@@ -382,6 +404,21 @@ def _fuse(module, path, rep, allowed):
     for name, child in list(module.named_children()):
         _fuse(child, f"{path}.{name}" if path else name, rep, allowed)
     return module
+
+
+def _outermost_hooked(module):
+    """(name, submodule) of the hooked submodules the tracer kept as calls, outermost first: not
+    layers, nor inside a layer or another of them."""
+    found, stop = [], []
+    for name, sub in module.named_modules():
+        if not name or any(name.startswith(f"{outer}.") for outer in stop):
+            continue
+        if _Tracer().is_layer(sub, name):
+            stop.append(name)
+        elif _hooked(sub):
+            found.append((name, sub))
+            stop.append(name)
+    return found
 
 
 def _tuple_used_as_tensor(root, graph):
@@ -495,6 +532,10 @@ def _rewrite(root, graph, path, rep, allowed):
             continue  # a conv alone: nothing to fuse
         pattern = "conv" + ("+bn" if bn is not None else "") + ("+add" if residual is not None else "") \
             + ("+relu" if relu else "")
+        hooked = [n.target for n in chain if n.op == "call_module" and _hooked(modules[n.target])]
+        if hooked:
+            rep.left.append(Left(where, pattern, f"{hooked[0]} {_HOOKED}"))
+            continue
         if pattern not in allowed:
             rep.left.append(Left(where, pattern, f"not measured no slower than eager on {rep.device}"))
             continue

@@ -1,5 +1,6 @@
 """fastseg.atrous_conv2d on every backend against F.conv2d + F.batch_norm + F.relu in float64, its
 gradients and custom ops, the AtrousConvBNReLU and ASPP layers against plain PyTorch, bad input."""
+import copy
 import os
 import subprocess
 import sys
@@ -443,11 +444,13 @@ def _randomise_bn(module, seed=5):
             m.bias.data.copy_(torch.randn(m.num_features, generator=gen))
 
 
-def _plain_cbr(layer, x):
-    """Conv -> BatchNorm (eval) -> ReLU of an AtrousConvBNReLU's weights, in plain PyTorch."""
+def _plain_cbr(layer, x, relu=True):
+    """Conv -> BatchNorm -> ReLU of an AtrousConvBNReLU's weights, in plain PyTorch, the BatchNorm in
+    its own mode (batch statistics, running ones updated, when it is training)."""
     c, bn = layer.conv, layer.bn
     y = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
-    return F.relu(F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+    y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training, bn.momentum, bn.eps)
+    return F.relu(y) if relu else y
 
 
 def _plain_aspp(aspp, x):
@@ -478,6 +481,70 @@ def test_conv_bn_relu_layer(layout):
         out = layer(x, residual)
         assert_relative_close(out, F.relu(plain(x.double().float()) + residual), torch.float32)
     assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+def test_layer_broadcasting_residual_in_eval():
+    # A residual that broadcasts is added after the fused call in eval mode, as in training.
+    torch.manual_seed(5)
+    layer = fastseg.nn.AtrousConvBNReLU(4, 6, 3, dilation=2)
+    _randomise_bn(layer)
+    layer.eval()
+    x = torch.randn(2, 4, 9, 9)
+    for residual in (torch.randn(1, 6, 1, 1), torch.randn(6, 1, 1), torch.randn(2, 6, 9, 9).double()):
+        with torch.no_grad():
+            expected = F.relu(_plain_cbr(layer, x, relu=False) + residual)
+            assert_relative_close(layer(x, residual), expected, torch.float32)
+
+
+def test_batch_norm_set_to_train_on_its_own():
+    # Test-time adaptation puts the model in eval mode and its BatchNorms in training mode: they
+    # normalise by the batch and update their running statistics, in fastseg's layers as in plain ones.
+    torch.manual_seed(3)
+    layer = fastseg.nn.AtrousConvBNReLU(4, 6, 3, dilation=2)
+    aspp = fastseg.nn.ASPP(4, 6, version="v3", rates=(2, 3))
+    _randomise_bn(layer), _randomise_bn(aspp)
+    x = torch.randn(2, 4, 9, 9)
+    for module, plain in ((layer, _plain_cbr), (aspp, _plain_aspp)):
+        twin = copy.deepcopy(module)
+        module.eval(), twin.eval()
+        for m in (module, twin):
+            for bn in (b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)):
+                bn.train()
+        with torch.no_grad():
+            out, expected = module(x), plain(twin, x)
+        assert_relative_close(out, expected, torch.float32)
+        bns = [b for b in module.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+        twins = [b for b in twin.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+        for bn, tbn in zip(bns, twins):
+            assert int(bn.num_batches_tracked) == 1
+            torch.testing.assert_close(bn.running_mean, tbn.running_mean)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=pytest.mark.skipif(
+    not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded"))])
+def test_layers_under_inference_mode(backend):
+    # Values the eval layers keep (folded BatchNorms, the folded projection) made under
+    # torch.inference_mode must serve later calls: no_grad ones (an inference tensor's version
+    # cannot be read) and ones autograd records (an inference tensor cannot be saved for backward).
+    torch.manual_seed(4)
+    layer = fastseg.nn.AtrousConvBNReLU(4, 6, 3, dilation=2, backend=backend).eval().requires_grad_(False)
+    aspp = fastseg.nn.ASPP(4, 6, version="v3", rates=(2, 3), backend=backend).eval()
+    _randomise_bn(layer), _randomise_bn(aspp)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        expected = [_plain_cbr(layer, x), _plain_aspp(aspp, x)]
+    for _ in range(2):
+        with torch.inference_mode():
+            outs = [layer(x), aspp(x)]
+        for out, ref in zip(outs, expected):
+            assert_relative_close(out.clone(), ref, torch.float32)
+        with torch.no_grad():
+            assert_relative_close(aspp(x), expected[1], torch.float32)
+    xr = x.clone().requires_grad_()
+    layer(xr).sum().backward()
+    xp = x.clone().requires_grad_()
+    _plain_cbr(layer, xp).sum().backward()
+    assert_relative_close(xr.grad, xp.grad, torch.float32)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -359,3 +359,48 @@ def test_converting_twice_changes_nothing_more():
     again, report = fastseg.convert(fast)
     assert report.replaced == [] and type(again) is type(fast)
     assert [(item.path, item.reason) for item in report.left] == [("", "already converted")]
+
+
+def test_hooks_run_after_conversion(fused_everywhere):
+    """A conv chain with a hook on one of its modules is left (a fused layer would skip the hook)
+    and the report says so; a hook on a container still fires, the chains inside it fused."""
+    model = _randomise_batch_norms(_tv("fcn_resnet50"))
+    model.backbone.layer1[0].conv1.register_forward_hook(lambda mod, inp, out: out * 0.5)
+    seen = []
+    model.backbone.layer4.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    model.backbone.layer2[0].bn2.register_forward_pre_hook(lambda mod, inp: (inp[0] + 1,))
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        ref = _out(model(x))
+    fast, report = fastseg.convert(model)
+    with torch.no_grad():
+        _assert_close_to_scale(_out(fast(x)), ref)
+    assert len(seen) == 2  # the original's call and the converted one's
+    left = {item.path: item.reason for item in report.left}
+    assert "module hooks" in left["backbone.layer1.0.conv1"] and "module hooks" in left["backbone.layer2.0.conv2"]
+    assert "backbone.layer4" in report.traced
+    assert any(r.path.startswith("backbone.layer4.") for r in report.replaced)
+
+
+def test_batch_norm_in_its_own_mode_and_unbatched_input(fused_everywhere):
+    """A BatchNorm set to train on its own (test-time adaptation) normalises by the batch and updates
+    its statistics in the converted model too; unbatched input to a conv + BatchNorm chain raises
+    as BatchNorm2d does."""
+    torch.manual_seed(0)
+    model = _randomise_batch_norms(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()))
+    fast, report = fastseg.convert(model)
+    assert report.replaced
+    x = torch.randn(2, 8, 12, 12)
+    model[1].train()
+    fast[1].train()
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)
+    torch.testing.assert_close(out, ref)
+    assert int(fast[1].num_batches_tracked) == 1
+    model[1].eval()
+    fast[1].eval()
+    with pytest.raises(ValueError, match="expected 4D input"):
+        model(x[0])
+    with pytest.raises(ValueError, match="expected 4D input"):
+        fast(x[0])

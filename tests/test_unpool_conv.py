@@ -320,13 +320,18 @@ def _layer_and_plain(C, O, dilation=1):
     return layer, conv, bn
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_layer_matches_plain_pytorch(training):
+@pytest.mark.parametrize("training,bn_training", [(False, False), (True, True), (False, True)],
+                         ids=["eval", "train", "eval-bn-train"])
+def test_layer_matches_plain_pytorch(training, bn_training):
+    # eval-bn-train: the layer in eval mode with its BatchNorm set to train on its own (test-time
+    # adaptation): batch statistics and updated running ones, as the plain BatchNorm2d.
     x = torch.randn(3, 4, 9, 11)
     values, indices = F.max_pool2d(x, 2, return_indices=True)
     layer, conv, bn = _layer_and_plain(4, 5, dilation=2)
     layer.train(training)
-    bn.train(training)
+    layer.bn.train(bn_training)
+    bn.train(bn_training)
+    training = bn_training
     residual = torch.randn(3, 5, 9, 11)
     out = layer(values, indices, output_size=x.shape, residual=residual)
     expected = F.relu(bn(conv(F.max_unpool2d(values, indices, 2, output_size=x.shape[-2:]))) + residual)

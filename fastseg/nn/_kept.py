@@ -11,16 +11,22 @@ def cached(module, name, tensors, extra, compute):
     BatchNorm and packed weights are otherwise several small kernels per call. In-place updates,
     optimiser steps and load_state_dict bump the version; writes through ``.data`` do not, and
     ``module.train()`` / ``.eval()`` drop every kept value. Nothing is kept while autograd records
-    through a source or under tracing (fake tensors have no storage)."""
+    through a source or under tracing (fake tensors have no storage), nor from inference tensors
+    (they have no version). Under ``torch.inference_mode`` the value is computed as a normal tensor:
+    an inference tensor kept would fail a later call that autograd records."""
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if recording or _backends.tracing():
+    if recording or _backends.tracing() or any(t is not None and t.is_inference() for t in tensors):
         return compute()
     key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors) + tuple(extra)
     memo = module.__dict__.setdefault("_kept", {})
     hit = memo.get(name)
     if hit is not None and hit[0] == key:
         return hit[1]
-    value = compute()
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            value = compute()
+    else:
+        value = compute()
     memo[name] = (key, value, tuple(tensors))  # holding the sources keeps their ids unique
     return value
 

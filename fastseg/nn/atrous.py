@@ -17,7 +17,7 @@ from .. import _backends
 from .._checks import is_plain_batch
 from .._layout import output_memory_format
 from ._kept import KeepsDerived, cached
-from ..ops.atrous import _cudnn_forward, _padding, atrous_conv2d
+from ..ops.atrous import _cudnn_forward, _padding, atrous_conv2d, atrous_output_size
 
 __all__ = ["AtrousConvBNReLU", "ASPP"]
 
@@ -31,6 +31,16 @@ def fold_batch_norm(bn, dtype):
     if bn.bias is not None:
         shift = shift + bn.bias
     return scale.to(dtype), shift.to(dtype)
+
+
+def folds_batch_norm(layer):
+    """Whether a conv (+ BatchNorm) layer may run with its BatchNorm folded: the layer and its
+    BatchNorm in eval mode with running statistics. A BatchNorm set to train on its own (as
+    test-time adaptation does) or without running statistics normalises by the batch."""
+    bn = layer.bn
+    if layer.training:
+        return False
+    return bn is None or (not bn.training and bn.track_running_stats and bn.running_mean is not None)
 
 
 def _bn_tensors(bn):
@@ -63,7 +73,7 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
         self.backend = backend
 
     def forward(self, x, residual=None):
-        if self.training or not self.bn.track_running_stats:
+        if not folds_batch_norm(self):  # batch statistics: eager, BatchNorm in its own mode
             y = self.bn(self.conv(x))
             if residual is not None:
                 y = y + residual
@@ -72,6 +82,11 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
         if not isinstance(x, torch.Tensor):  # the op says what is wrong
             return atrous_conv2d(x, c.weight, backend=self.backend)
         scale, shift = self.folded(x.dtype, x.device)
+        if residual is not None and not self._fusable_residual(x, residual):
+            # One that broadcasts (or another dtype or device): added after the fused call, as in training.
+            y = atrous_conv2d(x, c.weight, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
+                              scale=scale, shift=shift, backend=self.backend) + residual
+            return F.relu(y) if self.relu else y
         if x.is_cuda and x.dtype != torch.float64 and self.backend in ("auto", "cudnn"):
             # cuDNN's fused kernel takes the scale in the weights: that copy is kept too.
             fmt = output_memory_format(x)
@@ -90,6 +105,14 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
             scale=scale, shift=shift, residual=residual, activation="relu" if self.relu else None,
             backend=self.backend,
         )
+
+    def _fusable_residual(self, x, residual):
+        """Whether the kernel can add ``residual``: a tensor of the output's shape, dtype and device."""
+        c = self.conv
+        if not isinstance(residual, torch.Tensor) or residual.dtype != x.dtype or residual.device != x.device:
+            return False
+        size = atrous_output_size(x.shape[-2:], c.kernel_size, c.stride, c.padding, c.dilation)
+        return tuple(residual.shape) == (*x.shape[:-3], c.out_channels, *size)
 
     def _plain_call(self, x, weight, shift):
         """Whether x is a batch this layer's convolution takes as it is (4-D, its dtype, device and
@@ -180,8 +203,20 @@ class ASPP(KeepsDerived, nn.Module):
         n = len(self.branches) + int(self.image_pooling)
         self.project = AtrousConvBNReLU(n * out_channels, out_channels, 1, backend=backend)
 
+    def _folds(self):
+        """Whether the eval-mode paths, which fold every BatchNorm, may run: this module and each
+        conv+BN layer in eval mode with running statistics (a BatchNorm set to train on its own, as
+        test-time adaptation does, normalises by the batch)."""
+        if self.training:
+            return False
+        if self.version == "v2":
+            return True
+        layers = [*self.branches, self.project] + ([self.pooling] if self.image_pooling else [])
+        return all(folds_batch_norm(layer) for layer in layers)
+
     def forward(self, x):
-        if not self.training and self._taps_route(x):
+        folds = self._folds()
+        if folds and self._taps_route(x):
             return self._forward_taps(x)
         if self.version == "v2":
             out = None
@@ -200,7 +235,7 @@ class ASPP(KeepsDerived, nn.Module):
             return out
         outs = [branch(x) for branch in self.branches]
         pooled = self.pooling(F.adaptive_avg_pool2d(x, 1)) if self.image_pooling else None
-        if not self.training:
+        if folds:
             return self._project_without_concat(outs, pooled)
         if pooled is not None:
             outs.append(pooled.expand(-1, -1, *x.shape[-2:]))

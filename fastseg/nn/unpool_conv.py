@@ -10,7 +10,7 @@ from torch import nn
 
 from ..ops.atrous import _padding
 from ..ops.unpool_conv import unpool_conv2d
-from .atrous import fold_batch_norm
+from .atrous import fold_batch_norm, folds_batch_norm
 from .unpool import MaxUnpool2d
 
 __all__ = ["UnpoolConvBNReLU"]
@@ -48,7 +48,7 @@ class UnpoolConvBNReLU(nn.Module):
         self.backend = backend
 
     def forward(self, values, indices, output_size=None, residual=None):
-        if self.training or not self.bn.track_running_stats:
+        if not folds_batch_norm(self):  # batch statistics: eager, BatchNorm in its own mode
             y = self.bn(self.conv(self.unpool(values, indices, output_size)))
             if residual is not None:
                 y = y + residual
