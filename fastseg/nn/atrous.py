@@ -51,8 +51,11 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
     """Conv2d (any dilation) -> BatchNorm2d -> (+ residual) -> ReLU, fused in eval mode.
 
     ``forward(x, residual=None)``: x (B, in_channels, H, W) -> (B, out_channels, Ho, Wo); the
-    optional residual, of the output's shape, is added after BatchNorm and before ReLU (as in a
-    ResNet block's last convolution). State-dict keys are those of a plain ``conv`` + ``bn`` pair.
+    optional residual (the output's shape, or one that broadcasts to it) is added after BatchNorm
+    and before ReLU (as in a ResNet block's last convolution). State-dict keys are those of a plain
+    ``conv`` + ``bn`` pair. The fused call folds the BatchNorm's running statistics: it runs when
+    the layer and ``bn`` are both in eval mode (a ``bn`` set to train on its own, as test-time
+    adaptation does, normalises by the batch, eagerly).
 
     Example:
         >>> layer = fastseg.nn.AtrousConvBNReLU(2048, 256, 3, dilation=12).eval()

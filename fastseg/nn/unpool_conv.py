@@ -18,7 +18,7 @@ __all__ = ["UnpoolConvBNReLU"]
 
 class UnpoolConvBNReLU(nn.Module):
     """MaxUnpool2d -> Conv2d (stride 1, any dilation) -> BatchNorm2d -> (+ residual) -> ReLU, fused
-    in eval mode.
+    in eval mode (the layer and its ``bn``; see ``AtrousConvBNReLU``).
 
     ``unpool``: the unpooling, a ``fastseg.nn.MaxUnpool2d`` (shared with others if wanted) or its
     kernel_size (stride = kernel_size, no padding). ``forward(values, indices, output_size=None,
