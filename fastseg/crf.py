@@ -31,12 +31,19 @@ CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL = 0, 1, 2
 
 
 def _as_tensor(name, value, dtype=torch.float32):
+    """A CPU tensor of its own (as pydensecrf copies its inputs: changing the caller's array later
+    must not change the model), contiguous."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", dtype)
+        return value.detach().to("cpu", dtype, copy=True).contiguous()
     try:
-        return torch.as_tensor(np.ascontiguousarray(value), dtype=dtype)
+        return torch.tensor(np.ascontiguousarray(value), dtype=dtype)
     except (TypeError, ValueError) as error:
         raise TypeError(f"{name} must be an array, got {type(value).__name__} ({error})") from None
+
+
+def _numbers(value):
+    """NumPy arrays and scalars (pydensecrf takes sxy=np.array([3, 5])) as Python numbers / lists."""
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
 
 
 class DenseCRF:
@@ -121,7 +128,7 @@ class DenseCRF2D(DenseCRF):
 
     def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC):
         """Smoothness kernel over (x / sx, y / sy); sxy a number or (sx, sy)."""
-        sx, sy = _ops._pair("sxy", sxy)
+        sx, sy = _ops._pair("sxy", _numbers(sxy))
         self._add(_ops.position_features(self.H, self.W, sx, sy).unsqueeze(0), compat, normalization)
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC):
@@ -132,8 +139,8 @@ class DenseCRF2D(DenseCRF):
         if image.dim() != 3 or tuple(image.shape[:2]) != (self.H, self.W):
             raise ValueError(f"addPairwiseBilateral: rgbim must be (H, W, C) = ({self.H}, {self.W}, C), "
                              f"got {tuple(image.shape)}")
-        sx, sy = _ops._pair("sxy", sxy)
-        srgb = _ops._per_channel("srgb", srgb, image.shape[2])
+        sx, sy = _ops._pair("sxy", _numbers(sxy))
+        srgb = _ops._per_channel("srgb", _numbers(srgb), image.shape[2])
         feats = _ops.bilateral_features(image.permute(2, 0, 1).unsqueeze(0), sx, sy, srgb)
         self._add(feats, compat, normalization)
 
@@ -142,7 +149,7 @@ def unary_from_labels(labels, n_labels, gt_prob, zero_unsure=True):
     """(n_labels, N) float32 energies from a label map: -log gt_prob for a pixel's label and
     -log((1 - gt_prob) / (n_labels - 1)) for the others. With ``zero_unsure`` label 0 means
     "unknown" (uniform energy -log(1/n_labels)) and labels 1..n_labels are the classes."""
-    labels = np.asarray(labels).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)  # uint8 maps: 0 - 1 must not wrap
     if not 0 < gt_prob < 1:
         raise ValueError(f"unary_from_labels: gt_prob must be in (0, 1), got {gt_prob}")
     n_labels = int(n_labels)

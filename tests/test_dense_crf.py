@@ -181,6 +181,35 @@ def test_shim_generic_features_match_pydensecrf():
     np.testing.assert_allclose(results[1], results[0], atol=1e-4)
 
 
+def test_shim_copies_its_inputs_and_takes_numpy_parameters():
+    """As pydensecrf does: the unary and the features are copied when set (a buffer reused for the
+    next image must not change the model), sxy / srgb may be NumPy arrays, and a uint8 label map
+    with 0 = unsure works in unary_from_labels."""
+    dcrf = _pydensecrf()
+    H, W, L = 24, 30, 3
+    g = np.random.default_rng(2)
+    rgb = g.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    labels = g.integers(0, L + 1, (H, W)).astype(np.uint8)
+    from pydensecrf import utils as pyutils
+
+    U_ref = pyutils.unary_from_labels(labels.astype(np.int64), L, 0.7)  # its uint8 0 - 1 wraps to 255
+    np.testing.assert_array_equal(fastseg.crf.unary_from_labels(labels, L, 0.7), U_ref)
+    features = g.uniform(0, 4, (2, H * W)).astype(np.float32)
+    results = []
+    for module in (dcrf, fastseg.crf):
+        U_torch = torch.from_numpy(U_ref.copy())
+        feats = features.copy()
+        d = module.DenseCRF2D(W, H, L)
+        d.setUnaryEnergy(U_torch.numpy() if module is dcrf else U_torch)
+        d.addPairwiseGaussian(sxy=np.array([3.0, 2.0]), compat=3)
+        d.addPairwiseBilateral(sxy=np.array([40.0, 50.0]), srgb=np.array([13.0, 10.0, 20.0]), rgbim=rgb, compat=5)
+        d.addPairwiseEnergy(feats, compat=2.0)
+        U_torch.zero_()  # the caller reuses its buffers
+        feats *= 3
+        results.append(np.array(d.inference(3)))
+    np.testing.assert_allclose(results[1], results[0], atol=1e-4)
+
+
 # --- the kernel against the references -----------------------------------------------------------
 
 
