@@ -20,7 +20,8 @@ from .ops import dense_crf as _dense_crf_function  # noqa: F401  (makes sure the
 _ops = sys.modules["fastseg.ops.dense_crf"]
 
 __all__ = [
-    "DenseCRF", "DenseCRF2D", "unary_from_labels", "unary_from_softmax",
+    "DenseCRF", "DenseCRF2D", "unary_from_labels", "unary_from_softmax", "softmax_to_unary",
+    "create_pairwise_gaussian", "create_pairwise_bilateral",
     "NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER", "NORMALIZE_SYMMETRIC",
     "CONST_KERNEL", "DIAG_KERNEL", "FULL_KERNEL",
 ]
@@ -177,3 +178,38 @@ def unary_from_softmax(sm, scale=None, clip=1e-5):
     if clip is not None:
         sm = np.clip(sm, clip, 1.0)
     return (-np.log(sm)).reshape(L, -1).astype(np.float32)
+
+
+def softmax_to_unary(sm, GT_PROB=1):
+    """pydensecrf's older name: ``unary_from_softmax(sm)`` (its GT_PROB is unused there too)."""
+    return unary_from_softmax(sm)
+
+
+def _grid(shape, sdims):
+    """(len(shape), N) float32: each pixel's index along each axis (row-major order) divided by that
+    axis's standard deviation."""
+    if len(sdims) != len(shape):
+        raise ValueError(f"sdims has {len(sdims)} entries for {len(shape)} dimensions {tuple(shape)}")
+    axes = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    return np.stack([a.reshape(-1) / np.float32(s) for a, s in zip(axes, sdims)])
+
+
+def create_pairwise_gaussian(sdims, shape):
+    """Features of the smoothness kernel for ``DenseCRF.addPairwiseEnergy``: (len(shape), N) float32
+    positions divided by ``sdims`` (one per dimension, e.g. (sy, sx) for (H, W))."""
+    return _grid(tuple(int(n) for n in shape), _numbers(sdims))
+
+
+def create_pairwise_bilateral(sdims, schan, img, chdim=-1):
+    """Features of the appearance kernel for ``DenseCRF.addPairwiseEnergy``: positions divided by
+    ``sdims`` then the image's channels divided by ``schan`` (a number or one per channel), (D, N)
+    float32. ``chdim``: the image's channel axis; -1 for an image without one (a single channel)."""
+    img = np.asarray(img, dtype=np.float32)
+    channels = img[np.newaxis] if chdim == -1 else np.moveaxis(img, chdim, 0)
+    schan = _numbers(schan)
+    scale = np.full(channels.shape[0], schan, dtype=np.float32) if np.isscalar(schan) else \
+        np.asarray(schan, dtype=np.float32)
+    if scale.shape != (channels.shape[0],):
+        raise ValueError(f"schan has {scale.size} entries for {channels.shape[0]} channels")
+    colour = (channels / scale.reshape(-1, *([1] * (channels.ndim - 1)))).reshape(channels.shape[0], -1)
+    return np.concatenate([_grid(channels.shape[1:], _numbers(sdims)), colour]).astype(np.float32)

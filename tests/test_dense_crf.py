@@ -210,6 +210,28 @@ def test_shim_copies_its_inputs_and_takes_numpy_parameters():
     np.testing.assert_allclose(results[1], results[0], atol=1e-4)
 
 
+def test_shim_feature_helpers_match_pydensecrf():
+    """pydensecrf.utils' create_pairwise_gaussian / create_pairwise_bilateral (any channel axis, one
+    or per-channel scales) and softmax_to_unary, for scripts that build their own features."""
+    _pydensecrf()
+    from pydensecrf import utils as pyutils
+
+    g = np.random.default_rng(3)
+    img = g.integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    for args in (((3, 5), (7, 9)), ((2.0,), (11,)), (np.array([1.5, 2.5, 4.0]), (3, 4, 5))):
+        ours, theirs = fastseg.crf.create_pairwise_gaussian(*args), pyutils.create_pairwise_gaussian(*args)
+        np.testing.assert_array_equal(ours, theirs)
+    for args, kwargs in ((((3, 5), (13, 10, 20), img), dict(chdim=2)), (((3, 5), 13, img[..., 0]), {}),
+                         (((3, 5), np.array([13.0, 10, 20]), np.moveaxis(img, 2, 0)), dict(chdim=0))):
+        ours = fastseg.crf.create_pairwise_bilateral(*args, **kwargs)
+        theirs = pyutils.create_pairwise_bilateral(*args, **kwargs)
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    p = g.random((4, 7, 9)).astype(np.float32) + 1e-3
+    p /= p.sum(0)
+    np.testing.assert_allclose(fastseg.crf.softmax_to_unary(p), pyutils.unary_from_softmax(p), rtol=1e-6)
+
+
 # --- the kernel against the references -----------------------------------------------------------
 
 
