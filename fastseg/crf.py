@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER, NORMALIZE_SYMMETRIC = 0, 1, 2, 3
+# The energy that stands for +inf: exp(-1e30) is 0 in float32, and sums with it stay finite.
+_HARD_CONSTRAINT = 1e30
 # Kernel types only matter for learning the kernel parameters, which inference never does.
 CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL = 0, 1, 2
 
@@ -66,8 +68,15 @@ class DenseCRF:
         if U.shape != (self.L, self.N):
             raise ValueError(f"setUnaryEnergy: unary must have shape (n_labels, n_pixels) = "
                              f"({self.L}, {self.N}), got {tuple(U.shape)}")
+        # +inf energies are hard constraints (unary_from_softmax(p, clip=None) of a one-hot p): a large
+        # finite energy gives the same Q (exactly 0 for the label), as long as a pixel keeps a label.
+        hard = U == float("inf")
+        if hard.any():
+            if hard.all(0).any():
+                raise ValueError("setUnaryEnergy: a pixel has an infinite energy for every label")
+            U = U.masked_fill(hard, _HARD_CONSTRAINT)
         if not all_finite(U):
-            raise ValueError("setUnaryEnergy: unary contains non-finite values")
+            raise ValueError("setUnaryEnergy: unary contains NaN or -inf")
         self._unary = U.reshape(1, self.L, *self._shape).contiguous()
 
     def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC):

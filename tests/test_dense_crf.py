@@ -210,6 +210,36 @@ def test_shim_copies_its_inputs_and_takes_numpy_parameters():
     np.testing.assert_allclose(results[1], results[0], atol=1e-4)
 
 
+def test_shim_hard_constraints():
+    """+inf energies (unary_from_softmax(p, clip=None) of one-hot pixels) are hard constraints, as in
+    pydensecrf: Q of a forbidden label is 0; every label forbidden at a pixel, or NaN, is an error."""
+    dcrf = _pydensecrf()
+    L, H, W = 3, 20, 30
+    g = np.random.default_rng(4)
+    p = g.random((L, H, W)).astype(np.float32) + 0.05
+    p[:, :5, :5] = 0
+    p[1, :5, :5] = 1
+    p[0, 10:12, 10:15] = 0
+    p /= p.sum(0)
+    with np.errstate(divide="ignore"):
+        U = fastseg.crf.unary_from_softmax(p, clip=None)
+    assert np.isinf(U).sum() == 60
+    results = []
+    for module in (dcrf, fastseg.crf):
+        d = module.DenseCRF2D(W, H, L)
+        d.setUnaryEnergy(U)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        results.append(np.array(d.inference(5)))
+    np.testing.assert_allclose(results[1], results[0], atol=1e-5)
+    assert np.all(results[1][0].reshape(H, W)[10:12, 10:15] <= 1e-30)
+    d = fastseg.crf.DenseCRF2D(W, H, L)
+    for value, message in ((np.inf, "infinite energy for every label"), (np.nan, "NaN")):
+        bad = U.copy()
+        bad[:, 7] = value
+        with pytest.raises(ValueError, match=message):
+            d.setUnaryEnergy(bad)
+
+
 def test_shim_feature_helpers_match_pydensecrf():
     """pydensecrf.utils' create_pairwise_gaussian / create_pairwise_bilateral (any channel axis, one
     or per-channel scales) and softmax_to_unary, for scripts that build their own features."""
