@@ -121,7 +121,15 @@ def call(op, plain, *args):
     a 14 us convolution), and the Python autograd kernel of a C++ op (torch.library.register_autograd)
     about 6 us before it redispatches (max_unpool2d on a 4x4 map: 11.0 -> 5.4 us): on a GPU, host
     time that small calls wait on. Else ``op(*args)``.
+
+    Forward-mode AD is refused: PyTorch gives a custom op without a forward-AD rule a zero (or no)
+    tangent, silently.
     """
+    if forward_ad_active(args):
+        name = getattr(op, "_qualified_op_name", getattr(op, "__name__", str(op)))
+        raise NotImplementedError(
+            f"{name}: fastseg's custom ops do not implement forward-mode AD (torch.func.jvp, "
+            "torch.autograd.forward_ad); reverse mode (.backward(), torch.autograd.grad) does")
     if tracing() or torch._C._are_functorch_transforms_active() or (
             torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         return op(*args)
@@ -129,6 +137,16 @@ def call(op, plain, *args):
         return plain(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def forward_ad_active(args):
+    """Whether a tensor argument (or one in a list argument) carries a forward-mode tangent."""
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level open: the common case, one check
+        return False
+    from torch.autograd.forward_ad import unpack_dual
+
+    tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)]
+    return any(unpack_dual(t).tangent is not None for t in tensors)
 
 
 def tracing():
