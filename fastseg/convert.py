@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn as fnn
+from .nn._kept import autocasting
 from .nn.atrous import fold_batch_norm, folds_batch_norm
 from .ops.atrous import atrous_conv2d, atrous_output_size
 from .ops.dense_crf import dense_crf
@@ -152,7 +153,7 @@ class FusedConv2d(nn.Module):
         c = self.conv
         # Eager where the BatchNorm normalises by the batch, and for unbatched input to a BatchNorm
         # (which refuses it; atrous_conv2d would not).
-        if not folds_batch_norm(self) or (self.bn is not None and x.dim() != 4):
+        if not folds_batch_norm(self) or autocasting(x) or (self.bn is not None and x.dim() != 4):
             return self._eager(x, residual)
         size = atrous_output_size(x.shape[-2:], c.kernel_size, c.stride, c.padding, c.dilation)
         if x.shape[0] * c.out_channels * size[0] * size[1] < EAGER_BELOW and x.dim() == 4:

@@ -748,3 +748,42 @@ def test_strided_bias_scale_and_shift(backend, device, poison):
     for b, sc, sh, expected in cases:
         out = fastseg.atrous_conv2d(x, w, b, dilation=2, scale=sc, shift=sh, activation="relu", backend=backend)
         assert_relative_close(out.cpu(), F.relu(expected).cpu(), torch.float32)
+
+
+def test_layers_under_cpu_autocast():
+    # Under autocast the layers run PyTorch's own modules, which autocast casts: the dtype and values
+    # of the plain modules (fastseg's ops refuse mixed dtypes, and the eval paths took bfloat16
+    # activations with float32 weights: a TypeError).
+    torch.manual_seed(6)
+    x = torch.randn(2, 4, 10, 10)
+    values, indices = F.max_pool2d(torch.randn(2, 4, 10, 10), 2, return_indices=True)
+    layer = fastseg.nn.AtrousConvBNReLU(4, 6, 3, dilation=2)
+    aspp3 = fastseg.nn.ASPP(4, 6, version="v3", rates=(2, 3))
+    aspp2 = fastseg.nn.ASPP(4, 6, version="v2", rates=(1, 2))
+    up = fastseg.nn.UnpoolConvBNReLU(4, 6, 3, unpool=2)
+    gcn = fastseg.nn.GlobalConv2d(4, 6, k=5)
+    br = fastseg.nn.BoundaryRefinement(4)
+    for m in (layer, aspp3, up):
+        _randomise_bn(m)
+    cases = [
+        (layer, (x,), lambda: F.relu(layer.bn(layer.conv(x)))),
+        (aspp3, (x,), None),
+        (aspp2, (x,), lambda: sum(c(x) for c in aspp2.branches)),
+        (up, (values, indices, (10, 10)), lambda: F.relu(up.bn(up.conv(F.max_unpool2d(values, indices, 2))))),
+        (gcn, (x,), lambda: gcn.conv_l2(gcn.conv_l1(x)) + gcn.conv_r2(gcn.conv_r1(x))),
+        (br, (x,), lambda: x + br.conv2(F.relu(br.conv1(x)))),
+    ]
+    for module, args, plain in cases:
+        module.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(*args)
+            if plain is None:
+                assert out.dtype == torch.bfloat16
+            else:  # BoundaryRefinement's float32 x + bfloat16 branch is float32, as in PyTorch
+                torch.testing.assert_close(out, plain())
+            # bfloat16 activations (from an autocast layer before it) into the layer
+            module(*((args[0].bfloat16(),) + args[1:]))
+    with torch.no_grad():
+        expected = _plain_aspp(aspp3, x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_relative_close(aspp3(x).float(), expected, torch.bfloat16)

@@ -404,3 +404,16 @@ def test_batch_norm_in_its_own_mode_and_unbatched_input(fused_everywhere):
         model(x[0])
     with pytest.raises(ValueError, match="expected 4D input"):
         fast(x[0])
+
+
+def test_converted_model_under_cpu_autocast(fused_everywhere):
+    """Under autocast a fused chain runs its own modules, which autocast casts: the original's dtype
+    and values (bfloat16 activations into float32 weights were a TypeError)."""
+    torch.manual_seed(1)
+    model = _randomise_batch_norms(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                                 nn.Conv2d(16, 16, 3, padding=2, dilation=2), nn.BatchNorm2d(16)))
+    fast, report = fastseg.convert(model)
+    assert len(report.replaced) == 2
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(fast(x), model(x))

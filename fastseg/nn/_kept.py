@@ -31,6 +31,12 @@ def cached(module, name, tensors, extra, compute):
     return value
 
 
+def autocasting(x):
+    """Whether autocast is on for x's device: the layers then run PyTorch's own modules, which
+    autocast casts (fastseg's ops take their inputs' dtypes as given, and refuse mixed ones)."""
+    return isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+
+
 class KeepsDerived:
     """Drops the values ``cached`` kept whenever the mode is set."""
 

@@ -16,7 +16,7 @@ from torch import nn
 from .. import _backends
 from .._checks import is_plain_batch
 from .._layout import output_memory_format
-from ._kept import KeepsDerived, cached
+from ._kept import KeepsDerived, autocasting, cached
 from ..ops.atrous import _cudnn_forward, _padding, atrous_conv2d, atrous_output_size
 
 __all__ = ["AtrousConvBNReLU", "ASPP"]
@@ -76,7 +76,7 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
         self.backend = backend
 
     def forward(self, x, residual=None):
-        if not folds_batch_norm(self):  # batch statistics: eager, BatchNorm in its own mode
+        if not folds_batch_norm(self) or autocasting(x):  # eager: BatchNorm in its own mode
             y = self.bn(self.conv(x))
             if residual is not None:
                 y = y + residual
@@ -218,14 +218,15 @@ class ASPP(KeepsDerived, nn.Module):
         return all(folds_batch_norm(layer) for layer in layers)
 
     def forward(self, x):
-        folds = self._folds()
+        folds = self._folds() and not autocasting(x)
         if folds and self._taps_route(x):
             return self._forward_taps(x)
         if self.version == "v2":
             out = None
             # On CUDA the fused residual chain is eager's kernels plus a Python op per branch:
             # 0.6x eager's own sum at batch 1 (float32, 21 classes; H200), so 'auto' runs eager's.
-            eager = self.training or (isinstance(x, torch.Tensor) and x.is_cuda and self.backend == "auto")
+            eager = self.training or autocasting(x) or (
+                isinstance(x, torch.Tensor) and x.is_cuda and self.backend == "auto")
             for conv in self.branches:
                 if eager:
                     y = conv(x)
