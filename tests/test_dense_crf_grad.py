@@ -175,6 +175,24 @@ def test_no_pairwise_kernel_backward(backend, checkpoint):
     assert relative_error(scores.grad, plain.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", _ALL_BACKENDS)
+def test_double_backward(backend):
+    # The reference's sweep is PyTorch code, twice differentiable; the cpp and triton sweeps are one op
+    # without a derivative, which PyTorch would make a silent zero: they raise.
+    g = torch.Generator().manual_seed(9)
+    scores = torch.randn(1, 3, 4, 5, generator=g, dtype=torch.float64 if backend == "reference" else torch.float32,
+                         requires_grad=True)
+    q = fastseg.dense_crf(scores, iterations=2, bilateral=None, backend=backend)
+    (grad,) = torch.autograd.grad((q * q).sum(), scores, create_graph=backend == "reference")
+    if backend == "reference":
+        (hess,) = torch.autograd.grad(grad.sum(), scores)
+        assert hess.abs().max() > 0
+        return
+    with pytest.raises(NotImplementedError, match="double backward"):
+        q = fastseg.dense_crf(scores, iterations=2, bilateral=None, backend=backend)
+        torch.autograd.grad((q * q).sum(), scores, create_graph=True)
+
+
 def test_zero_iterations_is_softmax():
     scores = _scores(2, 3, 4, 5, seed=5).requires_grad_()
     image = _image(4, 5, seed=5, B=2)

@@ -356,3 +356,26 @@ def test_import_without_extension_falls_back_with_one_warning():
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "True", "cpp", "unavailable"]
 
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_export_with_dynamic_sizes():
+    # torch.export with dynamic H and W: the unpooled size stays symbolic (int() of it made the
+    # export fail, "specialized it to be a constant"), the default size and an explicit one alike.
+    from torch.export import Dim
+
+    class Unpool(torch.nn.Module):
+        def forward(self, values, indices, like):
+            return fastseg.max_unpool2d(values, indices, 2), fastseg.max_unpool2d(values, indices, 2,
+                                                                                  output_size=like.shape)
+
+    g = torch.Generator().manual_seed(0)
+    values, indices = F.max_pool2d(torch.randn(2, 3, 10, 12, generator=g), 2, return_indices=True)
+    like = torch.empty(2, 3, 10, 12)
+    h, w = Dim("h", min=2, max=32), Dim("w", min=2, max=32)
+    program = torch.export.export(Unpool(), (values, indices, like),
+                                  dynamic_shapes=({2: h, 3: w}, {2: h, 3: w}, {2: 2 * h, 3: 2 * w}))
+    values, indices = F.max_pool2d(torch.randn(2, 3, 14, 18, generator=g), 2, return_indices=True)
+    outs = program.module()(values, indices, torch.empty(2, 3, 14, 18))
+    for out in outs:
+        assert torch.equal(out, F.max_unpool2d(values, indices, 2))

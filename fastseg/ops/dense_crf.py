@@ -583,6 +583,10 @@ def _grads(ctx, grad_unary, grad_compat, grad_init, n_extra=0):
 
 def _fused_grads(ctx, backward_op, grad, iterates, n_extra=0):
     # The cpp and triton backends' sweep is one op (its lattices built once per backward).
+    if torch.is_grad_enabled():  # create_graph=True: the sweep op has no derivative of its own
+        raise NotImplementedError(
+            f"{OP}: double backward (create_graph=True) is not implemented by the cpp and triton backends' "
+            "reverse sweep (it would silently give zero); backend='reference' has it")
     unary, init, _, features, compat = _saved(ctx)
     _, normalization, iterations, unary_scale, has_init = ctx.meta
     grad_unary, grad_init, *grad_compat = backward_op(

@@ -135,7 +135,7 @@ def unpool_output_size(input_hw, kernel_size, stride, padding, output_size=None)
         size = default
     else:
         try:
-            size = [int(v) for v in output_size]
+            size = [v if isinstance(v, torch.SymInt) else int(v) for v in output_size]
         except (TypeError, ValueError):
             raise TypeError(f"{OP}: output_size must be a sequence of ints, got {output_size!r}") from None
         if len(size) == 4:  # (B, C, Ho, Wo), as x.size() of the pooled-from tensor gives it
@@ -150,7 +150,8 @@ def unpool_output_size(input_hw, kernel_size, stride, padding, output_size=None)
                 )
     if min(size) <= 0:
         raise ValueError(f"{OP}: the output would be empty: size {tuple(size)} from input {tuple(input_hw)}")
-    return [int(v) for v in size]
+    # Symbolic sizes (torch.export with dynamic shapes) stay symbolic: int() would specialise them.
+    return [v if isinstance(v, torch.SymInt) else int(v) for v in size]
 
 
 class _ReferenceMaxUnpool2d(torch.autograd.Function):
