@@ -34,7 +34,12 @@ def cached(module, name, tensors, extra, compute):
 def autocasting(x):
     """Whether autocast is on for x's device: the layers then run PyTorch's own modules, which
     autocast casts (fastseg's ops take their inputs' dtypes as given, and refuse mixed ones)."""
-    return isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    if not isinstance(x, torch.Tensor):
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch before 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if x.device.type == "cpu" else torch.is_autocast_enabled()
 
 
 class KeepsDerived:
