@@ -40,7 +40,7 @@ from torch import nn
 
 from . import nn as fnn
 from .nn._kept import autocasting
-from .nn.atrous import fold_batch_norm, folds_batch_norm
+from .nn.atrous import fold_batch_norm, folds_batch_norm, fusable_residual
 from .ops.atrous import atrous_conv2d, atrous_output_size
 from .ops.dense_crf import dense_crf
 from .ops.gcn import gcn_conv2d
@@ -162,10 +162,8 @@ class FusedConv2d(nn.Module):
         if self.bn is not None:
             scale, shift = fold_batch_norm(self.bn, x.dtype)
         late = None
-        if residual is not None:
-            if (residual.shape != (*x.shape[:-3], c.out_channels, *size) or residual.dtype != x.dtype
-                    or residual.device != x.device):
-                residual, late = None, residual
+        if residual is not None and not fusable_residual(c, x, residual):
+            residual, late = None, residual
         if late is not None:
             y = atrous_conv2d(x, c.weight, c.bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
                               groups=c.groups, scale=scale, shift=shift, backend=self.backend) + late

@@ -705,6 +705,17 @@ FASTSEG_TARGET_AVX2 inline void store_row_avx2(double* dst, const double* row, i
 }
 #endif
 
+// acc (=|+=) coef * s over n values: a sum's first term assigns (no zero-fill: with a run-time
+// length that is a memset call per row), the others add.
+template <typename scalar_t>
+FASTSEG_ALWAYS_INLINE void add_term(scalar_t* acc, scalar_t coef, const scalar_t* s, int64_t n, bool first) {
+  if (first) {
+    for (int64_t i = 0; i < n; ++i) acc[i] = coef * s[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc[i] += coef * s[i];
+  }
+}
+
 // dst[er][ec] = sum_kr sum_kc BT_row[er][kr] BT_col[ec][kc] src[kr][kc]: rows first, a block of
 // channels at a time with the intermediate rows in L1. (Holding a tile's transform in registers
 // one vector of channels at a time measured slower here: 50 streams of 32 bytes defeat the
@@ -726,19 +737,11 @@ FASTSEG_ALWAYS_INLINE void transform_input_tile_impl(const TileKind& KR, const T
     const int64_t cb = std::min(kTransformBlock, C - c0);
     for (int er = 0; er < KR.alpha; ++er) {
       for (int kc = 0; kc < KC.m + 2; ++kc) {
-        // The first term assigns and the rest add: no zero-fill (a memset call per row).
-        scalar_t* acc = tmp[er][kc];
         bool first = true;
         for (int kr = 0; kr < KR.m + 2; ++kr) {
           const scalar_t coef = scalar_t(KR.BT[er][kr]);
-          const scalar_t* s = io.src[kr][kc];
-          if (coef == 0 || !s) continue;
-          s += c0;
-          if (first) {
-            for (int64_t c = 0; c < cb; ++c) acc[c] = coef * s[c];
-          } else {
-            for (int64_t c = 0; c < cb; ++c) acc[c] += coef * s[c];
-          }
+          if (coef == 0 || !io.src[kr][kc]) continue;
+          add_term(tmp[er][kc], coef, io.src[kr][kc] + c0, cb, first);
           first = false;
         }
         tmp_zero[kc] = first;
@@ -750,12 +753,7 @@ FASTSEG_ALWAYS_INLINE void transform_input_tile_impl(const TileKind& KR, const T
         for (int kc = 0; kc < KC.m + 2; ++kc) {
           const scalar_t coef = scalar_t(KC.BT[ec][kc]);
           if (coef == 0 || tmp_zero[kc]) continue;
-          const scalar_t* s = tmp[er][kc];
-          if (first) {
-            for (int64_t c = 0; c < cb; ++c) out[c] = coef * s[c];
-          } else {
-            for (int64_t c = 0; c < cb; ++c) out[c] += coef * s[c];
-          }
+          add_term(out, coef, tmp[er][kc], cb, first);
           first = false;
         }
         if (first) {  // all of the product's inputs in the padding: zero, not a stale row
@@ -836,21 +834,14 @@ FASTSEG_ALWAYS_INLINE void transform_output_tile_impl(const TileKind& KR, const 
                    relu, ob);
       continue;
     }
-    // As in the input transform, first terms assign: no zero-fills.
     bool tmp_zero[5][3];
     for (int er = 0; er < KR.alpha && !zero; ++er) {
       for (int jc = 0; jc < KC.m; ++jc) {
-        scalar_t* acc = tmp[er][jc];
         bool first = true;
         for (int ec = 0; ec < KC.alpha; ++ec) {
           const scalar_t coef = scalar_t(KC.AT[jc][ec]);
           if (coef == 0) continue;
-          const scalar_t* s = io.src[er][ec] + o0;
-          if (first) {
-            for (int64_t o = 0; o < ob; ++o) acc[o] = coef * s[o];
-          } else {
-            for (int64_t o = 0; o < ob; ++o) acc[o] += coef * s[o];
-          }
+          add_term(tmp[er][jc], coef, io.src[er][ec] + o0, ob, first);
           first = false;
         }
         tmp_zero[er][jc] = first;
@@ -862,12 +853,7 @@ FASTSEG_ALWAYS_INLINE void transform_output_tile_impl(const TileKind& KR, const 
         for (int er = 0; er < KR.alpha && !zero; ++er) {
           const scalar_t coef = scalar_t(KR.AT[jr][er]);
           if (coef == 0 || tmp_zero[er][jc]) continue;
-          const scalar_t* s = tmp[er][jc];
-          if (first) {
-            for (int64_t o = 0; o < ob; ++o) out[o] = coef * s[o];
-          } else {
-            for (int64_t o = 0; o < ob; ++o) out[o] += coef * s[o];
-          }
+          add_term(out, coef, tmp[er][jc], ob, first);
           first = false;
         }
         if (first) {
@@ -940,14 +926,11 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
     n_target = (n_target + threads - 1) / threads * threads;
   }
   const int64_t target = (total + n_target - 1) / n_target;
-  auto tile_products = [&](int64_t t) {
-    const int64_t i = (t / nCT) % nRT, j = t % nCT;
-    return (rows.first[i + 1] - rows.first[i]) * (cols.first[j + 1] - cols.first[j]);
-  };
   std::vector<int64_t> block_first{0};
   int64_t in_block = 0;
   for (int64_t t = 0; t < n_tiles; ++t) {
-    in_block += tile_products(t);
+    const int64_t i = (t / nCT) % nRT, j = t % nCT;
+    in_block += (rows.first[i + 1] - rows.first[i]) * (cols.first[j + 1] - cols.first[j]);
     if (in_block >= target || t + 1 == n_tiles) {
       block_first.push_back(t + 1);
       in_block = 0;
@@ -974,10 +957,6 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
     // The block's products grouped by pair: tile t's product e (row-major over its kinds' alphas)
     // is row slot[first[t - t0] + e] of V and P; the pair's rows start at base[pair].
     std::vector<int64_t> count(nPairs, 0), first(t1 - t0 + 1, 0), pair_of, slot;
-    int64_t block_products = 0;
-    for (int64_t t = t0; t < t1; ++t) block_products += tile_products(t);
-    pair_of.reserve(block_products);
-    slot.reserve(block_products);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = (t / nCT) % nRT, j = t % nCT;
       first[t - t0] = static_cast<int64_t>(slot.size());
@@ -1007,14 +986,14 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
           const AxisTile &rt = rows.tiles[i], &ct = cols.tiles[j];
           const TileKind &KR = kinds[rt.kind], &KC = kinds[ct.kind];
           if (KR.alpha == 0 || KC.alpha == 0) continue;
-          TileIO<scalar_t> io;  // only the entries the tile's kinds read are set
+          TileIO<scalar_t> io{};
           io.stream = stream;
           for (int kr = 0; kr < KR.m + 2; ++kr) {
             const int64_t iy = rt.in0 + kr * g.dH;
-            const bool row_in = iy >= 0 && iy < g.H;
+            if (iy < 0 || iy >= g.H) continue;
             for (int kc = 0; kc < KC.m + 2; ++kc) {
               const int64_t ix = ct.in0 + kc * g.dW;
-              io.src[kr][kc] = row_in && ix >= 0 && ix < g.W ? x + ((b * g.H + iy) * g.W + ix) * C + c0 : nullptr;
+              if (ix >= 0 && ix < g.W) io.src[kr][kc] = x + ((b * g.H + iy) * g.W + ix) * C + c0;
             }
           }
           const int64_t* s = slot.data() + first[t - t0];
@@ -1060,7 +1039,7 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
         const AxisTile &rt = rows.tiles[i], &ct = cols.tiles[j];
         const TileKind &KR = kinds[rt.kind], &KC = kinds[ct.kind];
         const int64_t pos = ((b * g.Ho + rt.out0) * g.Wo + ct.out0) * O;
-        TileOut<scalar_t> io;  // only the entries the tile's kinds read are set
+        TileOut<scalar_t> io{};
         io.out0 = y + pos;
         io.res0 = res ? res + pos : nullptr;
         io.row = g.dH * g.Wo * O;

@@ -93,17 +93,19 @@ UnpoolStatus scan_pooled_rows(const int64_t* idx, const UnpoolGeometry& g, int64
   return scan_rows_base(idx, g, ph_begin, ph_end, bad_value);
 }
 
+// w = max(w, st), from any thread (statuses order by severity).
+static void raise_status(std::atomic<uint8_t>& w, uint8_t st) {
+  uint8_t seen = w.load();
+  while (seen < st && !w.compare_exchange_weak(seen, st)) {
+  }
+}
+
 UnpoolStatus scan_slabs(const int64_t* idx, const UnpoolGeometry& g, uint8_t* per_slab, int64_t& bad_value) {
   const int64_t row_len = g.W * g.channels, in_slab = g.H * row_len;
   std::vector<std::atomic<uint8_t>> worst(per_slab ? g.slabs : 0);
   for (auto& w : worst) w = kInWindow;
   std::atomic<uint8_t> overall{kInWindow};
   std::atomic<int64_t> bad{0};
-  auto raise = [](std::atomic<uint8_t>& w, uint8_t st) {
-    uint8_t seen = w.load();
-    while (seen < st && !w.compare_exchange_weak(seen, st)) {
-    }
-  };
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
   at::parallel_for(0, g.slabs * g.H, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end;) {
@@ -112,8 +114,8 @@ UnpoolStatus scan_slabs(const int64_t* idx, const UnpoolGeometry& g, uint8_t* pe
       int64_t found = 0;
       const UnpoolStatus st = scan_pooled_rows(idx + s * in_slab, g, ph, ph + (stop - r), found);
       if (st == kOutOfRange) bad = found;
-      if (per_slab) raise(worst[s], st);
-      raise(overall, st);
+      if (per_slab) raise_status(worst[s], st);
+      raise_status(overall, st);
       r = stop;
     }
   });
@@ -379,11 +381,6 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
       const int64_t scan_rows_per_step = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.W * g.channels, 1));
       std::vector<std::atomic<uint8_t>> worst(g.slabs);
       for (auto& w : worst) w = kInWindow;
-      auto record = [&](int64_t s, uint8_t st) {
-        uint8_t seen = worst[s].load();
-        while (seen < st && !worst[s].compare_exchange_weak(seen, st)) {
-        }
-      };
       at::parallel_for(0, g.slabs * g.H, grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end;) {
           const int64_t s = r / g.H, ph = r % g.H;
@@ -392,7 +389,7 @@ void unpool_kernel(const T* x, const int64_t* idx, T* out, const UnpoolGeometry&
           UnpoolStatus st = scan_pooled_rows(idx + s * in_slab, g, ph, ph + (stop - r), bad);
           if (st == kOutOfRange) bad_value = bad;
           if (st == kInWindow && !fast_path(s, ph, ph + (stop - r))) st = kOutOfWindow;
-          record(s, st);
+          raise_status(worst[s], st);
           r = stop;
         }
       });

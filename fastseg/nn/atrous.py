@@ -43,6 +43,15 @@ def folds_batch_norm(layer):
     return bn is None or (not bn.training and bn.track_running_stats and bn.running_mean is not None)
 
 
+def fusable_residual(conv, x, residual):
+    """Whether the fused call can add ``residual`` to ``conv(x)``: a tensor of the output's shape,
+    dtype and device (else it broadcasts, or differs, and is added after the call)."""
+    if not isinstance(residual, torch.Tensor) or residual.dtype != x.dtype or residual.device != x.device:
+        return False
+    size = atrous_output_size(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    return tuple(residual.shape) == (*x.shape[:-3], conv.out_channels, *size)
+
+
 def _bn_tensors(bn):
     return (bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
@@ -85,7 +94,7 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
         if not isinstance(x, torch.Tensor):  # the op says what is wrong
             return atrous_conv2d(x, c.weight, backend=self.backend)
         scale, shift = self.folded(x.dtype, x.device)
-        if residual is not None and not self._fusable_residual(x, residual):
+        if residual is not None and not fusable_residual(c, x, residual):
             # One that broadcasts (or another dtype or device): added after the fused call, as in training.
             y = atrous_conv2d(x, c.weight, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
                               scale=scale, shift=shift, backend=self.backend) + residual
@@ -108,14 +117,6 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
             scale=scale, shift=shift, residual=residual, activation="relu" if self.relu else None,
             backend=self.backend,
         )
-
-    def _fusable_residual(self, x, residual):
-        """Whether the kernel can add ``residual``: a tensor of the output's shape, dtype and device."""
-        c = self.conv
-        if not isinstance(residual, torch.Tensor) or residual.dtype != x.dtype or residual.device != x.device:
-            return False
-        size = atrous_output_size(x.shape[-2:], c.kernel_size, c.stride, c.padding, c.dilation)
-        return tuple(residual.shape) == (*x.shape[:-3], c.out_channels, *size)
 
     def _plain_call(self, x, weight, shift):
         """Whether x is a batch this layer's convolution takes as it is (4-D, its dtype, device and
