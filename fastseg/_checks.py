@@ -57,6 +57,15 @@ def value_range(t):
     return float(low), float(high)
 
 
+def check_in_graph(ok, message):
+    """A check on tensor values while torch.compile or torch.export traces, where reading a value
+    in Python would break the graph: ``ok`` (a bool tensor) becomes an assertion op in it, raising
+    RuntimeError(message) when the compiled code runs. CPU only: on a GPU the op is a device-side
+    assert, which leaves the process's CUDA context unusable, so there the check is skipped."""
+    if ok.device.type == "cpu":
+        torch._assert_async(ok, message)
+
+
 def all_finite(t):
     """Whether tensor t holds no nan or inf (one value_range pass, no temporaries)."""
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):

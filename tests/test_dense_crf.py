@@ -547,10 +547,39 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(refine, fullgraph=True, backend="eager")
     assert torch.equal(compiled(logits, image), refine(logits, image))
-    # The Python checks on values are skipped while compiling; the C++ kernel's own check is not.
+    # The C++ kernel checks the scores itself, compiled or not.
     logits[0, 1, 5, 6] = float("nan")
     with pytest.raises(ValueError, match="scores contains non-finite values"):
         compiled(logits, image)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_torch_compile_checks_values(backend, compiler):
+    # The checks on values that Python does in eager mode stay in the compiled graph as assertions.
+    if backend == "cpp" and not fastseg._backends.EXTENSION_LOADED:
+        pytest.skip("fastseg._C not loaded")
+    H, W, L = 6, 7, 3
+    probs = torch.softmax(_smooth_logits(L, H, W, seed=3, batch=1), 1)
+    image = _random_image(H, W, seed=3).unsqueeze(0).float()
+
+    def refine(p, img, compat):
+        return fastseg.dense_crf(p, img, unary="probs", iterations=1, gaussian=dict(sxy=3, compat=compat),
+                                 backend=backend)
+
+    compiled = torch.compile(refine, fullgraph=True, backend=compiler)
+    compat = torch.tensor(3.0)
+    torch.testing.assert_close(compiled(probs, image, compat), refine(probs, image, compat))
+    bad_probs, bad_image = probs.clone(), image.clone()
+    bad_probs[0, 0, 1, 2] = 1.5
+    bad_image[0, 2, 3, 3] = float("inf")
+    cases = [((bad_probs, image, compat), r"needs scores in \[0, 1\]"),
+             ((probs, bad_image, compat), "image contains non-finite values"),
+             ((probs, image, torch.tensor(float("nan"))), r"gaussian\['compat'\] must be finite")]
+    for args, message in cases:
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            compiled(*args)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends
-from .._checks import FLOAT_DTYPES, all_finite, check_tensor, value_range
+from .._checks import FLOAT_DTYPES, all_finite, check_in_graph, check_tensor, value_range
 from ._reference import dense_crf as reference
 
 __all__ = ["dense_crf", "permutohedral_filter", "NORMALIZATIONS"]
@@ -132,12 +132,17 @@ def dense_crf(
     # The C++ kernel checks for non-finite scores while it packs them (a pass of its own here cost
     # 0.5 ms of a 500x375 call); the other backends, and probabilities' range, are checked here.
     checked_by_kernel = impl == "cpp" and unary != "probs"
-    if not torch.compiler.is_compiling() and scores.numel() > 0 and not checked_by_kernel:
-        low, high = value_range(scores)  # one pass for both checks
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError(f"{OP}: scores contains non-finite values (nan or inf)")
-        if unary == "probs" and (low < 0 or high > 1):
-            raise ValueError(f"{OP}: unary='probs' needs scores in [0, 1], got values in [{low:.4g}, {high:.4g}]")
+    if scores.numel() > 0 and not checked_by_kernel:
+        if _backends.tracing():
+            check_in_graph(scores.isfinite().all(), f"{OP}: scores contains non-finite values (nan or inf)")
+            if unary == "probs":
+                check_in_graph(((scores >= 0) & (scores <= 1)).all(), f"{OP}: unary='probs' needs scores in [0, 1]")
+        else:
+            low, high = value_range(scores)  # one pass for both checks
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"{OP}: scores contains non-finite values (nan or inf)")
+            if unary == "probs" and (low < 0 or high > 1):
+                raise ValueError(f"{OP}: unary='probs' needs scores in [0, 1], got values in [{low:.4g}, {high:.4g}]")
     if not (isinstance(clip, numbers.Real) and 0 < clip <= 1):
         raise ValueError(f"{OP}: clip must be in (0, 1], got {clip!r}")
 
@@ -255,7 +260,9 @@ def compat_matrix(name, compat, L, device=None, dtype=torch.float32):
     if c.dim() != 0 and c.shape not in ((L,), (L, L)):
         raise ValueError(f"{OP}: {name} must be a number, a vector of L={L} or an (L, L) = ({L}, {L}) "
                          f"matrix, got shape {tuple(c.shape)}")
-    if not torch.compiler.is_compiling() and not all_finite(c):
+    if _backends.tracing():
+        check_in_graph(c.isfinite().all(), f"{OP}: {name} must be finite")
+    elif not all_finite(c):
         raise ValueError(f"{OP}: {name} must be finite")
     if c.dim() == 0:
         return -c * torch.eye(L, dtype=dtype, device=device)
@@ -330,8 +337,12 @@ def _check_image(image, scores):
         raise ValueError(f"{OP}: image has {image.shape[-3]} channels; the bilateral lattice takes at most 62")
     if image.device != scores.device:
         raise ValueError(f"{OP}: scores is on {scores.device} but image is on {image.device}")
-    if image.is_floating_point() and not torch.compiler.is_compiling() and not all_finite(image):
-        raise ValueError(f"{OP}: image contains non-finite values (nan or inf); a float image must be finite")
+    if image.is_floating_point():
+        message = f"{OP}: image contains non-finite values (nan or inf); a float image must be finite"
+        if _backends.tracing():
+            check_in_graph(image.isfinite().all(), message)
+        elif not all_finite(image):
+            raise ValueError(message)
     # An integer image cannot require grad (torch refuses); a float one could, but the CRF has no
     # gradient with respect to its features: say so rather than silently return none.
     if image.requires_grad and torch.is_grad_enabled():
