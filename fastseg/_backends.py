@@ -6,6 +6,7 @@ Backends: ``reference`` (plain PyTorch, every device, the test oracle and the fa
 ``cudnn`` (cuDNN's fused convolution + bias + add + ReLU through ATen, CUDA tensors) and ``aten``
 (PyTorch's own kernel after fastseg's checks, every device: max_unpool2d).
 """
+import functools
 import importlib
 import importlib.util
 import os
@@ -130,13 +131,44 @@ def call(op, plain, *args):
         raise NotImplementedError(
             f"{name}: fastseg's custom ops do not implement forward-mode AD (torch.func.jvp, "
             "torch.autograd.forward_ad); reverse mode (.backward(), torch.autograd.grad) does")
-    if tracing() or torch._C._are_functorch_transforms_active() or (
+    if torch._C._are_functorch_transforms_active():
+        return _transformable(op._qualified_op_name).apply(*args)
+    if tracing() or (
             torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         return op(*args)
     if plain is not None:
         return plain(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+#: Each custom op's autograd rule (backward, setup_context), by qualified name.
+_AUTOGRAD_RULES = {}
+
+
+def register_autograd(name, backward, setup_context):
+    """``torch.library.register_autograd``, keeping the rule for torch.func transforms too: the
+    autograd PyTorch builds for a custom op refuses them ("must override setup_context")."""
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+    _AUTOGRAD_RULES[name] = (backward, setup_context)
+
+
+@functools.lru_cache(maxsize=None)
+def _transformable(name):
+    """The custom op ``name`` as an autograd.Function that torch.func's grad, vjp, jacrev and vmap
+    take (vmap through PyTorch's per-sample fallback, as for the op itself)."""
+    namespace, op_name = name.split("::")
+    op = getattr(getattr(torch.ops, namespace), op_name)
+    rule = _AUTOGRAD_RULES.get(name)
+    if rule is None:  # an op without autograd (a backward op): the transforms may take it as it is
+        return type(op_name, (), {"apply": staticmethod(op)})
+    backward, setup_context = rule
+    return type(op_name, (torch.autograd.Function,), {
+        "forward": staticmethod(op),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "generate_vmap_rule": True,
+    })
 
 
 def forward_ad_active(args):

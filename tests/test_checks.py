@@ -4,6 +4,8 @@ import torch
 import fastseg
 from fastseg._checks import all_finite
 
+from common import assert_relative_close, backend_params
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -50,3 +52,91 @@ def test_forward_mode_ad_is_refused():
         leaf = arg.clone().requires_grad_()
         fn(leaf).sum().backward()
         assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def _func_cases(backend, dtype):
+    """(op under test, the same in eager PyTorch, input, indices) for each differentiable op; the
+    functions take (input, indices)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 7, 7, generator=g).to(dtype)
+    values, indices = F.max_pool2d(torch.randn(2, 3, 8, 8, generator=g).to(dtype), 2, return_indices=True)
+    w = torch.randn(4, 3, 3, 3, generator=g).to(dtype)
+    scale, shift = torch.rand(4, generator=g).to(dtype) + 0.5, torch.randn(4, generator=g).to(dtype)
+    w1, w2 = torch.randn(4, 3, 5, 1, generator=g).to(dtype), torch.randn(2, 4, 1, 5, generator=g).to(dtype)
+    features = torch.randn(1, 2, 7, 7, generator=g)
+    none = torch.zeros(2)  # the second argument of the ops that take no indices (one per sample for vmap)
+
+    def epilogue(y):
+        return torch.relu(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+
+    def gcn_eager(a):
+        left = F.conv2d(F.conv2d(a, w1, padding=(2, 0)), w2, padding=(0, 2))
+        right = F.conv2d(F.conv2d(a, w1.transpose(2, 3), padding=(0, 2)), w2.transpose(2, 3), padding=(2, 0))
+        return left + right
+
+    from fastseg.ops.dense_crf import permutohedral_filter
+    return {
+        "atrous_conv2d": (
+            lambda a, _: fastseg.atrous_conv2d(a, w, dilation=2, scale=scale, shift=shift, activation="relu",
+                                            backend=backend),
+            lambda a, _: epilogue(F.conv2d(a, w, padding=2, dilation=2)), x, none),
+        "max_unpool2d": (lambda a, i: fastseg.max_unpool2d(a, i, 2, backend=backend),
+                         lambda a, i: F.max_unpool2d(a, i, 2), values, indices),
+        "unpool_conv2d": (
+            lambda a, i: fastseg.unpool_conv2d(a, i, w, kernel_size=2, scale=scale, shift=shift,
+                                            activation="relu", backend=backend),
+            lambda a, i: epilogue(F.conv2d(F.max_unpool2d(a, i, 2), w, padding=1)), values, indices),
+        "gcn_conv2d": (lambda a, _: fastseg.gcn_conv2d(a, w1, w2, w1.transpose(2, 3), w2.transpose(2, 3),
+                                                       backend=backend), lambda a, _: gcn_eager(a), x, none),
+        # Linear: its eager counterpart is the reference backend's filter, checked elsewhere.
+        "permutohedral_filter": (lambda a, _: permutohedral_filter(a, features, backend=backend),
+                                 lambda a, _: permutohedral_filter(a, features, backend="reference"), x, none),
+    }
+
+
+FUNC_OPS = ["atrous_conv2d", "max_unpool2d", "unpool_conv2d", "gcn_conv2d", "permutohedral_filter"]
+
+
+@pytest.mark.parametrize("op", FUNC_OPS)
+@pytest.mark.parametrize("backend, device", [p for p in backend_params(("reference", "cpp", "triton"), ("cpu",))])
+def test_torch_func_transforms(op, backend, device):
+    # PyTorch's autograd for a custom op refuses torch.func's transforms ("must override
+    # setup_context"); fastseg's ops take them: grad, vjp, jacrev and per-sample gradients (vmap of grad).
+    from torch.func import grad, jacrev, vjp, vmap
+
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    fn_, eager_, arg, indices = _func_cases(backend, dtype)[op]
+    fn, eager = (lambda a: fn_(a, indices)), (lambda a: eager_(a, indices))
+    weight = torch.randn(fn(arg).shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    # The C++ lattice filter computes in float32.
+    tolerance = 5e-4 if backend == "triton" else 1e-5 if op == "permutohedral_filter" else 1e-10
+
+    def loss(f):
+        return lambda a: (f(a) * weight).square().sum()
+
+    def per_sample(f):
+        def one(a, i):
+            return (f(a[None], i[None]) * weight[:1]).square().sum()
+        return vmap(grad(one), in_dims=(0, 0))(arg, indices)
+
+    assert_relative_close(grad(loss(fn))(arg), grad(loss(eager))(arg), dtype, tolerance)
+    out, pullback = vjp(fn, arg)
+    assert_relative_close(out, eager(arg), dtype, tolerance)
+    assert_relative_close(pullback(weight)[0], vjp(eager, arg)[1](weight)[0], dtype, tolerance)
+    pick = (0, slice(None), 3, 3)
+    assert_relative_close(jacrev(lambda a: fn(a)[pick])(arg), jacrev(lambda a: eager(a)[pick])(arg), dtype, tolerance)
+    assert_relative_close(per_sample(fn_), per_sample(eager_), dtype, tolerance)
+    if op == "max_unpool2d":  # second order through the backward op
+        def second(f):
+            return grad(lambda a: grad(lambda b: f(b).pow(3).sum())(a).square().sum())(arg)
+        assert_relative_close(second(fn), second(eager), dtype, tolerance)
+
+
+def test_torch_func_refused_by_dense_crf():
+    from torch.func import grad
+
+    scores = torch.randn(1, 3, 5, 6)
+    with pytest.raises(NotImplementedError, match="dense_crf: torch.func"):
+        grad(lambda s: fastseg.dense_crf(s, iterations=1, bilateral=None).sum())(scores)

@@ -188,6 +188,10 @@ def mean_field(unary, features, compats, normalizations, iterations, init=None, 
     )
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (unary, init, *compats))
+    if needs_grad and torch._C._are_functorch_transforms_active():
+        # PyTorch's autograd for an op with list arguments (compat) takes no torch.func transform.
+        raise NotImplementedError(f"{OP}: torch.func's grad, vjp and jacrev do not take dense_crf; "
+                                  "torch.autograd.grad and .backward() do")
     if needs_grad and not checkpoint:
         # Every iterate comes out of the forward and is kept for the backward.
         return torch.ops.fastseg.dense_crf_iterates(*args, impl)[-1]
@@ -656,8 +660,8 @@ def _make_filter_backward(op):
     def backward(ctx, grad):
         # The filter is linear in values: its gradient is the transposed filter of grad.
         (features,) = ctx.saved_tensors
-        return _per_input(ctx, (op(grad.contiguous(), features, ctx.normalization, not ctx.transpose), None, None,
-                                None))
+        grad_values = _backends.call(op, None, grad.contiguous(), features, ctx.normalization, not ctx.transpose)
+        return _per_input(ctx, (grad_values, None, None, None))
     return backward
 
 
@@ -666,15 +670,12 @@ torch.library.register_autograd("fastseg::dense_crf_reference", _make_checkpoint
 torch.library.register_autograd("fastseg::dense_crf_iterates", _iterates_backward, setup_context=_setup_mean_field)
 torch.library.register_autograd("fastseg::dense_crf_triton", _make_checkpointed_backward("triton"),
                                 setup_context=_setup_mean_field)
-torch.library.register_autograd("fastseg::permutohedral_filter_triton",
-                                _make_filter_backward(torch.ops.fastseg.permutohedral_filter_triton),
-                                setup_context=_setup_filter)
-torch.library.register_autograd("fastseg::permutohedral_filter_reference",
-                                _make_filter_backward(torch.ops.fastseg.permutohedral_filter_reference),
-                                setup_context=_setup_filter)
+_backends.register_autograd("fastseg::permutohedral_filter_triton", _make_filter_backward(torch.ops.fastseg.permutohedral_filter_triton),
+                           _setup_filter)
+_backends.register_autograd("fastseg::permutohedral_filter_reference", _make_filter_backward(torch.ops.fastseg.permutohedral_filter_reference),
+                           _setup_filter)
 if _backends.EXTENSION_LOADED:
     torch.library.register_autograd("fastseg::dense_crf", _make_checkpointed_backward("cpp"),
                                     setup_context=_setup_mean_field)
-    torch.library.register_autograd("fastseg::permutohedral_filter",
-                                    _make_filter_backward(torch.ops.fastseg.permutohedral_filter),
-                                    setup_context=_setup_filter)
+    _backends.register_autograd("fastseg::permutohedral_filter", _make_filter_backward(torch.ops.fastseg.permutohedral_filter),
+                               _setup_filter)

@@ -377,7 +377,7 @@ def _backward(ctx, grad_output):
 
 def _register(name):
     torch.library.register_fake(name)(_fake_gcn_conv2d)
-    torch.library.register_autograd(name, _backward, setup_context=_setup_context)
+    _backends.register_autograd(name, _backward, _setup_context)
 
 
 TRITON_ALGORITHMS = ("auto", "implicit_gemm", "taps")

@@ -157,10 +157,24 @@ def unpool_output_size(input_hw, kernel_size, stride, padding, output_size=None)
 class _ReferenceMaxUnpool2d(torch.autograd.Function):
     # The reference's own autograd would give duplicated indices a zero gradient; this keeps the
     # gradient identical to the kernels' (and ATen's) gather.
+    # setup_context apart from forward, and a vmap rule: torch.func's transforms take it.
+
     @staticmethod
-    def forward(ctx, input, indices, output_size):
-        ctx.save_for_backward(indices)
+    def forward(input, indices, output_size):
         return reference.max_unpool2d(input, indices, output_size)
+
+    @staticmethod
+    def vmap(info, in_dims, input, indices, output_size):
+        # Samples are independent: fold vmap's dimension into the batch (the reference's index
+        # check reads values, which vmap's own rule for it could not).
+        input, indices = [t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
+                          for t, d in zip((input, indices), in_dims[:2])]
+        out = _ReferenceMaxUnpool2d.apply(input.flatten(0, 1), indices.flatten(0, 1), output_size)
+        return out.unflatten(0, (info.batch_size, -1)), 0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -206,12 +220,12 @@ def _register_autograd(forward_name, backward_name):
 
     def backward(ctx, grad_output):
         (indices,) = ctx.saved_tensors
-        return backward_op(grad_output, indices), None, None, None, None, None
+        return _backends.call(backward_op, None, grad_output, indices), None, None, None, None, None
 
     torch.library.register_fake(forward_name)(_fake_max_unpool2d)
     torch.library.register_fake(backward_name)(_fake_max_unpool2d_backward)
-    torch.library.register_autograd(forward_name, backward, setup_context=_setup_forward)
-    torch.library.register_autograd(backward_name, _double_backward, setup_context=_setup_backward)
+    _backends.register_autograd(forward_name, backward, _setup_forward)
+    _backends.register_autograd(backward_name, _double_backward, _setup_backward)
 
 
 @torch.library.custom_op("fastseg::max_unpool2d_triton", mutates_args=())

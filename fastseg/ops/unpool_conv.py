@@ -215,7 +215,7 @@ def _backward(ctx, grad_output):
 
 def _register(name):
     torch.library.register_fake(name)(_fake_unpool_conv2d)
-    torch.library.register_autograd(name, _backward, setup_context=_setup_context)
+    _backends.register_autograd(name, _backward, _setup_context)
 
 
 @torch.library.custom_op("fastseg::unpool_conv2d_triton", mutates_args=())
