@@ -41,14 +41,19 @@
 
 namespace fastseg {
 
-// The memory format an op's output takes: channels_last when the input is channels_last
-// contiguous and not also NCHW contiguous (the two coincide when C == 1 or H == W == 1); NCHW
-// otherwise. fastseg/_layout.py applies the same rule to fake tensors, so keep them in step.
+// The memory format an op's output takes: eager PyTorch's (suggest_memory_format), channels_last
+// when the input's strides are ordered as NHWC (a channel slice of a channels_last tensor too),
+// NCHW otherwise. fastseg/_layout.py applies the same rule to fake tensors, so keep them in step.
 inline at::MemoryFormat output_memory_format(const at::Tensor& t) {
-  if (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  return at::MemoryFormat::Contiguous;
+  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                                      : at::MemoryFormat::Contiguous;
+}
+
+// ReLU exactly as torch.relu: NaN stays NaN (a comparison with NaN is false) and -0 stays -0;
+// `v > 0 ? v : 0` (or max(v, 0)) would turn a NaN into 0 and hide it.
+template <typename T>
+FASTSEG_HOST_DEVICE T relu_value(T v) {
+  return v < T(0) ? T(0) : v;
 }
 
 // floor(a / b) and ceil(a / b) for b > 0 and any sign of a (C++ division truncates toward zero).

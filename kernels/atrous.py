@@ -113,7 +113,7 @@ def _atrous_conv_kernel(
     if HAS_RES:
         acc = acc + tl.load(res_ptr + out_off, mask=mask, other=0.0).to(acc.dtype)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # as torch.relu: NaN stays NaN
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -66,7 +66,7 @@ def _shift_add_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e * O + o, mask=o_ok, other=0.0).to(acc.dtype)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # as torch.relu: NaN stays NaN
     out_off = e.to(tl.int64) * out_sg + (b.to(tl.int64) * out_sb + r.to(tl.int64) * out_sp)[:, None] \
         + (o.to(tl.int64) * out_so)[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])

@@ -787,3 +787,66 @@ def test_layers_under_cpu_autocast():
         expected = _plain_aspp(aspp3, x)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert_relative_close(aspp3(x).float(), expected, torch.bfloat16)
+
+
+def _nan_problem(dtype, layout, C=16, O=21):
+    # 21 output channels: the half epilogue's 8-wide loop and its scalar tail; a NaN in x (spread by
+    # the convolution) and one in shift (a whole channel).
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, C, 13, 11, generator=gen)
+    x[1, 3, 6, 4] = float("nan")
+    w = torch.randn(O, C, 3, 3, generator=gen) / 12
+    scale, shift = torch.rand(O, generator=gen) + 0.5, torch.randn(O, generator=gen)
+    shift[min(5, O - 1)] = float("nan")
+    residual = torch.randn(2, O, 13, 11, generator=gen)
+    ref = torch.relu(F.conv2d(x.double(), w.double(), None, 1, 2, 2) * scale.double().view(1, -1, 1, 1)
+                     + shift.double().view(1, -1, 1, 1) + residual.double())
+    return [_layout(t.to(dtype), layout) if t.dim() == 4 else t.to(dtype) for t in (x, w, scale, shift, residual)], ref
+
+
+def _assert_same_nans(out, ref, spreads=False):
+    assert torch.isnan(ref).any() and (~torch.isnan(ref)).any()
+    if spreads:  # Winograd may spread a NaN over its tile (documented); it must never drop one
+        assert torch.isnan(out)[torch.isnan(ref)].all()
+    else:
+        assert torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_relu_keeps_nan(backend, device, dtype, layout):
+    # torch.relu(nan) is nan: a fused ReLU written max(v, 0) would return 0 and hide a NaN that
+    # eager PyTorch shows.
+    skip_if_interpreter_lacks(backend, device, dtype)
+    (x, w, scale, shift, residual), ref = _nan_problem(dtype, layout)
+    out = fastseg.atrous_conv2d(x.to(device), w.to(device), dilation=2, scale=scale.to(device),
+                                shift=shift.to(device), residual=residual.to(device), activation="relu",
+                                backend=backend)
+    _assert_same_nans(out.cpu(), ref)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("algorithm", ["taps", "conv", "winograd"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_cpu_relu_keeps_nan(algorithm, dtype, layout):
+    if algorithm != "conv" and dtype in (torch.float16, torch.bfloat16):
+        pytest.skip(f"the {algorithm} path computes in float32 or float64")
+    (x, w, scale, shift, residual), ref = _nan_problem(dtype, layout)
+    out = torch.ops.fastseg.atrous_conv2d(x, w, scale, shift, residual, [1, 1], [2, 2], [2, 2], 1, True, algorithm)
+    _assert_same_nans(out, ref, spreads=algorithm == "winograd")
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_relu_backward_passes_nan_positions(backend, device):
+    # relu's gradient is zero only where the output is <= 0: where it is NaN, grad_output passes
+    # (threshold_backward), so the residual there gets it.
+    skip_if_interpreter_lacks(backend, device, torch.float32)
+    (x, w, scale, shift, residual), _ = _nan_problem(torch.float32, "nchw", C=4, O=3)
+    residual[0, 1, 2, 3] = float("nan")
+    mine, theirs = residual.clone().to(device).requires_grad_(), residual.clone().requires_grad_()
+    fastseg.atrous_conv2d(x.to(device), w.to(device), dilation=2, residual=mine, activation="relu",
+                          backend=backend).sum().backward()
+    torch.relu(F.conv2d(x, w, None, 1, 2, 2) + theirs).sum().backward()
+    assert torch.equal(mine.grad.cpu(), theirs.grad)

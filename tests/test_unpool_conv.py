@@ -421,3 +421,33 @@ def test_strided_scale_and_shift(backend, device, poison):
     out = fastseg.unpool_conv2d(t["values"], t["indices"], t["w"], t["bias"], scale=scale, shift=shift,
                                 residual=t["residual"], activation="relu", backend=backend, **_kwargs(case))
     assert_relative_close(out.cpu(), expected, torch.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_relu_keeps_nan(backend, device, dtype, layout):
+    # torch.relu(nan) is nan: the fused ReLU must not turn a NaN (from the values or the shift)
+    # into 0, forward or backward.
+    if backend == "triton" and device == "cpu" and dtype == torch.float16:
+        pytest.skip("float16 runs on the GPU; the interpreter covers float32 and bfloat16")
+    gen = torch.Generator().manual_seed(12)
+    values, indices = F.max_pool2d(torch.randn(2, 8, 10, 14, generator=gen), 2, return_indices=True)
+    values[1, 2, 3, 4] = float("nan")
+    w = torch.randn(21, 8, 3, 3, generator=gen) / 8
+    shift = torch.randn(21, generator=gen)
+    shift[7] = float("nan")
+    ref = torch.relu(F.conv2d(F.max_unpool2d(values.double(), indices, 2), w.double(), padding=1)
+                     + shift.double().view(1, -1, 1, 1))
+    x = _layout(values.to(dtype), layout).to(device).clone().requires_grad_()
+    out = fastseg.unpool_conv2d(x, _layout(indices, layout).to(device), w.to(device, dtype), kernel_size=2,
+                                shift=shift.to(device, dtype), activation="relu", backend=backend)
+    assert torch.equal(torch.isnan(out).cpu(), torch.isnan(ref))
+    if dtype == torch.float32:  # where the output is NaN, relu's gradient passes grad_output
+        out.backward(torch.ones_like(out))
+        eager = values.clone().requires_grad_()
+        torch.relu(F.conv2d(F.max_unpool2d(eager, indices, 2), w, padding=1) + shift.view(1, -1, 1, 1)).backward(
+            torch.ones_like(ref, dtype=torch.float32))
+        assert torch.equal(torch.isnan(x.grad).cpu(), torch.isnan(eager.grad))
+        assert_relative_close(torch.nan_to_num(x.grad.cpu()), torch.nan_to_num(eager.grad), torch.float32,
+                              TRITON_FP32_TOLERANCE if backend in ("triton", "cudnn") else None)

@@ -123,7 +123,7 @@ FASTSEG_ALWAYS_INLINE void epilogue_rows(scalar_t* y, const scalar_t* res, const
         if (sc) v *= sc[o];
         if (sh) v += sh[o];
         if (rrow) v += Cvt::load(rrow[o]);
-        if (relu) v = v > acc_t(0) ? v : acc_t(0);
+        if (relu) v = relu_value(v);
         row[o] = Cvt::store(v);
       }
     } else {
@@ -132,7 +132,7 @@ FASTSEG_ALWAYS_INLINE void epilogue_rows(scalar_t* y, const scalar_t* res, const
       for (int64_t i = 0; i < len; ++i) {
         acc_t v = Cvt::load(row[i]) * a + b;
         if (rrow) v += Cvt::load(rrow[i]);
-        if (relu) v = v > acc_t(0) ? v : acc_t(0);
+        if (relu) v = relu_value(v);
         row[i] = Cvt::store(v);
       }
     }
@@ -169,7 +169,7 @@ FASTSEG_TARGET_F16C void epilogue_rows_f16c(at::Half* y, const at::Half* res, co
         v = _mm256_fmadd_ps(v, a, b);
       }
       if (rrow) v = _mm256_add_ps(v, load_half8(rrow + i));
-      if (relu) v = _mm256_max_ps(v, zero);
+      if (relu) v = _mm256_max_ps(zero, v);  // the second operand where v is NaN or -0, as relu_value
       _mm_storeu_si128(reinterpret_cast<__m128i*>(row + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     }
     for (; i < len; ++i) {
@@ -181,7 +181,7 @@ FASTSEG_TARGET_F16C void epilogue_rows_f16c(at::Half* y, const at::Half* res, co
         v = v * (sc ? sc[o] : 1.f) + (sh ? sh[o] : 0.f);
       }
       if (rrow) v += HalfBits::load(rrow[i]);
-      if (relu) v = v > 0.f ? v : 0.f;
+      if (relu) v = relu_value(v);
       row[i] = HalfBits::store(v);
     }
   }
@@ -295,7 +295,7 @@ void taps_rectangle(const scalar_t* x, const at::Tensor& w_rows, scalar_t* y, co
           v = ep.apply(v, o);
           const int64_t pos = base + o * L.channel_stride;
           if (res) v += res[pos];
-          if (ep.relu) v = v > scalar_t(0) ? v : scalar_t(0);
+          if (ep.relu) v = relu_value(v);
           y[pos] = v;
         }
       }
@@ -813,7 +813,7 @@ FASTSEG_ALWAYS_INLINE void epilogue_row(scalar_t* out, scalar_t* dst, const scal
     for (int64_t o = 0; o < n; ++o) out[o] += res[o];
   }
   if (relu) {
-    for (int64_t o = 0; o < n; ++o) dst[o] = out[o] > scalar_t(0) ? out[o] : scalar_t(0);
+    for (int64_t o = 0; o < n; ++o) dst[o] = relu_value(out[o]);
   } else {
     for (int64_t o = 0; o < n; ++o) dst[o] = out[o];
   }

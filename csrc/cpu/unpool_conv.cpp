@@ -178,7 +178,7 @@ FASTSEG_ALWAYS_INLINE scalar_t epilogue_value(scalar_t s, at::opmath_type<scalar
   using acc_t = at::opmath_type<scalar_t>;
   acc_t v = Cvt::load(s) * a + b;
   if (kResidual) v += Cvt::load(*r);
-  if (kRelu) v = v > acc_t(0) ? v : acc_t(0);
+  if (kRelu) v = relu_value(v);
   return Cvt::store(v);
 }
 

@@ -70,7 +70,9 @@ def atrous_conv2d(
     kept for reuse while the weights' bytes are unchanged (512 MiB in all, or
     ``FASTSEG_WINOGRAD_CACHE_MB``), so the first call with new weights is slower. As in every
     Winograd implementation, a non-finite input value can turn the other outputs of its tile into
-    NaN (their terms in it cancel only in exact arithmetic: inf - inf). Other cases call oneDNN with
+    NaN (their terms in it cancel only in exact arithmetic: inf - inf), and the transforms' sums of a
+    tile's inputs overflow float32 for values above about 1e37 where a direct convolution need not.
+    Other cases call oneDNN with
     the epilogue fused into one pass.
 
     Example:
@@ -214,7 +216,7 @@ def _backward(ctx, grad_output):
     needs = ctx.needs_input_grad
     g = grad_output
     if ctx.relu:
-        g = torch.where(output > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        g = torch.where(output <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)  # NaN passes, as relu's
     grad_scale = grad_shift = grad_residual = None
     if needs[4] and ctx.has[1]:
         grad_residual = g

@@ -190,7 +190,7 @@ def _backward(ctx, grad_output):
     needs = ctx.needs_input_grad
     g = grad_output
     if ctx.relu:
-        g = torch.where(output > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        g = torch.where(output <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)  # NaN passes, as relu's
     grad_scale = grad_shift = grad_residual = grad_values = grad_weight = None
     if needs[5] and ctx.has[1]:
         grad_residual = g
