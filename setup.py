@@ -2,12 +2,22 @@
 
 The C++ CPU sources are always built. The CUDA sources are built when torch is a CUDA build and
 nvcc is found, or when ``FASTSEG_CUDA=1`` forces it (then a missing toolkit is an error);
-``FASTSEG_CUDA=0`` skips them. ``FASTSEG_NATIVE=1`` adds ``-march=native`` for a local build.
+``FASTSEG_CUDA=0`` skips them. ``FASTSEG_NATIVE=1`` adds ``-march=native`` for a local build,
+``FASTSEG_DEBUG=1`` debug information.
 """
 import glob
 import os
 
 from setuptools import find_packages, setup
+
+try:
+    import torch  # noqa: F401  the extension is compiled against the torch installed here
+except ImportError:
+    raise SystemExit(
+        "fastseg compiles its extension against the installed PyTorch, which pip's isolated build "
+        "environment does not see: install torch first, then build with `pip install "
+        "--no-build-isolation fastseg` (or `pip install --no-build-isolation .` in a checkout)"
+    ) from None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,12 +47,14 @@ def _extensions():
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
     if os.environ.get("FASTSEG_NATIVE") == "1":
         cxx.append("-march=native")
+    # Python's own CFLAGS carry -g: 20 MB of debug sections in a 2 MB library. FASTSEG_DEBUG=1 keeps them.
+    cxx.append("-g" if os.environ.get("FASTSEG_DEBUG") == "1" else "-g0")
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = []
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            # No GPU to ask: build for Ampere and Hopper, plus PTX for newer cards.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+            # No GPU to ask: build for Turing (T4), Ampere and Hopper, plus PTX for newer cards.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "7.5;8.0;9.0+PTX"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("FASTSEG_WITH_CUDA", None))
         ext = CUDAExtension(

@@ -3,6 +3,7 @@
 // registered from Python, beside each op's public function in fastseg/ops/.
 #include <Python.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <string>
 
@@ -32,8 +33,15 @@ std::string cpu_isa_name() {
   }
 }
 
+// The torch release the extension was compiled against, "major.minor": the C++ ABI changes between
+// them, so fastseg/_backends.py refuses the extension under another one rather than risk a crash.
+std::string torch_version() {
+  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+}
+
 TORCH_LIBRARY(fastseg, m) {
   m.def("_cuda_version() -> int", &cuda_version);
+  m.def("_torch_version() -> str", &torch_version);
   m.def("_cpu_isa() -> str", &cpu_isa_name);
 
   // Max-unpooling (SegNet). input/indices (B, C, H, W); indices are flat positions in the

@@ -27,6 +27,11 @@ def _load_extension():
         importlib.import_module("fastseg._C")
     except ImportError as error:  # not built, or built against another torch (undefined symbols)
         return f"{type(error).__name__}: {error}"
+    running = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    built = getattr(torch.ops.fastseg, "_torch_version", None)
+    built = built() if built is not None else "an older fastseg"
+    if built != running:  # loaded, but another release's C++ ABI: a call could crash
+        return f"it was built against torch {built}, and this is torch {running}"
     return None
 
 

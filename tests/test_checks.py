@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -140,3 +144,115 @@ def test_torch_func_refused_by_dense_crf():
     scores = torch.randn(1, 3, 5, 6)
     with pytest.raises(NotImplementedError, match="dense_crf: torch.func"):
         grad(lambda s: fastseg.dense_crf(s, iterations=1, bilateral=None).sum())(scores)
+
+
+def _strided_inputs(B, C, H, W):
+    """Inputs whose memory format only their stride order tells, each with a (B, C, H, W) shape."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(B, C + 4, H, W, generator=g).contiguous(memory_format=torch.channels_last)
+    return {
+        "channels_last-channel-slice": wide[:, 2:2 + C],  # NHWC order, contiguous in neither format
+        "nchw-channel-slice": torch.randn(B, C + 4, H, W, generator=g)[:, 1:1 + C],
+        "nhwc-permuted": torch.randn(B, H, W, C, generator=g).permute(0, 3, 1, 2),
+        "column-step": torch.randn(B, C, H, 2 * W, generator=g).contiguous(memory_format=torch.channels_last)[..., ::2],
+    }
+
+
+LAYOUT_CASES = ["channels_last-channel-slice", "nchw-channel-slice", "nhwc-permuted", "column-step"]
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+@pytest.mark.parametrize("op", ["atrous_conv2d", "max_unpool2d", "unpool_conv2d", "gcn_conv2d"])
+@pytest.mark.parametrize("backend, device", [p for p in backend_params(("reference", "cpp", "triton"), ("cpu",))])
+def test_output_memory_format_follows_eager(op, case, backend, device):
+    # Outputs take eager PyTorch's memory format (suggest_memory_format: the input's stride order),
+    # also for inputs contiguous in neither format; values as eager's.
+    import torch.nn.functional as F
+
+    from fastseg._layout import output_memory_format
+
+    g = torch.Generator().manual_seed(4)
+    x = _strided_inputs(2, 3, 6, 5)[case]
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    if op in ("max_unpool2d", "unpool_conv2d"):
+        pooled, indices = F.max_pool2d(torch.randn(2, 3, 12, 10, generator=g), 2, return_indices=True)
+        x = x.copy_(pooled)  # x's strides, pooled's values
+        indices = torch.empty_like(x, dtype=torch.int64).copy_(indices)
+    if op == "atrous_conv2d":
+        out, eager = fastseg.atrous_conv2d(x, w, dilation=2, backend=backend), F.conv2d(x, w, padding=2, dilation=2)
+    elif op == "max_unpool2d":
+        out, eager = fastseg.max_unpool2d(x, indices, 2, backend=backend), F.max_unpool2d(x, indices, 2)
+    elif op == "unpool_conv2d":
+        out = fastseg.unpool_conv2d(x, indices, w, kernel_size=2, backend=backend)
+        eager = F.conv2d(F.max_unpool2d(x, indices, 2), w, padding=1)
+    else:
+        w1, w2 = torch.randn(4, 3, 3, 1, generator=g), torch.randn(2, 4, 1, 3, generator=g)
+        out = fastseg.gcn_conv2d(x, w1, w2, w1.transpose(2, 3), w2.transpose(2, 3), backend=backend)
+        eager = (F.conv2d(F.conv2d(x, w1, padding=(1, 0)), w2, padding=(0, 1))
+                 + F.conv2d(F.conv2d(x, w1.transpose(2, 3), padding=(0, 1)), w2.transpose(2, 3), padding=(1, 0)))
+    fmt = output_memory_format(eager)
+    assert fmt == output_memory_format(x)
+    assert out.is_contiguous(memory_format=fmt), (out.stride(), eager.stride())
+    tolerance = 0 if op == "max_unpool2d" else 5e-4 if backend == "triton" else 1e-5
+    assert_relative_close(out, eager, torch.float32, tolerance)
+
+
+def test_every_op_runs_without_the_extension():
+    # With fastseg._C unavailable (not built, built for another torch, or FASTSEG_NO_EXTENSION=1)
+    # every public entry point runs on the reference, forward and backward.
+    code = """
+import warnings; warnings.simplefilter("ignore")
+import numpy as np, torch, torch.nn.functional as F, fastseg, fastseg.crf
+from fastseg.ops import permutohedral_filter
+assert not fastseg._backends.EXTENSION_LOADED
+g = torch.Generator().manual_seed(0)
+x, w = torch.randn(1, 3, 8, 8, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+v, i = F.max_pool2d(x, 2, return_indices=True)
+image = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8, generator=g)
+calls = {
+    "atrous_conv2d": lambda a: fastseg.atrous_conv2d(a, w, dilation=2, activation="relu"),
+    "max_unpool2d": lambda a: fastseg.max_unpool2d(F.max_pool2d(a, 2), i, 2),
+    "unpool_conv2d": lambda a: fastseg.unpool_conv2d(F.max_pool2d(a, 2), i, w, kernel_size=2),
+    "gcn_conv2d": lambda a: fastseg.gcn_conv2d(a, w[:2, :, :, :1], w[:, :2, :1], w[:2, :, :1], w[:, :2, :, :1]),
+    "dense_crf": lambda a: fastseg.dense_crf(a, image, iterations=2),
+    "dense_crf-reference": lambda a: fastseg.dense_crf(a, image, iterations=2, backend="reference"),
+    "permutohedral_filter": lambda a: permutohedral_filter(a, torch.randn(1, 2, 8, 8, generator=g)),
+    "nn.DenseCRF": lambda a: fastseg.nn.DenseCRF(iterations=2)(a, image),
+}
+for name, fn in calls.items():
+    with torch.no_grad():
+        assert torch.isfinite(fn(x)).all(), name
+    leaf = x.clone().requires_grad_()
+    fn(leaf).square().sum().backward()
+    assert torch.isfinite(leaf.grad).all(), name
+d = fastseg.crf.DenseCRF2D(8, 8, 3)
+d.setUnaryEnergy(np.random.rand(3, 64).astype(np.float32))
+d.addPairwiseGaussian(sxy=3, compat=3)
+d.addPairwiseBilateral(sxy=20, srgb=13, rgbim=np.ascontiguousarray(image[0].permute(1, 2, 0).numpy()), compat=10)
+assert np.asarray(d.inference(3)).shape == (3, 64)
+print("ok")
+"""
+    env = dict(os.environ, FASTSEG_NO_EXTENSION="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok"]
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_extension_built_for_another_torch_is_refused():
+    # The C++ ABI changes between torch releases: an extension built against another one is not
+    # used (a call could crash); the ops fall back to the reference with the reason in the warning.
+    code = """
+import warnings
+import torch
+torch.__version__ = "2.99.0+cpu"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fastseg
+print(fastseg._backends.EXTENSION_LOADED)
+print(any("built against torch" in str(w.message) and "this is torch 2.99" in str(w.message) for w in caught))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "True"]
+    assert fastseg._backends.EXTENSION_LOADED  # this process's own torch is the one it was built for

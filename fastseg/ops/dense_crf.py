@@ -195,8 +195,9 @@ def mean_field(unary, features, compats, normalizations, iterations, init=None, 
     if needs_grad and not checkpoint:
         # Every iterate comes out of the forward and is kept for the backward.
         return torch.ops.fastseg.dense_crf_iterates(*args, impl)[-1]
-    op = {"reference": torch.ops.fastseg.dense_crf_reference, "triton": torch.ops.fastseg.dense_crf_triton}.get(
-        impl, torch.ops.fastseg.dense_crf)
+    # By name: torch.ops.fastseg.dense_crf exists only when fastseg._C loaded.
+    op = getattr(torch.ops.fastseg, {"reference": "dense_crf_reference", "triton": "dense_crf_triton"}.get(
+        impl, "dense_crf"))
     # needs_grad, not _backends.call's own test: the compatibilities that may require grad sit in a list.
     return op(*args) if needs_grad else _backends.call(op, None, *args)
 
@@ -225,8 +226,8 @@ def permutohedral_filter(values, features, normalization="symmetric", *, transpo
     impl = _backends.select(op, backend, values.device, implemented=_IMPLEMENTED)
     dtype = reference.compute_dtype(values.dtype) if impl == "reference" else torch.float32
     values, features = values.to(dtype).contiguous(), features.to(torch.float32).contiguous()
-    op = {"reference": torch.ops.fastseg.permutohedral_filter_reference,
-          "triton": torch.ops.fastseg.permutohedral_filter_triton}.get(impl, torch.ops.fastseg.permutohedral_filter)
+    op = getattr(torch.ops.fastseg, {"reference": "permutohedral_filter_reference",
+                                     "triton": "permutohedral_filter_triton"}.get(impl, "permutohedral_filter"))
     return _backends.call(op, None, values, features, code, transpose)
 
 
