@@ -25,6 +25,20 @@ if os.environ.get("FASTSEG_BENCH_THREADS"):
 _results = []
 
 
+def pytest_collection_modifyitems(config, items):
+    # FASTSEG_BENCH_OPS (fastseg bench --ops): keep the selected ops' benchmarks; test_bench_atrous.py
+    # holds two ops (atrous, aspp), so a file alone does not say.
+    ops = os.environ.get("FASTSEG_BENCH_OPS")
+    if not ops:
+        return
+    from fastseg.cli import bench_op_of
+
+    wanted = set(ops.split(","))
+    keep = [item for item in items if bench_op_of(item.path.name, item.name) in wanted]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
+
 def _synchronizing(fn, device):
     if device != "cuda":
         return fn
@@ -61,6 +75,11 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("fastseg: medians, speed-ups (peer median / fastseg median), roofline")
     for line in benchmarking.format_table(table, peaks).splitlines():
         terminalreporter.write_line(line)
+    from fastseg import _backends
+
+    if not _backends.EXTENSION_LOADED and "cpu" in peaks:
+        terminalreporter.write_line(f"NOTE: fastseg._C is not loaded ({_backends.EXTENSION_ERROR}): the fastseg "
+                                    "rows on the CPU timed the plain-PyTorch references", red=True)
     if os.environ.get("FASTSEG_BENCH_JSON"):
         benchmarking.write_json(os.environ["FASTSEG_BENCH_JSON"], table, peaks)
         terminalreporter.write_line(f"wrote {os.environ['FASTSEG_BENCH_JSON']}")

@@ -31,6 +31,8 @@ CASES = shapes(
     [("smoke", 2, 24, 32, 3, 2, DEFAULT), ("smoke voc", 1, 20, 28, 4, 2, VOC)],
 )
 IMPLS = [FASTSEG, "pydensecrf2"]
+# The CPU cases (fastseg's C++ path beside pydensecrf2), left out of a run on the GPU alone.
+CPU_ONLY = pytest.mark.skipif("cpu" not in DEVICES, reason="a CPU benchmark; this run is for " + ",".join(DEVICES))
 
 
 @functools.lru_cache(maxsize=2)
@@ -65,6 +67,7 @@ def _pydensecrf(unary, image, iterations, gaussian, bilateral):
     return run
 
 
+@CPU_ONLY
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].replace(' ', '-')}-it{c[5]}")
 def test_dense_crf(bench, case, impl):
@@ -95,6 +98,7 @@ BACKWARD_CASES = shapes(
 BACKWARD_IMPLS = ["forward", "forward (grad)", "forward+backward", "forward+backward checkpoint"]
 
 
+@CPU_ONLY
 @pytest.mark.parametrize("impl", BACKWARD_IMPLS)
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: f"{c[0].replace(' ', '-')}-it{c[5]}")
 def test_dense_crf_backward(bench, case, impl):

@@ -47,16 +47,25 @@ def _info(args):
     return 0
 
 
-# op name -> (benchmark file, pytest -k expression selecting its cases in that file, or None)
+# op name -> (benchmark file, which of its tests by name, or None for all); the suite's conftest
+# keeps the selected ops' tests (FASTSEG_BENCH_OPS), one file possibly serving two ops.
 BENCH_OPS = {
     "unpool": ("test_bench_unpool.py", None),
     "crf": ("test_bench_dense_crf.py", None),
-    "atrous": ("test_bench_atrous.py", "not aspp"),
-    "aspp": ("test_bench_atrous.py", "aspp"),
+    "atrous": ("test_bench_atrous.py", lambda name: "aspp" not in name),
+    "aspp": ("test_bench_atrous.py", lambda name: "aspp" in name),
     "gcn": ("test_bench_gcn.py", None),
     "unpool_conv": ("test_bench_unpool_conv.py", None),
     "models": ("test_bench_models.py", None),
 }
+
+
+def bench_op_of(file_name, test_name):
+    """The BENCH_OPS op a benchmark test belongs to, or None."""
+    for op, (file, covers) in BENCH_OPS.items():
+        if file == file_name and (covers is None or covers(test_name)):
+            return op
+    return None
 
 
 def _benchmark_dir():
@@ -70,6 +79,8 @@ def _benchmark_dir():
 
 
 def _writable(option, path):
+    if Path(path).expanduser().is_dir() or not str(path).strip():
+        return f"{option} {path!r}: needs a file name, not a folder"
     parent = Path(path).expanduser().resolve().parent
     if not parent.is_dir():
         return f"{option} {path}: the folder {parent} does not exist"
@@ -85,46 +96,47 @@ def _bench(args):
         print(f"fastseg bench: {message}", file=sys.stderr)
         return 2
 
-    ops = [op.strip() for op in args.ops.split(",") if op.strip()] if args.ops else list(BENCH_OPS)
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()] if args.ops is not None else list(BENCH_OPS)
     unknown = [op for op in ops if op not in BENCH_OPS]
     if unknown:
         return fail(f"unknown op {', '.join(map(repr, unknown))}; choose from {', '.join(BENCH_OPS)}")
+    if not ops:
+        return fail(f"--ops names no op; choose from {', '.join(BENCH_OPS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda: no CUDA device is available here")
     if args.threads is not None and args.threads < 1:
         return fail(f"--threads must be >= 1, got {args.threads}")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
-        problem = path and _writable(option, path)
+        problem = path is not None and _writable(option, path)
         if problem:
             return fail(problem)
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure
         except ImportError:
             return fail("--plot needs matplotlib: pip install matplotlib (or fastseg[bench])")
+        if not Path(args.plot).suffix:
+            args.plot += ".png"
+        formats = Figure().canvas.get_supported_filetypes()
+        if Path(args.plot).suffix[1:].lower() not in formats:
+            return fail(f"--plot {args.plot}: matplotlib writes {', '.join('.' + f for f in sorted(formats))}")
     suite = _benchmark_dir()
     if suite is None:
         return fail("the benchmark suite is not installed with this copy of fastseg")
 
-    selected = {}  # file -> -k expressions
+    files = []
     for op in ops:
-        file, expression = BENCH_OPS[op]
-        if (suite / file).is_file():
-            selected.setdefault(file, []).append(expression)
-        elif args.ops:
+        file = BENCH_OPS[op][0]
+        if not (suite / file).is_file():
             return fail(f"op {op!r} has no benchmarks in this version of fastseg")
-    if not selected:
-        return fail("no benchmarks to run")
+        files += [file] if file not in files else []
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(suite),
                "--benchmark-columns=median,rounds", "--benchmark-sort=name"]
-    command += [str(suite / file) for file in selected]
-    expressions = [e for es in selected.values() for e in es]
-    if None not in expressions:
-        command += ["-k", " or ".join(f"({e})" for e in expressions)]
+    command += [str(suite / file) for file in files]
     if args.quick:
         command += ["--benchmark-max-time=0.2", "--benchmark-min-rounds=3"]
     env = dict(os.environ)
-    env.update(FASTSEG_BENCH_QUICK="1" if args.quick else "0")
+    env.update(FASTSEG_BENCH_QUICK="1" if args.quick else "0", FASTSEG_BENCH_OPS=",".join(ops))
     for name, value in (("DEVICE", args.device), ("THREADS", args.threads), ("JSON", args.json), ("PLOT", args.plot)):
         if value is not None:
             env[f"FASTSEG_BENCH_{name}"] = str(Path(value).expanduser().resolve()) if name in ("JSON", "PLOT") else str(value)
