@@ -187,6 +187,8 @@ def forward_ad_active(args):
 
 
 def tracing():
-    """Whether torch.compile or torch.export is tracing the current call."""
+    """Whether torch.compile, torch.export or torch.jit.trace is tracing the current call: a graph
+    is being recorded, so values must come from the inputs (not a cache) and branches on shapes or
+    values would be frozen into it."""
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
+    return bool(is_compiling is not None and is_compiling()) or torch.jit.is_tracing()

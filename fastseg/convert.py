@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn as fnn
-from .nn._kept import autocasting
+from ._backends import tracing
+from .nn._kept import has_hooks, runs_submodules
 from .nn.atrous import fold_batch_norm, folds_batch_norm, fusable_residual
 from .ops.atrous import atrous_conv2d, atrous_output_size
 from .ops.dense_crf import dense_crf
@@ -153,11 +154,13 @@ class FusedConv2d(nn.Module):
         c = self.conv
         # Eager where the BatchNorm normalises by the batch, and for unbatched input to a BatchNorm
         # (which refuses it; atrous_conv2d would not).
-        if not folds_batch_norm(self) or autocasting(x) or (self.bn is not None and x.dim() != 4):
+        if not folds_batch_norm(self) or runs_submodules(self, x) or (self.bn is not None and x.dim() != 4):
             return self._eager(x, residual)
         size = atrous_output_size(x.shape[-2:], c.kernel_size, c.stride, c.padding, c.dilation)
-        if x.shape[0] * c.out_channels * size[0] * size[1] < EAGER_BELOW and x.dim() == 4:
-            return self._eager(x, residual)  # too small to pay for the fused call's overhead
+        # Too small to pay for the fused call's overhead: eager. Not in a traced graph, where the
+        # branch on the size would become a guard (an exported program limited to one side of it).
+        if not tracing() and x.dim() == 4 and x.shape[0] * c.out_channels * size[0] * size[1] < EAGER_BELOW:
+            return self._eager(x, residual)
         scale = shift = None
         if self.bn is not None:
             scale, shift = fold_batch_norm(self.bn, x.dtype)
@@ -253,8 +256,8 @@ def _replace_modules(module, prefix, rep, allowed):
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
         new = None
-        hooked = _hooked(child) if type(child) is nn.MaxUnpool2d else (
-            _is_zoo_aspp(child) and any(_hooked(m) for m in child.modules()))
+        hooked = has_hooks(child) if type(child) is nn.MaxUnpool2d else (
+            _is_zoo_aspp(child) and any(has_hooks(m) for m in child.modules()))
         if hooked:
             rep.left.append(Left(path, type(child).__name__, _HOOKED))
         elif type(child) is nn.MaxUnpool2d:
@@ -278,10 +281,6 @@ def _replace_modules(module, prefix, rep, allowed):
 _HOOKED = "has module hooks, which the replacement would not run"
 
 
-def _hooked(module):
-    """Whether forward or backward hooks are registered on the module itself."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
 
 
 def _is_zoo_aspp(module):
@@ -353,7 +352,7 @@ class _Tracer(torch.fx.Tracer):
                          autowrap_functions=(atrous_conv2d, max_unpool2d, gcn_conv2d, dense_crf))
 
     def is_leaf_module(self, m, qualname):
-        return self.is_layer(m, qualname) or _hooked(m)
+        return self.is_layer(m, qualname) or has_hooks(m)
 
     def is_layer(self, m, qualname):
         """A torch.nn or fastseg layer: nothing inside it to rewrite."""
@@ -414,7 +413,7 @@ def _outermost_hooked(module):
             continue
         if _Tracer().is_layer(sub, name):
             stop.append(name)
-        elif _hooked(sub):
+        elif has_hooks(sub):
             found.append((name, sub))
             stop.append(name)
     return found
@@ -531,7 +530,7 @@ def _rewrite(root, graph, path, rep, allowed):
             continue  # a conv alone: nothing to fuse
         pattern = "conv" + ("+bn" if bn is not None else "") + ("+add" if residual is not None else "") \
             + ("+relu" if relu else "")
-        hooked = [n.target for n in chain if n.op == "call_module" and _hooked(modules[n.target])]
+        hooked = [n.target for n in chain if n.op == "call_module" and has_hooks(modules[n.target])]
         if hooked:
             rep.left.append(Left(where, pattern, f"{hooked[0]} {_HOOKED}"))
             continue

@@ -42,6 +42,25 @@ def autocasting(x):
         return torch.is_autocast_cpu_enabled() if x.device.type == "cpu" else torch.is_autocast_enabled()
 
 
+def has_hooks(module):
+    """Whether forward or backward hooks are registered on the module itself."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def runs_submodules(layer, x):
+    """Whether a layer runs its PyTorch submodules rather than fastseg's ops: under autocast (which
+    casts their inputs; :func:`autocasting`), and where hooks would see only calls of the modules: a
+    submodule's own hooks (a user's, or the observers torch.ao.quantization's prepare attaches,
+    whose calibration would otherwise see no data) or global module hooks."""
+    if autocasting(x):
+        return True
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(has_hooks(m) for m in layer.modules() if m is not layer)
+
+
 class KeepsDerived:
     """Drops the values ``cached`` kept whenever the mode is set."""
 

@@ -16,7 +16,7 @@ from torch import nn
 from .. import _backends
 from .._checks import is_plain_batch
 from .._layout import output_memory_format
-from ._kept import KeepsDerived, autocasting, cached
+from ._kept import KeepsDerived, cached, runs_submodules
 from ..ops.atrous import _cudnn_forward, _padding, atrous_conv2d, atrous_output_size
 
 __all__ = ["AtrousConvBNReLU", "ASPP"]
@@ -85,7 +85,7 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
         self.backend = backend
 
     def forward(self, x, residual=None):
-        if not folds_batch_norm(self) or autocasting(x):  # eager: BatchNorm in its own mode
+        if not folds_batch_norm(self) or runs_submodules(self, x):  # eager: BatchNorm in its own mode
             y = self.bn(self.conv(x))
             if residual is not None:
                 y = y + residual
@@ -219,14 +219,15 @@ class ASPP(KeepsDerived, nn.Module):
         return all(folds_batch_norm(layer) for layer in layers)
 
     def forward(self, x):
-        folds = self._folds() and not autocasting(x)
+        own_modules = runs_submodules(self, x)
+        folds = self._folds() and not own_modules
         if folds and self._taps_route(x):
             return self._forward_taps(x)
         if self.version == "v2":
             out = None
             # On CUDA the fused residual chain is eager's kernels plus a Python op per branch:
             # 0.6x eager's own sum at batch 1 (float32, 21 classes; H200), so 'auto' runs eager's.
-            eager = self.training or autocasting(x) or (
+            eager = self.training or own_modules or (
                 isinstance(x, torch.Tensor) and x.is_cuda and self.backend == "auto")
             for conv in self.branches:
                 if eager:
@@ -257,7 +258,7 @@ class ASPP(KeepsDerived, nn.Module):
         total = None
         if pooled is not None:
             term = F.conv2d(pooled, weight[:, len(outs) * C:])  # (B, out, 1, 1)
-            if term.shape[0] == 1:
+            if term.shape[0] == 1 and not _backends.tracing():  # a trace would freeze the branch
                 shift = shift + term.flatten()
             else:
                 total = term.expand(-1, -1, *outs[0].shape[-2:])
@@ -311,7 +312,7 @@ class ASPP(KeepsDerived, nn.Module):
         residual = None
         if self.image_pooling:
             term = F.conv2d(self.pooling(F.adaptive_avg_pool2d(x, 1)), weight[:, n:])  # (B, out, 1, 1)
-            if term.shape[0] == 1:
+            if term.shape[0] == 1 and not _backends.tracing():  # a trace would freeze the branch
                 shift = shift + term.flatten()
             else:
                 residual = term.expand(-1, -1, *x.shape[-2:]).contiguous(memory_format=torch.channels_last)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..ops.atrous import _padding
 from ..ops.unpool_conv import unpool_conv2d
-from ._kept import autocasting
+from ._kept import runs_submodules
 from .atrous import fold_batch_norm, folds_batch_norm
 from .unpool import MaxUnpool2d
 
@@ -49,7 +49,7 @@ class UnpoolConvBNReLU(nn.Module):
         self.backend = backend
 
     def forward(self, values, indices, output_size=None, residual=None):
-        if not folds_batch_norm(self) or autocasting(values):  # eager: BatchNorm in its own mode
+        if not folds_batch_norm(self) or runs_submodules(self, values):  # eager: BatchNorm in its own mode
             y = self.bn(self.conv(self.unpool(values, indices, output_size)))
             if residual is not None:
                 y = y + residual

@@ -126,8 +126,9 @@ def atrous_conv2d(
         out = _backends.call(torch.ops.fastseg.atrous_conv2d_cudnn, _cudnn_forward, *args)
     else:
         # Weights that autograd will update change on every call: the CPU kernel neither keeps nor
-        # looks up their Winograd transforms then.
-        training = torch.is_grad_enabled() and weight.requires_grad
+        # looks up their Winograd transforms then. (A torch.jit trace would freeze the choice: there
+        # 'auto', whose cache is matched by the weights' bytes, right for any call.)
+        training = torch.is_grad_enabled() and weight.requires_grad and not torch.jit.is_tracing()
         out = _backends.call(torch.ops.fastseg.atrous_conv2d, None, *args, "auto_training" if training else "auto")
     return out if batched else out.squeeze(0)
 

@@ -147,8 +147,9 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
         out = _backends.call(torch.ops.fastseg.gcn_conv2d_cudnn, _cudnn_forward, *args)
     else:
         # Weights that autograd will update change on every call: the CPU kernel neither keeps nor
-        # looks up their spectra then.
-        training = torch.is_grad_enabled() and any(w.requires_grad for w in weights.values())
+        # looks up their spectra then. (Not frozen into a torch.jit trace: 'auto', right for any call.)
+        training = (torch.is_grad_enabled() and any(w.requires_grad for w in weights.values())
+                    and not torch.jit.is_tracing())
         out = _backends.call(torch.ops.fastseg.gcn_conv2d, None, *args, "auto_training" if training else "auto")
     return out if batched else out.squeeze(0)
 
