@@ -8,6 +8,7 @@ order that rotates from round to round. Prints medians and the range of the per-
     python benchmarks/interleaved.py gcn_training --rounds 7  # forward + backward
     python benchmarks/interleaved.py models --rounds 7     # fastseg.models (converted, layers only, reference) and fastseg.convert
     python benchmarks/interleaved.py atrous --rounds 7     # also the CPU kernel's forced paths, and ASPP
+    python benchmarks/interleaved.py atrous --compile      # torch.compile as a peer too (unpool_conv, gcn, atrous)
 
 Shapes are those of test_bench_unpool_conv.py, test_bench_gcn.py, test_bench_models.py and
 test_bench_atrous.py.
@@ -19,6 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+
+from fastseg.benchmarking import compiled
+
+# --compile: torch.compile of the eager version as one more peer (compiled once per shape, before
+# the rounds; fastseg.benchmarking.compiled makes a recompile-limit hit an error, not eager).
+COMPILE = False
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -55,9 +62,11 @@ def unpool_conv(rounds):
         for layout in ("nchw", "channels_last"):
             t = bench._problem(shape, layout, "cpu", torch.float32)
             size = shape[2:]
-            compare(f"unpool_conv2d {'x'.join(map(str, shape))} {layout}",
-                    {"fastseg": bench._fn(bench.FASTSEG, t, size, "cpu"),
-                     "eager": bench._fn("torch eager", t, size, "cpu")}, rounds)
+            fns = {"fastseg": bench._fn(bench.FASTSEG, t, size, "cpu"),
+                   "eager": bench._fn("torch eager", t, size, "cpu")}
+            if COMPILE:
+                fns["torch.compile"] = bench._fn("torch.compile", t, size, "cpu")
+            compare(f"unpool_conv2d {'x'.join(map(str, shape))} {layout}", fns, rounds)
 
 
 def _gcn_problems():
@@ -82,6 +91,8 @@ def gcn(rounds):
     for name, x, ws, bs, _ in _gcn_problems():
         fns = {"fastseg": lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, "auto"),
                "eager": lambda: bench._four_convs(x, *ws, *bs)}
+        if COMPILE:
+            fns["torch.compile"] = (lambda peer: lambda: peer(x, *ws, *bs))(compiled(bench._four_convs, "cpu"))
         for route in ("gemm", "conv", "fft"):  # the C++ kernel's routes, forced
             fns[f"forced {route}"] = (lambda r: lambda: torch.ops.fastseg.gcn_conv2d(x, *ws, *bs, 1, r))(route)
         compare(f"gcn_conv2d {name}", fns, rounds)
@@ -138,6 +149,9 @@ def atrous(rounds):
             fns = {"fastseg": lambda: fastseg.atrous_conv2d(x, w, dilation=rate, padding=rate, scale=scale, shift=shift,
                                                             activation="relu"),
                    "eager": lambda: bench._conv_bn_relu(x, w, mean, var, gamma, beta, rate)}
+            if COMPILE:
+                peer = compiled(bench._conv_bn_relu, "cpu")
+                fns["torch.compile"] = lambda: peer(x, w, mean, var, gamma, beta, rate)
             for path in ("winograd", "conv"):  # the C++ kernel's paths, forced
                 fns[f"forced {path}"] = (lambda p: lambda: torch.ops.fastseg.atrous_conv2d(*args, p))(path)
             compare(f"atrous_conv2d {B}x{C}->{bench.OUT} {H}x{H} rate {rate} {layout}", fns, rounds)
@@ -145,8 +159,11 @@ def atrous(rounds):
         torch.manual_seed(0)
         aspp = fastseg.nn.ASPP(2048, bench.OUT, version=version, rates=rates).eval()
         x = torch.randn(1, 2048, 65, 65).contiguous(memory_format=torch.channels_last)
-        compare(f"ASPP {version} rates {rates} 1x2048->{bench.OUT} 65x65 channels_last",
-                {"fastseg": lambda: aspp(x), "eager": lambda: bench._plain_aspp(aspp, x)}, rounds)
+        fns = {"fastseg": lambda: aspp(x), "eager": lambda: bench._plain_aspp(aspp, x)}
+        if COMPILE:
+            peer = compiled(bench._plain_aspp, "cpu")
+            fns["torch.compile"] = lambda: peer(aspp, x)
+        compare(f"ASPP {version} rates {rates} 1x2048->{bench.OUT} 65x65 channels_last", fns, rounds)
 
 
 def models(rounds):
@@ -175,7 +192,9 @@ if __name__ == "__main__":
     parser.add_argument("what", choices=["unpool_conv", "gcn", "gcn_training", "models", "atrous"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile as a peer too")
     args = parser.parse_args()
+    COMPILE = args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
