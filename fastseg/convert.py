@@ -29,6 +29,7 @@ model's device (:data:`NOT_SLOWER`); elsewhere it is left and the report says wh
 """
 import copy
 import dataclasses
+import importlib
 import math
 import operator
 import sys
@@ -212,8 +213,8 @@ def convert(model, *, inplace=False, report=True):
         its attributes, submodules and state dict; its class becomes a subclass whose forward is the
         rewritten graph, and the fused layers (sharing the original weights, adding no state-dict
         entries) live in its ``fastseg_fused`` ModuleDict. A replaced ASPP block's state-dict keys
-        become fastseg.nn.ASPP's. Save the converted model's state dict, not the pickled module (its
-        subclasses are made at conversion time). With ``report=True`` also a :class:`ConversionReport`
+        become fastseg.nn.ASPP's. The converted model pickles (``torch.save(model)``; loading it
+        needs fastseg and the original model's classes importable) and deep-copies. With ``report=True`` also a :class:`ConversionReport`
         listing what was replaced and what was left and why.
 
     Example:
@@ -385,12 +386,10 @@ def _fuse(module, path, rep, allowed):
                                 "branches on the Python type of a result, which torch.fx cannot follow")
     if graph is not None:
         if _rewrite(module, graph, path, rep, allowed):
-            forward = type(torch.fx.GraphModule(module, graph)).forward  # the graph's generated code
-            cls = type(module)
-            module.__class__ = type(cls.__name__, (cls,), {
-                "forward": forward, "__module__": __name__, "__qualname__": f"{cls.__qualname__}_fastseg",
-                "__doc__": f"{cls.__qualname__} converted by fastseg.convert (forward rewritten by torch.fx).",
-            })
+            torch.fx.GraphModule(module, graph)  # lints the graph against the module
+            code = graph.python_code(root_module="self")
+            names = tuple((name, _reference(value)) for name, value in sorted(code.globals.items()))
+            module.__class__ = _converted_class(type(module), code.src, names)
             rep.traced.append(path)
         for name, sub in _outermost_hooked(module):  # calls in the graph: converted on their own
             _fuse(sub, f"{path}.{name}" if path else name, rep, allowed)
@@ -402,6 +401,48 @@ def _fuse(module, path, rep, allowed):
     for name, child in list(module.named_children()):
         _fuse(child, f"{path}.{name}" if path else name, rep, allowed)
     return module
+
+
+# The class of a module rewritten through torch.fx is made at conversion time: a subclass of the
+# module's class whose forward is the graph's generated source. Pickle finds classes by name, so
+# the class pickles as what it is made from (base class, source, the source's global names), and
+# unpickling makes it again; one class per (base, source) in a process keeps type() stable across
+# copies.
+_CONVERTED_CLASSES = {}
+
+
+def _reference(value):
+    """A global name of generated code as something pickle can carry: modules by name (module
+    objects do not pickle), anything else (functions, classes, constants) as itself."""
+    return ("module", value.__name__) if isinstance(value, type(sys)) else ("value", value)
+
+
+def _converted_class(base, source, names):
+    key = (base, source)
+    cls = _CONVERTED_CLASSES.get(key)
+    if cls is None:
+        namespace = {name: (importlib.import_module(ref) if kind == "module" else ref)
+                     for name, (kind, ref) in names}
+        exec(compile(source, f"<fastseg.convert: {base.__qualname__}>", "exec"), namespace)  # noqa: S102
+        cls = type(base.__name__, (base,), {
+            "forward": namespace["forward"], "__module__": __name__,
+            "__qualname__": f"{base.__qualname__}_fastseg",
+            "__doc__": f"{base.__qualname__} converted by fastseg.convert (forward rewritten by torch.fx).",
+            "__reduce_ex__": _reduce_converted, "_fastseg_made_from": (base, source, names),
+        })
+        _CONVERTED_CLASSES[key] = cls
+    return cls
+
+
+def _new_converted(base, source, names):
+    cls = _converted_class(base, source, names)
+    return cls.__new__(cls)
+
+
+def _reduce_converted(self, protocol):
+    # object's reduction (state = the instance's __dict__, which nn.Module.__setstate__ takes),
+    # with the made class replaced by the recipe that makes it again.
+    return (_new_converted, type(self)._fastseg_made_from, self.__dict__.copy())
 
 
 def _outermost_hooked(module):

@@ -417,3 +417,46 @@ def test_converted_model_under_cpu_autocast(fused_everywhere):
     x = torch.randn(2, 8, 12, 12)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(fast(x), model(x))
+
+
+_LOAD_AND_RUN = """
+import sys, torch
+model = torch.load(sys.argv[1], weights_only=False)
+x, ref = torch.load(sys.argv[2])
+with torch.no_grad():
+    out = model(x)
+out = out["out"] if isinstance(out, dict) else out
+print(type(model).__qualname__, (out - ref).abs().max().item() / ref.abs().max().item())
+"""
+
+
+@pytest.mark.parametrize("name", ["tv_deeplabv3_resnet50", "segnet"])
+def test_converted_model_pickles(name, tmp_path, fused_everywhere):
+    """torch.save(model) of a converted model: its classes made by torch.fx conversion pickle as
+    their recipe, and a fresh process (none of those classes made yet) loads and runs it."""
+    import pickle
+    import subprocess
+    import sys
+
+    if name in ZOO:
+        build, size, _ = ZOO[name]
+        model = _randomise_batch_norms(build())
+    else:
+        model, size = _randomise_batch_norms(getattr(fastseg.models, name)(num_classes=5)), 48
+    fast, report = fastseg.convert(model)
+    assert report.traced, str(report)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = _out(fast(x))
+    again = pickle.loads(pickle.dumps(fast))
+    assert type(again) is type(fast) and type(copy.deepcopy(fast)) is type(fast)
+    assert again.state_dict().keys() == fast.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(_out(again(x)), ref)
+    torch.save(fast, tmp_path / "model.pt")
+    torch.save((x, ref), tmp_path / "io.pt")
+    run = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(tmp_path / "model.pt"), str(tmp_path / "io.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    qualname, error = run.stdout.split()
+    assert qualname == type(fast).__qualname__ and float(error) <= TOLERANCE
