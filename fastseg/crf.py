@@ -9,6 +9,7 @@ energies, images as (H, W, C) uint8 arrays, Q returned as an (L, N) float32 arra
 fastseg's multi-threaded permutohedral-lattice kernel (Adams, Baek & Davis, Eurographics 2010).
 NumPy arrays and CPU tensors are both accepted.
 """
+import numbers
 import sys
 
 import numpy as np
@@ -49,13 +50,23 @@ def _numbers(value):
     return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
 
 
+def _widths(value):
+    """Kernel standard deviations as pydensecrf takes them: it divides the features by them, and
+    the Gaussian exp(-|f_i - f_j|^2 / 2) of features divided by -s equals the one divided by s, so a
+    negative width means its magnitude (zero, NaN and inf stay errors)."""
+    value = _numbers(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_widths(v) for v in value)
+    return abs(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
+
+
 class DenseCRF:
     """A dense CRF over ``n_pixels`` arbitrary points with ``n_labels`` labels (pydensecrf's
     ``DenseCRF``). Pairwise kernels take features of shape (D, N)."""
 
     def __init__(self, n_pixels, n_labels):
-        if int(n_labels) < 2:
-            raise ValueError(f"DenseCRF: n_labels must be >= 2, got {n_labels}")
+        if int(n_labels) < 1:
+            raise ValueError(f"DenseCRF: n_labels must be >= 1, got {n_labels}")
         self.N, self.L = int(n_pixels), int(n_labels)
         self._shape = (1, self.N)  # the (H, W) the op sees
         self._unary = None
@@ -97,6 +108,8 @@ class DenseCRF:
     def _run(self, iterations, init=None):
         if self._unary is None:
             raise RuntimeError("call setUnaryEnergy before inference")
+        if self.L == 1:  # a distribution over one label is 1 whatever the energies (pydensecrf too)
+            return np.ones((1, self.N), np.float32)
         Q = _ops.mean_field(self._unary, self._features, self._compats, self._norms, iterations, init,
                             impl=_ops._backends.select("DenseCRF", "auto", torch.device("cpu"),
                                                        implemented=_ops._IMPLEMENTED))
@@ -138,7 +151,7 @@ class DenseCRF2D(DenseCRF):
 
     def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC):
         """Smoothness kernel over (x / sx, y / sy); sxy a number or (sx, sy)."""
-        sx, sy = _ops._pair("sxy", _numbers(sxy))
+        sx, sy = _ops._pair("sxy", _widths(sxy))
         self._add(_ops.position_features(self.H, self.W, sx, sy).unsqueeze(0), compat, normalization)
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC):
@@ -149,8 +162,8 @@ class DenseCRF2D(DenseCRF):
         if image.dim() != 3 or tuple(image.shape[:2]) != (self.H, self.W):
             raise ValueError(f"addPairwiseBilateral: rgbim must be (H, W, C) = ({self.H}, {self.W}, C), "
                              f"got {tuple(image.shape)}")
-        sx, sy = _ops._pair("sxy", _numbers(sxy))
-        srgb = _ops._per_channel("srgb", _numbers(srgb), image.shape[2])
+        sx, sy = _ops._pair("sxy", _widths(sxy))
+        srgb = _ops._per_channel("srgb", _widths(srgb), image.shape[2])
         feats = _ops.bilateral_features(image.permute(2, 0, 1).unsqueeze(0), sx, sy, srgb)
         self._add(feats, compat, normalization)
 

@@ -210,6 +210,41 @@ def test_shim_copies_its_inputs_and_takes_numpy_parameters():
     np.testing.assert_allclose(results[1], results[0], atol=1e-4)
 
 
+def test_shim_negative_widths_and_one_label():
+    """pydensecrf divides the features by sxy / srgb, so a negative width is its magnitude's kernel
+    (fastseg takes the magnitude; 0 stays an error); a one-label CRF is valid there (Q = 1)."""
+    dcrf = _pydensecrf()
+    H, W, L = 20, 28, 3
+    g = np.random.default_rng(7)
+    rgb = g.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    U = g.uniform(0.1, 3, (L, H * W)).astype(np.float32)
+    results = {}
+    for module, sign in ((dcrf, 1), (fastseg.crf, 1), (fastseg.crf, -1)):
+        d = module.DenseCRF2D(W, H, L)
+        d.setUnaryEnergy(U)
+        d.addPairwiseGaussian(sxy=sign * 3, compat=3)
+        d.addPairwiseBilateral(sxy=(sign * 40, 50), srgb=np.array([13.0, sign * 10.0, 20.0]), rgbim=rgb, compat=5)
+        results[module.__name__, sign] = np.array(d.inference(4))
+    np.testing.assert_array_equal(results["fastseg.crf", -1], results["fastseg.crf", 1])
+    np.testing.assert_allclose(results["fastseg.crf", 1], results[dcrf.__name__, 1], atol=1e-4)
+    with pytest.raises(ValueError, match="sxy"):
+        fastseg.crf.DenseCRF2D(W, H, L).addPairwiseGaussian(sxy=0, compat=3)
+    with pytest.raises(ValueError, match="n_labels"):
+        fastseg.crf.DenseCRF2D(W, H, 0)
+    kl = {}
+    for module in (dcrf, fastseg.crf):
+        d = module.DenseCRF2D(W, H, 1)
+        d.setUnaryEnergy(U[:1])
+        d.addPairwiseBilateral(sxy=40, srgb=13, rgbim=rgb, compat=5)
+        Q = d.inference(3)
+        q, tmp1, tmp2 = d.startInference()
+        d.stepInference(q, tmp1, tmp2)
+        np.testing.assert_array_equal(np.array(Q), np.ones((1, H * W), np.float32))
+        np.testing.assert_array_equal(np.array(q), np.ones((1, H * W), np.float32))
+        kl[module] = d.klDivergence(Q)
+    assert abs(kl[fastseg.crf] - kl[dcrf]) <= 1e-4 * abs(kl[dcrf])
+
+
 def test_shim_hard_constraints():
     """+inf energies (unary_from_softmax(p, clip=None) of one-hot pixels) are hard constraints, as in
     pydensecrf: Q of a forbidden label is 0; every label forbidden at a pixel, or NaN, is an error."""
