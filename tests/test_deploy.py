@@ -131,3 +131,12 @@ def test_eager_quantization_calibrates_a_layer():
         prepared(x)
     observer = prepared.layer.conv.activation_post_process
     assert observer.min_val.isfinite() and observer.max_val.isfinite()
+
+
+@pytest.mark.parametrize("name", ["deeplab_v3", "gcn"])  # segnet: unpooling checks index values
+def test_models_with_fastseg_layers_run_on_meta(name):
+    """Shape inference on the meta device (no autocast exists there: not an error)."""
+    model = getattr(fastseg.models, name)(num_classes=3).to("meta").eval()
+    out = model(torch.empty(1, 3, 64, 64, device="meta"))
+    out = out["out"] if isinstance(out, dict) else out
+    assert out.shape == (1, 3, 64, 64) and out.device.type == "meta"

@@ -40,6 +40,8 @@ def autocasting(x):
         return torch.is_autocast_enabled(x.device.type)
     except TypeError:  # torch before 2.4 takes no device type
         return torch.is_autocast_cpu_enabled() if x.device.type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type without autocast (meta): nothing casts there
+        return False
 
 
 def has_hooks(module):
