@@ -214,8 +214,9 @@ def convert(model, *, inplace=False, report=True):
         rewritten graph, and the fused layers (sharing the original weights, adding no state-dict
         entries) live in its ``fastseg_fused`` ModuleDict. A replaced ASPP block's state-dict keys
         become fastseg.nn.ASPP's. The converted model pickles (``torch.save(model)``; loading it
-        needs fastseg and the original model's classes importable) and deep-copies. With ``report=True`` also a :class:`ConversionReport`
-        listing what was replaced and what was left and why.
+        needs fastseg and the original model's classes importable) and deep-copies. With
+        ``report=True`` also a :class:`ConversionReport` listing what was replaced and what was
+        left and why.
 
     Example:
         >>> tv = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None).eval()
@@ -280,8 +281,6 @@ def _replace_modules(module, prefix, rep, allowed):
 
 
 _HOOKED = "has module hooks, which the replacement would not run"
-
-
 
 
 def _is_zoo_aspp(module):
@@ -386,7 +385,7 @@ def _fuse(module, path, rep, allowed):
                                 "branches on the Python type of a result, which torch.fx cannot follow")
     if graph is not None:
         if _rewrite(module, graph, path, rep, allowed):
-            torch.fx.GraphModule(module, graph)  # lints the graph against the module
+            graph.lint()
             code = graph.python_code(root_module="self")
             names = tuple((name, _reference(value)) for name, value in sorted(code.globals.items()))
             module.__class__ = _converted_class(type(module), code.src, names)
