@@ -170,18 +170,35 @@ def _crf_palette(n):
     return palette
 
 
-def _crf_read_image(Image, np, path, what):
-    """(H, W, C) uint8: grey images keep one channel (the bilateral kernel then works on
-    intensity), everything else becomes RGB (alpha dropped, palettes expanded)."""
+def _crf_read_image(Image, np, path, what, exact=False):
+    """(H, W, C) pixels: grey images keep one channel (the bilateral kernel then works on
+    intensity), everything else becomes RGB (alpha dropped, palettes expanded). Photos come back
+    as uint8, 16-bit ones scaled; with ``exact`` (annotations) 16-bit grey values stay as they are,
+    since each one may be a label."""
     path = Path(path)
     if not path.is_file():
         raise _CrfError(f"{what} {path}: no such file")
     try:
         with Image.open(path) as opened:
-            grey = opened.mode in ("1", "L", "LA")
-            pixels = np.array(opened.convert("L" if grey else "RGB"))
+            mode = opened.mode
+            if mode.startswith("I"):  # 16- or 32-bit integer grey ("I;16", "I;16B", "I")
+                pixels = np.array(opened).astype(np.int64)
+            elif mode == "F":
+                raise _CrfError(f"{what} {path}: is a floating-point image; save it with 8- or 16-bit integer pixels")
+            else:
+                grey = mode in ("1", "L", "LA")
+                pixels = np.array(opened.convert("L" if grey else "RGB"))
+    except _CrfError:
+        raise
     except Exception as error:  # Pillow raises OSError, ValueError, DecompressionBombError, ...
         raise _CrfError(f"{what} {path}: cannot read it as an image ({error})") from None
+    if pixels.dtype != np.uint8 and not exact:
+        low, high = int(pixels.min(initial=0)), int(pixels.max(initial=0))
+        if low < 0 or high > 65535:
+            raise _CrfError(f"{what} {path}: has pixel values in [{low}, {high}]; expected 8- or 16-bit")
+        # A 16-bit PNG spans 0..65535; "I" images holding 8-bit values are left alone.
+        wide = mode.startswith("I;16") or high > 255
+        pixels = ((pixels + 128) // 257 if wide else pixels).astype(np.uint8)
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
@@ -215,27 +232,43 @@ def _crf_read_probs(np, path, H, W):
     return np.clip(probs, 0, 1)
 
 
+# Labels beyond this many are refused: the output palette PNG holds 256, and an "annotation" with
+# thousands of colours is a JPEG or a photograph, whose unary alone would take gigabytes.
+_CRF_MAX_LABELS = 256
+
+
 def _crf_labels_from_annotation(np, annotation, path, gt_prob):
     """The reference example's unary: labels are the distinct non-black colours (sorted by their
-    24-bit value), black is unknown (uniform p); p = gt_prob for the annotated label and
-    (1 - gt_prob) / (L - 1) for the others. Returns (energies (L, H, W), colours (L, 3), labels
-    (H, W) with -1 for unknown)."""
+    24-bit value, or by grey value for a one-channel annotation), black is unknown (uniform p);
+    p = gt_prob for the annotated label and (1 - gt_prob) / (L - 1) for the others. Returns
+    (energies (L, H, W), colours (L, C) in the annotation's dtype, labels (H, W) with -1 for
+    unknown)."""
     from .crf import unary_from_labels
 
-    H, W = annotation.shape[:2]
-    rgb = annotation.astype(np.int64)
-    if rgb.shape[2] == 1:
-        rgb = np.repeat(rgb, 3, axis=2)
-    flat = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+    H, W, C = annotation.shape
+    if C == 1:
+        flat = annotation[..., 0].astype(np.int64)
+    else:
+        rgb = annotation.astype(np.int64)
+        flat = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
     values, inverse = np.unique(flat, return_inverse=True)
     unknown = values[0] == 0
     colours = values[1:] if unknown else values
     if len(colours) < 2:
         raise _CrfError(f"annotation {path}: has {len(colours)} non-black colour(s); "
                         f"it needs at least 2 labels (black means unknown)")
+    if len(colours) > _CRF_MAX_LABELS:
+        raise _CrfError(f"annotation {path}: has {len(colours)} distinct non-black colours, so as many labels; "
+                        f"at most {_CRF_MAX_LABELS} are taken. An annotation paints each label in one flat "
+                        f"colour and is saved losslessly (PNG): is this a JPEG or a photograph?")
+    if C == 1 and annotation.dtype != np.uint8 and (colours[0] < 0 or colours[-1] > 65535):
+        raise _CrfError(f"annotation {path}: has grey values in [{colours[0]}, {colours[-1]}]; expected 8- or 16-bit")
     labels = inverse.reshape(H, W) - int(unknown)  # -1: unknown
     energies = unary_from_labels(labels.reshape(-1) + 1, len(colours), gt_prob, zero_unsure=True)
-    palette = np.stack([colours >> 16 & 255, colours >> 8 & 255, colours & 255], 1).astype(np.uint8)
+    if C == 1:
+        palette = colours[:, None].astype(annotation.dtype if annotation.dtype == np.uint8 else np.uint16)
+    else:
+        palette = np.stack([colours >> 16 & 255, colours >> 8 & 255, colours & 255], 1).astype(np.uint8)
     return energies.reshape(len(colours), H, W), palette, labels
 
 
@@ -247,7 +280,7 @@ def _crf_one(args, Image, np, image_path, annotation_path, probs_path, out_path)
     image = _crf_read_image(Image, np, image_path, "image")
     H, W = image.shape[:2]
     if annotation_path is not None:
-        annotation = _crf_read_image(Image, np, annotation_path, "annotation")
+        annotation = _crf_read_image(Image, np, annotation_path, "annotation", exact=True)
         if annotation.shape[:2] != (H, W):
             raise _CrfError(f"annotation {annotation_path}: is {annotation.shape[1]}x{annotation.shape[0]} "
                             f"(W x H) but image {image_path} is {W}x{H}")
@@ -265,13 +298,17 @@ def _crf_one(args, Image, np, image_path, annotation_path, probs_path, out_path)
     )
     refined = q.argmax(0).numpy()
     if annotation_path is not None:
-        # The annotation's own colours, as the reference example writes them.
-        result = Image.fromarray(colours[refined], "RGB")
+        # The annotation's own colours (RGB, or grey at its own bit depth), as the reference example writes them.
+        result = Image.fromarray(colours[refined] if colours.shape[1] == 3 else colours[refined, 0])
     else:
         result = Image.fromarray(refined.astype(np.uint8), "P")
         result.putpalette(colours.reshape(-1).tolist())
     _crf_save(result, out_path)
     if args.overlay:
+        if colours.dtype != np.uint8:  # 16-bit grey labels: show them in VOC colours
+            colours = np.array(_crf_palette(len(colours)), dtype=np.uint8)
+        elif colours.shape[1] == 1:
+            colours = np.repeat(colours, 3, axis=1)
         unknown_black = np.concatenate([colours, np.zeros((1, 3), np.uint8)])  # index -1: black
         panels = [np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image,
                   unknown_black[input_labels], colours[refined]]
@@ -322,10 +359,15 @@ def _crf_jobs(args):
             raise _CrfError(f"{label_option} {labels} is a directory but IMAGE {image} is a file")
         if out.is_dir():
             raise _CrfError(f"-o {out} is a directory; give the output PNG's file name")
+        if out.suffix.lower() != ".png":
+            raise _CrfError(f"-o {out}: the output is written as PNG (labels need a lossless format); "
+                            f"give a name ending in .png")
         problem = _writable("-o", out) or (args.overlay and _writable("-o", _crf_overlay_path(out)))
         if problem:
             raise _CrfError(problem)
-        return [(image, labels if args.annotation else None, labels if args.probs else None, out)]
+        jobs = [(image, labels if args.annotation else None, labels if args.probs else None, out)]
+        _crf_check_outputs(jobs, args.overlay)
+        return jobs
     if not labels.is_dir():
         raise _CrfError(f"IMAGE {image} is a directory, so {label_option} must be one too, but {labels} is a file")
     images = sorted(p for p in image.iterdir() if p.is_file() and p.suffix.lower() in _CRF_IMAGE_SUFFIXES)
@@ -345,6 +387,7 @@ def _crf_jobs(args):
                      out / f"{path.stem}.png"))
     if out.exists() and not out.is_dir():
         raise _CrfError(f"-o {out} is a file; with a directory of images give an output directory")
+    _crf_check_outputs(jobs, args.overlay)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -352,6 +395,25 @@ def _crf_jobs(args):
     if not os.access(out, os.W_OK):
         raise _CrfError(f"-o {out}: not writable")
     return jobs
+
+
+def _crf_check_outputs(jobs, overlay):
+    """Refuses a run whose outputs would overwrite an input or each other (a.png and a.jpg in one
+    directory both make a.png)."""
+    def key(path):
+        return os.path.normcase(os.path.realpath(path))
+
+    inputs = {key(path): path for job in jobs for path in job[:3] if path is not None}
+    written = {}
+    for image, *_, out in jobs:
+        for path in [out, _crf_overlay_path(out)] if overlay else [out]:
+            if key(path) in inputs:
+                raise _CrfError(f"-o {path}: is the input {inputs[key(path)]}; "
+                                f"refusing to overwrite it (choose another output)")
+            if key(path) in written:
+                raise _CrfError(f"{written[key(path)]} and {image} would both be written to {path}; "
+                                f"rename one of them")
+            written[key(path)] = image
 
 
 def _crf_progress(done, total, name, started, stream=sys.stderr):
@@ -427,7 +489,7 @@ def main(argv=None):
     crf = commands.add_parser(
         "crf", help="refine a coarse annotation or model probabilities with a dense CRF",
         description="Dense-CRF refinement (Kraehenbuehl & Koltun, NIPS 2011) of one image or of a "
-        "directory of images. With ANNOTATION (a colour image: each distinct non-black colour is a "
+        "directory of images. With ANNOTATION (a colour or 16-bit grey image: each distinct non-black colour is a "
         "label, black is unknown) the output PNG uses the annotation's colours, as pydensecrf's "
         "example does. With --probs P.npy (float probabilities of shape (L, H, W), label axis first, "
         "as fastseg and PyTorch models lay them out) the output is a palette PNG whose pixel values "

@@ -147,8 +147,16 @@ def bad(tmp_path):
     np.save(tmp_path / "logits.npy", probs * 6 - 3)
     np.save(tmp_path / "one_label.npy", probs[:1])
     np.save(tmp_path / "nan.npy", np.where(probs > 0, np.nan, probs))
+    Image.fromarray(np.zeros(shape, np.float32)).save(tmp_path / "float.tif")
+    shutil.copy(_data("im1.png"), tmp_path / "im.png")
+    shutil.copy(_data("anno1.png"), tmp_path / "anno.png")
     (tmp_path / "images").mkdir()
     shutil.copy(_data("im1.png"), tmp_path / "images" / "photo.png")
+    (tmp_path / "same_stem").mkdir()
+    shutil.copy(_data("im1.png"), tmp_path / "same_stem" / "a.png")
+    Image.open(_data("im1.png")).save(tmp_path / "same_stem" / "a.jpg")
+    (tmp_path / "same_stem_annotations").mkdir()
+    shutil.copy(_data("anno1.png"), tmp_path / "same_stem_annotations" / "a.png")
     (tmp_path / "annotations").mkdir()
     (tmp_path / "out_dir").mkdir()
     return tmp_path
@@ -185,6 +193,15 @@ BAD = [
     ([IM, "annotations", "-o", "o.png"], "ANNOTATION annotations is a directory but IMAGE"),
     (["annotations", "annotations", "-o", "out"], "no image files"),
     (["images", "images", "-o", "a_file"], "-o a_file is a file"),
+    ([IM, ANNO, "-o", "o.jpg"], "-o o.jpg: the output is written as PNG"),
+    ([IM, ANNO, "-o", "o"], "give a name ending in .png"),
+    (["im.png", "anno.png", "-o", "anno.png"], "-o anno.png: is the input anno.png; refusing to overwrite"),
+    (["im.png", "anno.png", "-o", "im.png"], "-o im.png: is the input im.png"),
+    (["images", "images", "-o", "images"], "-o images/photo.png: is the input images/photo.png"),
+    (["same_stem", "same_stem_annotations", "-o", "out"], "same_stem/a.jpg and same_stem/a.png would both be written to out/a.png"),
+    ([IM, IM, "-o", "o.png"], "distinct non-black colours, so as many labels; at most 256"),
+    (["float.tif", ANNO, "-o", "o.png"], "image float.tif: is a floating-point image"),
+    ([IM, "float.tif", "-o", "o.png"], "annotation float.tif: is a floating-point image"),
 ]
 
 
@@ -197,6 +214,7 @@ def test_bad_input(bad, capsys, monkeypatch, args, message):
     assert err.count("\n") == 1 and err.startswith("fastseg crf: "), err
     assert message in err
     assert not (bad / "o.png").exists() and not (bad / "out").exists()
+    assert (bad / "anno.png").read_bytes() == _data("anno1.png").read_bytes()
 
 
 @pytest.mark.skipif(os.name == "nt" or os.geteuid() == 0, reason="root may write anywhere")
@@ -212,3 +230,30 @@ def test_bad_input_exit_status(tmp_path):
     assert result.stderr.startswith("fastseg crf: annotation ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_sixteen_bit_inputs(tmp_path):
+    """16-bit PNGs: a grey photo is scaled to 8 bits (not clipped to white), and a grey annotation's
+    labels are its 16-bit values, written back at that depth."""
+    grey = np.array(Image.open(_data("im1.png")).convert("L"))
+    _, labels = np.unique(_rgb(_data("anno1.png")), return_inverse=True)
+    labels = labels.reshape(grey.shape)  # 0 = black = unknown
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    levels8 = np.array([0, 40, 90, 200, 250], np.uint8)[: labels.max() + 1]
+    levels16 = np.array([0, 1000, 300, 65535, 4000], np.uint16)[: labels.max() + 1]  # not sorted like levels8
+    Image.fromarray(levels8[labels]).save(tmp_path / "anno8.png")
+    Image.fromarray(levels16[labels]).save(tmp_path / "anno16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == Image.open(tmp_path / "anno16.png").mode == "I;16"
+    assert main(["crf", str(tmp_path / "grey8.png"), str(tmp_path / "anno8.png"), "-o", str(tmp_path / "out8.png")]) == 0
+    assert main(["crf", str(tmp_path / "grey16.png"), str(tmp_path / "anno16.png"), "-o", str(tmp_path / "out16.png"),
+                 "--overlay"]) == 0
+    out8, out16 = Image.open(tmp_path / "out8.png"), Image.open(tmp_path / "out16.png")
+    assert out8.mode == "L" and out16.mode == "I;16"
+    to_label8 = {int(v): i for i, v in enumerate(levels8)}
+    to_label16 = {int(v): i for i, v in enumerate(levels16)}
+    refined8 = np.vectorize(to_label8.get)(np.array(out8))
+    refined16 = np.vectorize(to_label16.get)(np.array(out16))
+    np.testing.assert_array_equal(refined16, refined8)
+    assert len(np.unique(refined8)) == labels.max()  # every annotated label survives; none is unknown
+    assert Image.open(tmp_path / "out16_overlay.png").size == (3 * grey.shape[1], grey.shape[0])
