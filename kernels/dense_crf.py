@@ -232,6 +232,8 @@ def from_rows(rows, shape):
 def permutohedral_filter(values, features, normalization, transpose=False):
     """values (B, C, *), features (B or 1, D, *) -> the normalised filter of each image, (B, C, *)
     float32, the whole batch in one set of launches."""
+    if values.shape[0] == 0:
+        return values.new_empty(values.shape, dtype=torch.float32)
     return from_rows(NormalisedFilter(features, values.shape[0], normalization)(to_rows(values), transpose),
                      values.shape)
 
@@ -247,6 +249,9 @@ def mean_field(unary, features, compats, normalizations, iterations, init=None, 
     per kernel features (B or 1, D, *), (L, L) compatibilities, normalisation codes; optional
     init (B, L, *). Returns Q (B, L, *) float32, or every iterate (iterations + 1, B, L, *)."""
     B, L = unary.shape[:2]
+    if B == 0:  # no lattice to build
+        shape = (iterations + 1, *unary.shape) if iterates else unary.shape
+        return unary.new_empty(shape, dtype=torch.float32)
     filters = filters if filters is not None else build_filters(features, B, normalizations)
     U = to_rows(unary)
     # energy = s U + sum_m F_m(Q) @ Cs_m^T, Cs the symmetrised compatibility: the kernels' filters

@@ -2,6 +2,7 @@
 plain-PyTorch lattice reference, the lattice against the exact O(N^2) CRF, the custom ops, the
 layer, the pydensecrf shim, and every bad input."""
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -661,7 +662,64 @@ BAD = [
     (lambda: fastseg.dense_crf(S, I, unary="probs"), ValueError, r"needs scores in \[0, 1\]"),
     (lambda: fastseg.dense_crf(S, I, backend="cuda"), ValueError, "has no 'cuda' backend"),
     (lambda: fastseg.dense_crf(S, I, bilateral=dict(sxy=1e-30, srgb=13, compat=3)), ValueError, "magnitude"),
+    (lambda: fastseg.dense_crf(S, I, gaussian=dict(compat=True)), TypeError, r"gaussian\['compat'\] must be a number.*got a bool"),
+    (lambda: fastseg.dense_crf(S, I, bilateral=dict(compat=torch.tensor(3.0, device="meta"))), ValueError,
+     r"bilateral\['compat'\] is on meta but scores is on cpu"),
+    (lambda: fastseg.dense_crf(S, I, gaussian=dict(sxy=(3, "3"))), TypeError, r"gaussian\['sxy'\] must be a number"),
+    (lambda: fastseg.dense_crf(S, I, checkpoint="yes"), TypeError, "checkpoint must be a bool"),
 ]
+
+# Every check of the layer's options runs when it is built, not at its first forward.
+BAD_LAYER = [
+    (dict(iterations=-1), ValueError, "DenseCRF: iterations must be >= 0"),
+    (dict(iterations="5"), TypeError, "DenseCRF: iterations must be an int"),
+    (dict(gaussian=dict(sxy=3, colour=3)), TypeError, "DenseCRF: gaussian has unknown keys"),
+    (dict(gaussian=[3, 3]), TypeError, "DenseCRF: gaussian must be a dict"),
+    (dict(bilateral=dict(sxy=80, srgb=0)), ValueError, r"DenseCRF: bilateral\['srgb'\] must be > 0"),
+    (dict(bilateral=dict(sxy=-80)), ValueError, r"DenseCRF: bilateral\['sxy'\] must be > 0"),
+    (dict(gaussian=dict(normalization="sym")), ValueError, r"DenseCRF: gaussian\['normalization'\] must be one of"),
+    (dict(unary="log"), ValueError, "DenseCRF: unary must be one of"),
+    (dict(checkpoint=1), TypeError, "DenseCRF: checkpoint must be a bool"),
+    (dict(learnable="no", num_labels=3), TypeError, "DenseCRF: learnable must be a bool"),
+    (dict(backend="gpu"), ValueError, "DenseCRF: backend must be 'auto' or one of"),
+    (dict(num_labels=1), ValueError, "DenseCRF: num_labels must be an int >= 2"),
+    (dict(learnable=True, num_labels=3, gaussian=dict(compat=float("nan"))), ValueError, "initial weight"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD_LAYER, ids=[m for *_, m in BAD_LAYER])
+def test_layer_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastseg.nn.DenseCRF(**kwargs)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(implemented=("reference", "cpp", "triton"), devices=("cpu",)))
+def test_every_backend_takes_an_empty_batch_and_refuses_tiny_widths(backend, device):
+    scores = S[:0].clone().requires_grad_()
+    compat = torch.tensor(3.0, requires_grad=True)
+    q = fastseg.dense_crf(scores, I[:0], gaussian=dict(sxy=3, compat=compat), backend=backend)
+    assert q.shape == (0, 3, 8, 9)
+    q.sum().backward()
+    assert scores.grad.shape == scores.shape and compat.grad == 0
+    values = torch.zeros(0, 2, 8, 9, requires_grad=True)
+    filtered = crf_ops.permutohedral_filter(values, torch.rand(1, 2, 8, 9), backend=backend)
+    filtered.sum().backward()
+    assert filtered.shape == values.grad.shape == values.shape
+    # Lattice coordinates beyond int32: the cpp kernel's own message, from every backend.
+    for kernels in (dict(gaussian=dict(sxy=1e-30)), dict(bilateral=dict(srgb=1e-30))):
+        with pytest.raises(ValueError, match="features must be finite and of magnitude below about 1e8"):
+            fastseg.dense_crf(S, I, backend=backend, **kernels)
+
+
+def test_float_image_in_unit_range_warns():
+    # srgb is in the image's units: a [0, 1] float image with densecrf's 13 has its colour term off.
+    with pytest.warns(UserWarning, match=r"values lie in \[0, 1\] but bilateral\['srgb'\] = 13"):
+        fastseg.dense_crf(S, I.float() / 255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastseg.dense_crf(S, I.float())  # 0..255 floats
+        fastseg.dense_crf(S, I)
+        fastseg.dense_crf(S, I.float() / 255, bilateral=dict(sxy=80, srgb=0.05, compat=10))  # srgb in its units
 
 
 @pytest.mark.parametrize("call,error,match", BAD, ids=[str(i) for i in range(len(BAD))])

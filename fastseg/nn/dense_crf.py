@@ -1,8 +1,10 @@
+import math
 import numbers
 
 import torch
 
-from ..ops.dense_crf import dense_crf
+from .._backends import BACKENDS
+from ..ops.dense_crf import check_options, dense_crf
 
 _KERNELS = ("gaussian", "bilateral")
 
@@ -33,17 +35,23 @@ class DenseCRF(torch.nn.Module):
     def __init__(self, iterations=5, gaussian=dict(sxy=3, compat=3), bilateral=dict(sxy=80, srgb=13, compat=10),
                  unary="logits", *, num_labels=None, learnable=False, checkpoint=False, backend="auto"):
         super().__init__()
+        # The options are checked here, not at the first forward, so a typo fails where it was made.
+        iterations, gaussian, bilateral = check_options(iterations, gaussian, bilateral, unary, checkpoint, "DenseCRF")
+        if not isinstance(learnable, bool):
+            raise TypeError(f"DenseCRF: learnable must be a bool, got {learnable!r}")
+        if backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"DenseCRF: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        if num_labels is not None and (not isinstance(num_labels, numbers.Integral) or isinstance(num_labels, bool)
+                                       or num_labels < 2):
+            raise ValueError(f"DenseCRF: num_labels must be an int >= 2 or None, got {num_labels!r}")
         self.iterations = iterations
         self.gaussian = None if gaussian is None else dict(gaussian)
         self.bilateral = None if bilateral is None else dict(bilateral)
         self.unary = unary
-        self.num_labels = num_labels
-        self.learnable = bool(learnable)
+        self.num_labels = None if num_labels is None else int(num_labels)
+        self.learnable = learnable
         self.checkpoint = checkpoint
         self.backend = backend
-        if num_labels is not None and (not isinstance(num_labels, numbers.Integral) or isinstance(num_labels, bool)
-                                       or num_labels < 2):
-            raise ValueError(f"DenseCRF: num_labels must be an int >= 2 or None, got {num_labels!r}")
         if not self.learnable:
             return
         if num_labels is None:
@@ -52,10 +60,8 @@ class DenseCRF(torch.nn.Module):
             kernel = getattr(self, name)
             if kernel is None:
                 continue
-            if not isinstance(kernel, dict):
-                raise TypeError(f"DenseCRF: {name} must be a dict or None, got {type(kernel).__name__}")
             weight = kernel.get("compat", 3 if name == "gaussian" else 10)
-            if not isinstance(weight, numbers.Real) or isinstance(weight, bool):
+            if not isinstance(weight, numbers.Real) or isinstance(weight, bool) or not math.isfinite(weight):
                 raise ValueError(f"DenseCRF: with learnable=True, {name}['compat'] is the kernel's initial weight "
                                  f"and must be a number (the shared compatibility is learnt), got {weight!r}")
             self.register_parameter(f"{name}_weight", torch.nn.Parameter(torch.tensor(float(weight))))

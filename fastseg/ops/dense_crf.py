@@ -16,6 +16,7 @@ Networks", ICCV 2015); ``fastseg.nn.DenseCRF(learnable=True)`` is that layer.
 import functools
 import math
 import numbers
+import warnings
 from typing import List, Optional
 
 import torch
@@ -112,19 +113,10 @@ def dense_crf(
         raise ValueError(f"{OP}: scores must have at least 2 labels (dimension -3), got shape {shape}")
     if shape[-1] == 0 or shape[-2] == 0:
         raise ValueError(f"{OP}: scores has an empty spatial dimension: shape {shape}")
-    if unary not in UNARIES:
-        raise ValueError(f"{OP}: unary must be one of {UNARIES}, got {unary!r}")
-    iterations = _check_iterations(iterations)
-    gaussian = _check_kernel("gaussian", gaussian, _GAUSSIAN_KEYS)
-    bilateral = _check_kernel("bilateral", bilateral, _BILATERAL_KEYS)
-    if bilateral is not None:
-        if image is None:
-            raise ValueError(f"{OP}: image is required by the bilateral kernel (pass bilateral=None to drop it)")
-        _check_image(image, scores)
-    elif image is not None:
-        _check_image(image, scores)
-    if not isinstance(checkpoint, bool):
-        raise TypeError(f"{OP}: checkpoint must be a bool, got {type(checkpoint).__name__}")
+    iterations, gaussian, bilateral = check_options(iterations, gaussian, bilateral, unary, checkpoint)
+    if bilateral is not None and image is None:
+        raise ValueError(f"{OP}: image is required by the bilateral kernel (pass bilateral=None to drop it)")
+    image_range = _check_image(image, scores) if image is not None else None
     impl = _backends.select(OP, backend, scores.device, implemented=_IMPLEMENTED)
     # float64 stays float64 on the reference (gradcheck's oracle); the C++ and Triton kernels are float32.
     dtype = reference.compute_dtype(scores.dtype) if impl == "reference" else torch.float32
@@ -160,12 +152,21 @@ def dense_crf(
     features, compats, norms = [], [], []
     if gaussian is not None:
         sx, sy = _pair("gaussian['sxy']", gaussian.get("sxy", 3))
+        _check_feature_scale(impl, 2, max((W - 1) / sx, (H - 1) / sy))
         features.append(position_features(H, W, sx, sy, device=scores.device).unsqueeze(0))
         compats.append(compat_matrix("gaussian['compat']", gaussian.get("compat", 3), L, scores.device, dtype))
         norms.append(normalization_code("gaussian['normalization']", gaussian.get("normalization", "symmetric")))
     if bilateral is not None:
         sx, sy = _pair("bilateral['sxy']", bilateral.get("sxy", 80))
         srgb = _per_channel("bilateral['srgb']", bilateral.get("srgb", 13), image.shape[1])
+        if image_range is not None:
+            colour = max(map(abs, image_range)) / min(srgb)
+            _check_feature_scale(impl, 2 + image.shape[1], max((W - 1) / sx, (H - 1) / sy, colour))
+            if image.is_floating_point() and 0 <= image_range[0] and image_range[1] <= 1 < min(srgb):
+                warnings.warn(
+                    f"{OP}: the float image's values lie in [0, 1] but bilateral['srgb'] = {min(srgb):g} is in the "
+                    f"image's units (densecrf's default 13 means 0..255), so the colour term can hardly tell colours "
+                    f"apart; pass the image scaled to 0..255 (or as uint8), or srgb in 0..1 units", stacklevel=2)
         features.append(bilateral_features(image, sx, sy, srgb))
         compats.append(compat_matrix("bilateral['compat']", bilateral.get("compat", 10), L, scores.device, dtype))
         norms.append(normalization_code("bilateral['normalization']", bilateral.get("normalization", "symmetric")))
@@ -257,6 +258,11 @@ def compat_matrix(name, compat, L, device=None, dtype=torch.float32):
         if not math.isfinite(compat):
             raise ValueError(f"{OP}: {name} must be finite, got {compat!r}")
         return -float(compat) * torch.eye(L, dtype=dtype, device=device)
+    if isinstance(compat, bool) or (isinstance(compat, torch.Tensor) and compat.dtype == torch.bool):
+        raise TypeError(f"{OP}: {name} must be a number, a vector of L={L} or an (L, L) = ({L}, {L}) "
+                        f"matrix, got a bool")
+    if isinstance(compat, torch.Tensor) and device is not None and compat.device != torch.device(device):
+        raise ValueError(f"{OP}: {name} is on {compat.device} but scores is on {device}; move it there")
     try:
         c = torch.as_tensor(compat, dtype=dtype, device=device)
     except (TypeError, ValueError, RuntimeError):
@@ -274,47 +280,79 @@ def compat_matrix(name, compat, L, device=None, dtype=torch.float32):
     return torch.diag(c) if c.dim() == 1 else c
 
 
-def normalization_code(name, value):
+def normalization_code(name, value, op=OP):
     if isinstance(value, str) and value in NORMALIZATIONS:
         return NORMALIZATIONS[value]
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= int(value) <= 3:
         return int(value)
-    raise ValueError(f"{OP}: {name} must be one of {tuple(NORMALIZATIONS)} (or 0..3), got {value!r}")
+    raise ValueError(f"{op}: {name} must be one of {tuple(NORMALIZATIONS)} (or 0..3), got {value!r}")
 
 
-def _check_iterations(iterations):
+def _check_feature_scale(impl, d, largest):
+    """The lattice's integer coordinates grow as (d + 1)^2 x the largest feature: refuse features
+    whose coordinates would leave int32 (a tiny sxy or srgb) with the message the C++ kernel, which
+    checks each pixel's coordinates itself, gives."""
+    if impl != "cpp" and not largest * (d + 1) ** 2 < 1e9:
+        raise ValueError(f"{OP}: features must be finite and of magnitude below about 1e8 after scaling "
+                         f"(is sxy or srgb tiny, or the image not finite?)")
+
+
+def check_options(iterations, gaussian, bilateral, unary, checkpoint, name=OP):
+    """The checks of :func:`dense_crf`'s options that need no tensor (also run by
+    ``fastseg.nn.DenseCRF`` when it is built): returns (iterations, gaussian, bilateral)."""
+    if unary not in UNARIES:
+        raise ValueError(f"{name}: unary must be one of {UNARIES}, got {unary!r}")
+    iterations = _check_iterations(iterations, name)
+    gaussian = _check_kernel("gaussian", gaussian, _GAUSSIAN_KEYS, name)
+    bilateral = _check_kernel("bilateral", bilateral, _BILATERAL_KEYS, name)
+    if not isinstance(checkpoint, bool):
+        raise TypeError(f"{name}: checkpoint must be a bool, got {type(checkpoint).__name__}")
+    return iterations, gaussian, bilateral
+
+
+def _check_iterations(iterations, name=OP):
     if not isinstance(iterations, numbers.Integral) or isinstance(iterations, bool):
-        raise TypeError(f"{OP}: iterations must be an int, got {type(iterations).__name__}")
+        raise TypeError(f"{name}: iterations must be an int, got {type(iterations).__name__}")
     if iterations < 0:
-        raise ValueError(f"{OP}: iterations must be >= 0, got {iterations}")
+        raise ValueError(f"{name}: iterations must be >= 0, got {iterations}")
     return int(iterations)
 
 
-def _check_kernel(name, kernel, keys):
+def _check_kernel(kernel_name, kernel, keys, name=OP):
     if kernel is None:
         return None
     if not isinstance(kernel, dict):
-        raise TypeError(f"{OP}: {name} must be a dict with keys {sorted(keys)} or None, got {type(kernel).__name__}")
+        raise TypeError(f"{name}: {kernel_name} must be a dict with keys {sorted(keys)} or None, "
+                        f"got {type(kernel).__name__}")
     unknown = set(kernel) - keys
     if unknown:
-        raise TypeError(f"{OP}: {name} has unknown keys {sorted(unknown)} (expected {sorted(keys)})")
+        raise TypeError(f"{name}: {kernel_name} has unknown keys {sorted(unknown)} (expected {sorted(keys)})")
+    if "sxy" in kernel:
+        _pair(f"{kernel_name}['sxy']", kernel["sxy"], name)
+    if "srgb" in kernel:  # one per image channel: the count is checked against the image
+        srgb = kernel["srgb"]
+        for value in (srgb.tolist() if isinstance(srgb, torch.Tensor) else srgb) \
+                if isinstance(srgb, (tuple, list, torch.Tensor)) else [srgb]:
+            _positive(f"{kernel_name}['srgb']", value, name)
+    if "normalization" in kernel:
+        normalization_code(f"{kernel_name}['normalization']", kernel["normalization"], name)
     return kernel
 
 
-def _positive(name, value):
+def _positive(name, value, op=OP):
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{OP}: {name} must be a number, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{OP}: {name} must be > 0 and finite, got {value!r}")
+        raise ValueError(f"{op}: {name} must be > 0 and finite, got {value!r}")
     return float(value)
 
 
-def _pair(name, value):
+def _pair(name, value, op=OP):
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = (value, value)
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{OP}: {name} must be a number or a pair (sx, sy), got {value!r}")
-    return tuple(_positive(name, v) for v in value)
+        raise TypeError(f"{op}: {name} must be a number or a pair (sx, sy), got {value!r}")
+    return tuple(_positive(name, v, op) for v in value)
 
 
 def _per_channel(name, value, C):
@@ -342,17 +380,23 @@ def _check_image(image, scores):
         raise ValueError(f"{OP}: image has {image.shape[-3]} channels; the bilateral lattice takes at most 62")
     if image.device != scores.device:
         raise ValueError(f"{OP}: scores is on {scores.device} but image is on {image.device}")
-    if image.is_floating_point():
+    value_bound = None  # (low, high) the image's values lie in, where known without a pass of its own
+    if image.dtype == torch.uint8:
+        value_bound = (0.0, 255.0)
+    elif image.is_floating_point():
         message = f"{OP}: image contains non-finite values (nan or inf); a float image must be finite"
         if _backends.tracing():
             check_in_graph(image.isfinite().all(), message)
-        elif not all_finite(image):
-            raise ValueError(message)
+        elif image.numel() > 0:
+            value_bound = value_range(image)
+            if not all(map(math.isfinite, value_bound)):
+                raise ValueError(message)
     # An integer image cannot require grad (torch refuses); a float one could, but the CRF has no
     # gradient with respect to its features: say so rather than silently return none.
     if image.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{OP}: image requires grad, but the dense CRF is not differentiable with respect to "
                          "the image (its bilateral features are constants); pass image.detach()")
+    return value_bound
 
 
 # --- custom ops: the reference as ops, every iterate, fake kernels --------------------------------
@@ -367,6 +411,8 @@ def _per_image(tensor, b):
 
 def _reference_mean_field(unary, features, compat, normalization, iterations, init, unary_scale, iterates):
     B, L, H, W = unary.shape
+    if B == 0:  # torch.stack takes no empty list
+        return unary.new_empty((iterations + 1, *unary.shape) if iterates else unary.shape)
     if unary_scale != 1.0:
         unary = unary * unary_scale
     out = []
@@ -391,6 +437,8 @@ def _dense_crf_reference(
 def _permutohedral_filter_reference(values: Tensor, features: Tensor, normalization: int,
                                     transpose: bool = False) -> Tensor:
     B, C = values.shape[:2]
+    if B == 0:
+        return values.new_empty(values.shape)
     out = []
     for b in range(B):
         f = _per_image(features, b)
@@ -446,6 +494,9 @@ def _dense_crf_backward_triton(
     from ..kernels import dense_crf as kernels
 
     B = unary.shape[0]
+    if B == 0:  # an empty batch: no lattice to build, nothing flows back
+        grad_init = torch.zeros_like(init, dtype=torch.float32) if init is not None else unary.new_empty(0)
+        return [torch.zeros_like(unary, dtype=torch.float32), grad_init] + [torch.zeros_like(c) for c in compat]
     filters = kernels.build_filters(features, B, normalization)
     if iterates.shape[0] == 1 and iterations > 0:
         earlier = kernels.mean_field(unary, features, compat, normalization, iterations - 1, init, unary_scale,
