@@ -113,22 +113,55 @@ def test_zoo_models_equal_outputs(name, fused_everywhere):
         assert counts.get("conv+relu") == 1  # the 1x1 bin's Conv2dReLU has no BatchNorm
 
 
-@pytest.mark.parametrize("name,fused", [("segnet", 13), ("fcn8s", 13), ("deeplab_v3", 53)])
-def test_fastseg_models_convert(name, fused, fused_everywhere):
-    """fastseg's own models: their VGG and ResNet backbones trace (SegNet's pools return indices:
-    a branch on the pool's return_indices, not on the result's type), so every conv chain fuses."""
-    model = _randomise_batch_norms(getattr(fastseg.models, name)(num_classes=5))
+#: fastseg's models and the conv chains convert fuses in each (measured; every model traces whole).
+FASTSEG_MODELS = {"segnet": 20, "fcn8s": 15, "fcn16s": 15, "fcn32s": 15, "deeplab_v1": 15, "dilated_frontend": 15,
+                  "dilated_context": 22, "deeplab_v2": 53, "deeplab_v3": 53, "deeplab_v3_plus": 53, "pspnet": 53,
+                  "gcn": 53, "refinenet": 97}
+
+
+def _fastseg_model(name, **kwargs):
+    resnet = name.startswith(("deeplab_v2", "deeplab_v3", "pspnet", "gcn", "refinenet"))
+    model = getattr(fastseg.models, name)(num_classes=5, **(dict(backbone="resnet50") if resnet else {}), **kwargs)
+    model = _randomise_batch_norms(model)
     with torch.no_grad():  # FCN zero-initialises its scorers: the output would be all zeros
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and not m.weight.any():
                 m.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(2))
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(FASTSEG_MODELS))
+def test_fastseg_models_convert(name, fused_everywhere):
+    """fastseg's own models trace whole (SegNet's pools return indices: a branch on the pool's
+    return_indices, not on the result's type), so every conv chain fuses, the heads' fc6/fc7 too."""
+    model = _fastseg_model(name).eval()
     fast, report = fastseg.convert(model)
-    assert "backbone" in report.traced or "" in report.traced
-    assert sum(n for p, n in report.counts().items() if p.startswith("conv")) >= fused, str(report)
+    assert "" in report.traced and not report.left, str(report)
+    assert sum(n for p, n in report.counts().items() if p.startswith("conv")) == FASTSEG_MODELS[name], str(report)
     assert fast.state_dict().keys() == model.state_dict().keys()
-    x = torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         _assert_close_to_scale(_out(fast(x)), _out(model(x)))
+    # The switch to plain PyTorch reaches the fused layers convert added.
+    fast.set_use_kernels(False)
+    fused = [m for m in fast.modules() if isinstance(m, convert_module.FusedConv2d)]
+    assert fused and all(m.backend == "reference" for m in fused)
+
+
+def test_deeplab_with_crf_converts_below_the_crf_step(fused_everywhere):
+    """The CRF step depends on the training mode and on `image`, which a traced graph would fix
+    for good: the model's own forward stays, everything under it converts."""
+    model = _fastseg_model("deeplab_v1", crf=dict(iterations=1)).eval()
+    fast, report = fastseg.convert(model)
+    assert "" not in report.traced and "backbone" in report.traced
+    assert any("the CRF step depends on the training mode" in item.reason for item in report.left), str(report)
+    x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    image = torch.randint(0, 256, (1, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for args in ((x,), (x, image)):
+            out, ref = fast(*args), model(*args)
+            assert out.keys() == ref.keys() == {"out", "out_before_crf"}
+            _assert_close_to_scale(out["out_before_crf"], ref["out_before_crf"])
 
 
 def test_fx_only_conversion_keeps_state_dict_and_inner_modules(fused_everywhere):

@@ -133,7 +133,7 @@ def test_eager_quantization_calibrates_a_layer():
     assert observer.min_val.isfinite() and observer.max_val.isfinite()
 
 
-@pytest.mark.parametrize("name", ["deeplab_v3", "gcn"])  # segnet: unpooling checks index values
+@pytest.mark.parametrize("name", ["deeplab_v3", "gcn", "segnet"])
 def test_models_with_fastseg_layers_run_on_meta(name):
     """Shape inference on the meta device (no autocast exists there: not an error)."""
     model = getattr(fastseg.models, name)(num_classes=3).to("meta").eval()

@@ -173,6 +173,34 @@ def test_deeplab_crf_in_eval_only():
                       fastseg.nn.DenseCRF)
 
 
+def test_deeplab_learnable_crf_trains():
+    """CRF-as-RNN (Zheng et al. 2015): a learnable CRF is part of the network in training too, and
+    its parameters get gradients; a fixed one stays eval-only post-processing."""
+    model = models.deeplab_v1(num_classes=NUM_CLASSES,
+                              crf=dict(iterations=1, learnable=True, num_labels=NUM_CLASSES)).train()
+    out = model(_input(1, 16, 16))
+    assert set(out) == {"out", "out_before_crf"}
+    torch.nn.functional.nll_loss(out["out"], torch.zeros(1, 16, 16, dtype=torch.long)).backward()
+    assert model.crf.compat.grad is not None and model.crf.compat.grad.abs().sum() > 0
+    assert model.crf.gaussian_weight.grad is not None
+
+
+def test_numpy_integers_and_scale_lists_are_accepted():
+    np = pytest.importorskip("numpy")
+    model = models.deeplab_v2(num_classes=np.int64(4), backbone="resnet50", multi_scale=[1, 0.5]).eval()
+    assert model.multi_scale == (1.0, 0.5) and model.classifier.branches[0].out_channels == 4
+    assert type(models.refinenet(num_classes=np.int32(2), backbone="resnet50", crp_blocks=np.int64(1))
+                .head[-1].out_channels) is int
+
+
+def test_dropout_is_element_wise():
+    """The papers' Caffe models (FCN, DeepLab, the dilated front end, PSPNet) drop single units, as
+    nn.Dropout does, not whole channels (nn.Dropout2d)."""
+    for name in ("fcn8s", "deeplab_v1", "dilated_frontend", "pspnet", "refinenet"):
+        kinds = {type(m) for m in models.get_model(name, **CASES[name][0]).modules() if "Dropout" in type(m).__name__}
+        assert kinds == {torch.nn.Dropout}, (name, kinds)
+
+
 def test_deeplab_v2_multi_scale():
     model = models.deeplab_v2(num_classes=2, backbone="resnet50", multi_scale=True).eval()
     with torch.no_grad():
@@ -298,6 +326,17 @@ def test_torch_compile(built, name):
     ("deeplab_v1", dict(crf="yes"), TypeError, "crf must be None, a fastseg.nn.DenseCRF"),
     ("deeplab_v1", dict(crf=dict(sigma=3)), ValueError, "crf dict"),
     ("dilated_context", dict(context="huge"), ValueError, "context must be one of 'basic', 'large'"),
+    ("deeplab_v3", dict(output_stride=16.0), ValueError, "output_stride must be one of 8, 16; got 16.0"),
+    ("pspnet", dict(aux_loss="False"), TypeError, "pspnet: aux_loss must be True or False, got 'False'"),
+    ("gcn", dict(aux_loss=None), TypeError, "aux_loss must be True or False"),
+    ("segnet", dict(use_kernels="no"), TypeError, "segnet: use_kernels must be True or False"),
+    ("deeplab_v3", dict(multi_grid=(True, True, True)), ValueError, "multi_grid must be 3 ints >= 1"),
+    ("deeplab_v3", dict(multi_grid=2), ValueError, "multi_grid must be 3 ints >= 1"),
+    ("deeplab_v2", dict(multi_scale="yes"), ValueError, "multi_scale must be True, False or a non-empty tuple"),
+    ("deeplab_v2", dict(multi_scale=(1.0, 0)), ValueError, "multi_scale must be"),
+    ("deeplab_v2", dict(multi_scale=()), ValueError, "multi_scale must be"),
+    ("refinenet", dict(crp_blocks=True), ValueError, "crp_blocks must be an int >= 1"),
+    ("deeplab_v1", dict(crf=dict(iterations="2")), ValueError, "DenseCRF: iterations must be an int"),
 ])
 def test_bad_arguments(name, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -339,6 +378,19 @@ def test_backbone_weights_errors(tmp_path):
     # No classifier: FCN cannot build fc6/fc7.
     with pytest.raises(ValueError, match="no VGG classifier.*classifier.0.weight"):
         models.fcn32s(backbone_weights=vgg)
+
+
+def test_backbone_weights_without_num_batches_tracked(tmp_path):
+    """Checkpoints older than torch 0.4.1 have no BatchNorm num_batches_tracked; torchvision loads
+    them, and so does fastseg."""
+    torch.manual_seed(0)
+    state = {k: v for k, v in torchvision.models.resnet50().state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "old_resnet50.pth"
+    torch.save(state, path)
+    model = models.deeplab_v3(num_classes=2, backbone="resnet50", backbone_weights=path)
+    assert torch.equal(model.backbone.layer4[2].bn3.running_var, state["layer4.2.bn3.running_var"])
+    assert model.backbone.bn1.num_batches_tracked == 0
 
 
 def test_backbone_weights_load_into_models(tmp_path):

@@ -1,5 +1,6 @@
 """What every fastseg model shares: argument checks, the input check, the kernels switch, loading
 a torchvision checkpoint file from disk, and the model registry."""
+import numbers
 import os
 
 import torch
@@ -34,19 +35,30 @@ def get_model(name, **kwargs):
 
 
 def check_num_classes(model, num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+    """num_classes as an int (numpy's integers accepted)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
         raise TypeError(f"{model}: num_classes must be an int, got {num_classes!r}")
     if num_classes < 1:
         raise ValueError(f"{model}: num_classes must be >= 1, got {num_classes}")
+    return int(num_classes)
 
 
 def check_choice(model, name, value, choices):
-    if value not in choices:
+    # 8.0 == 8 and True == 1: a float or bool where ints are listed is refused, not coerced.
+    ints = all(isinstance(c, int) for c in choices)
+    if value not in choices or isinstance(value, bool) or (ints and not isinstance(value, numbers.Integral)):
         raise ValueError(f"{model}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def check_flag(model, name, value):
+    """A True/False option: anything else (a string "False", None, 1) is an error, not truthiness."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{model}: {name} must be True or False, got {value!r}")
+    return value
+
+
 def check_no_aux(model, aux_loss):
-    if aux_loss:
+    if check_flag(model, "aux_loss", aux_loss):
         raise ValueError(f"{model}: aux_loss=True, but the paper's {model} has no auxiliary head")
 
 
@@ -68,13 +80,16 @@ class SegmentationModel(nn.Module):
     def set_use_kernels(self, use_kernels):
         """Run every fastseg.nn layer on fastseg's kernels (True: backend='auto') or on its
         plain-PyTorch reference (False: backend='reference'); the weights stay the same."""
-        self.use_kernels = bool(use_kernels)
+        self.use_kernels = check_flag(self.name, "use_kernels", use_kernels)
         for module in self.modules():
-            if type(module).__module__.startswith("fastseg.nn") and hasattr(module, "backend"):
+            # fastseg.nn's layers, and the fused convolutions fastseg.convert adds
+            if type(module).__module__.startswith(("fastseg.nn", "fastseg.convert")) and hasattr(module, "backend"):
                 module.backend = "auto" if use_kernels else "reference"
         return self
 
     def check_input(self, x):
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing (fastseg.convert): no values to check
+            return
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.name}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
@@ -97,8 +112,8 @@ class SegmentationModel(nn.Module):
 
 def upsample(x, size):
     """Bilinear resize to ``size`` with align_corners=False (what DeepLab v3+/PSPNet ports use)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
+    if not isinstance(x, torch.fx.Proxy) and tuple(x.shape[-2:]) == tuple(size):
+        return x  # (a resize to the same size is an exact copy: skipped, except when tracing)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
@@ -129,7 +144,9 @@ def load_matching(module, state, path, *, ignore_prefixes=()):
     the missing and unexpected keys (and the shape mismatches)."""
     own = module.state_dict()
     used = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}
-    missing = sorted(set(own) - set(used))
+    # BatchNorm's num_batches_tracked came with torch 0.4.1: older checkpoints lack it, and
+    # BatchNorm's own loading sets it to 0 then, as torchvision's models do.
+    missing = sorted(k for k in set(own) - set(used) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(used) - set(own))
     shapes = sorted(f"{k}: file {tuple(used[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(used) if used[k].shape != own[k].shape)

@@ -8,6 +8,7 @@ classification heads (VGG's ``classifier``, ResNet's ``fc``) are not part of a b
 that reuse VGG's fully connected layers (FCN, DeepLab v1, the dilated front end) read them from the
 same file themselves.
 """
+import numbers
 import os
 
 import torch
@@ -121,10 +122,12 @@ class ResNet(nn.Module):
         check_choice("ResNet", "output_stride", output_stride, OUTPUT_STRIDES)
         blocks = RESNET_BLOCKS[depth]
         if multi_grid is not None:
-            multi_grid = tuple(multi_grid)
-            if len(multi_grid) != blocks[3] or not all(isinstance(r, int) and r >= 1 for r in multi_grid):
+            rates = tuple(multi_grid) if isinstance(multi_grid, (tuple, list)) else ()
+            if len(rates) != blocks[3] or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
+                                                  and r >= 1 for r in rates):
                 raise ValueError(f"ResNet: multi_grid must be {blocks[3]} ints >= 1 (one per layer4 block), "
                                  f"got {multi_grid!r}")
+            multi_grid = tuple(int(r) for r in rates)
         self.depth, self.output_stride, self.multi_grid = depth, output_stride, multi_grid
         # (stride, dilation) of layer3 and layer4 for each output stride.
         layer3, layer4 = {32: ((2, 1), (2, 1)), 16: ((2, 1), (1, 2)), 8: ((1, 2), (1, 4))}[output_stride]

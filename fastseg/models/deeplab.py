@@ -9,7 +9,8 @@
   ResNet-101 at output stride 8 and ASPP-L, four 3x3 branches at rates 6/12/18/24 giving class
   scores, summed; optional multi-scale input fusion (scales 1, 0.75, 0.5, max over the scales).
 * v1 and v2 may add the fully connected CRF (Kraehenbuehl & Koltun 2011) in eval mode:
-  ``crf=fastseg.nn.DenseCRF(...)`` or a dict of its parameters.
+  ``crf=fastseg.nn.DenseCRF(...)`` or a dict of its parameters; a learnable one
+  (``learnable=True``, CRF-as-RNN, Zheng et al. 2015) runs in training too and trains end to end.
 * v3 (Chen et al., "Rethinking Atrous Convolution for Semantic Image Segmentation", arXiv
   1706.05587, 2017): ResNet with multi-grid (1, 2, 4) in layer4, output stride 16 or 8, ASPP with
   image pooling and BatchNorm (256 channels), then a 1x1 convolution to the classes (Sec. 3.3).
@@ -22,6 +23,8 @@
 The ASPP heads are ``fastseg.nn.ASPP``; the conv-BN-ReLU layers of v3+'s decoder are
 ``fastseg.nn.AtrousConvBNReLU`` (BatchNorm folded into the fused kernel in eval mode).
 """
+import numbers
+
 import torch
 from torch import nn
 
@@ -52,7 +55,8 @@ def _make_crf(model, crf):
 
 
 class _CRFModel(SegmentationModel):
-    """v1/v2: logits at the input size, then (eval mode, ``crf`` set) the dense CRF.
+    """v1/v2: logits at the input size, then (``crf`` set: in eval mode, or always when the CRF is
+    learnable) the dense CRF.
 
     forward(x, image=None): ``image`` (B, 3, H, W), uint8 or float in 0..255, is what the CRF's
     bilateral kernel compares; without it the CRF reads x un-normalised with IMAGENET_MEAN/STD.
@@ -62,8 +66,14 @@ class _CRFModel(SegmentationModel):
 
     def forward(self, x, image=None):
         self.check_input(x)
+        if self.crf is not None and isinstance(x, torch.fx.Proxy):
+            # A traced graph would fix today's branch (training mode, image given or not) for good.
+            raise torch.fx.proxy.TraceError(f"{self.name}: the CRF step depends on the training mode and on "
+                                            "`image`; the model does not trace with a CRF attached")
         logits = self._forward(x)["out"]
-        if self.crf is None or self.training:
+        # A fixed CRF is post-processing, run in eval mode only (as the papers do); a learnable one
+        # (CRF-as-RNN) is part of the network and trains with it.
+        if self.crf is None or (self.training and not self.crf.learnable):
             return {"out": logits}
         if image is None:
             mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -89,7 +99,7 @@ class DeepLabV1(_CRFModel):
         self.fc6 = nn.Conv2d(512, 1024, 3, padding=12, dilation=12)
         self.fc7 = nn.Conv2d(1024, 1024, 1)
         self.relu = nn.ReLU(inplace=True)
-        self.drop = nn.Dropout2d(0.5)
+        self.drop = nn.Dropout(0.5)
         self.fc8 = nn.Conv2d(1024, num_classes, 1)
         nn.init.normal_(self.fc8.weight, 0, 0.01)  # as the paper's Caffe model initialises fc8
         nn.init.zeros_(self.fc8.bias)
@@ -116,7 +126,7 @@ class DeepLabV2(_CRFModel):
         for conv in self.classifier.branches:  # the paper's Caffe model: N(0, 0.01) class scorers
             nn.init.normal_(conv.weight, 0, 0.01)
             nn.init.zeros_(conv.bias)
-        self.multi_scale = (1.0, 0.75, 0.5) if multi_scale is True else (tuple(multi_scale) if multi_scale else None)
+        self.multi_scale = _check_scales(multi_scale)
         self.crf = crf
 
     def _size_reason(self):
@@ -188,9 +198,23 @@ class DeepLabV3Plus(SegmentationModel):
 
 
 def _check_common(name, num_classes, output_stride, aux_loss, strides=OUTPUT_STRIDES):
-    check_num_classes(name, num_classes)
     check_choice(name, "output_stride", output_stride, strides)
     check_no_aux(name, aux_loss)
+    return check_num_classes(name, num_classes)
+
+
+def _check_scales(multi_scale):
+    """deeplab_v2's multi_scale as a tuple of scales, or None."""
+    if multi_scale is False or multi_scale is None:
+        return None
+    if multi_scale is True:
+        return (1.0, 0.75, 0.5)
+    scales = tuple(multi_scale) if isinstance(multi_scale, (tuple, list)) else None
+    if not scales or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) and 0 < s < float("inf")
+                             for s in scales):
+        raise ValueError(f"deeplab_v2: multi_scale must be True, False or a non-empty tuple of scales > 0, "
+                         f"got {multi_scale!r}")
+    return tuple(float(s) for s in scales)
 
 
 @register
@@ -199,14 +223,15 @@ def deeplab_v1(num_classes=21, backbone="vgg16", output_stride=8, aux_loss=False
     """DeepLab-LargeFOV (Chen et al., ICLR 2015) on atrous VGG-16, output stride 8.
 
     Returns an nn.Module: forward(x (B, 3, H, W), image=None), H, W >= 8 -> {'out': (B, num_classes,
-    H, W)}; with ``crf`` (a fastseg.nn.DenseCRF or a dict of its parameters), in eval mode 'out' is
-    the log of the CRF's marginals and 'out_before_crf' the logits.
+    H, W)}; with ``crf`` (a fastseg.nn.DenseCRF or a dict of its parameters), in eval mode (and in
+    training too for a learnable CRF) 'out' is the log of the CRF's marginals and 'out_before_crf'
+    the logits.
 
     Example:
         >>> model = fastseg.models.deeplab_v1(crf=dict(iterations=10)).eval()
         >>> labels = model(x)["out"].argmax(1)
     """
-    _check_common("deeplab_v1", num_classes, output_stride, aux_loss, (8,))
+    num_classes = _check_common("deeplab_v1", num_classes, output_stride, aux_loss, (8,))
     check_choice("deeplab_v1", "backbone", backbone, ("vgg16",))
     model = DeepLabV1(num_classes, _make_crf("deeplab_v1", crf))
     if backbone_weights is not None:
@@ -223,7 +248,8 @@ def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8, aux_loss=F
     Returns an nn.Module: forward(x, image=None), H, W >= output_stride -> {'out': (B, num_classes,
     H, W)} (CRF in eval mode as for deeplab_v1).
     """
-    _check_common("deeplab_v2", num_classes, output_stride, aux_loss, (8, 16))
+    num_classes = _check_common("deeplab_v2", num_classes, output_stride, aux_loss, (8, 16))
+    multi_scale = _check_scales(multi_scale)
     net = resnet_backbone("deeplab_v2", backbone, output_stride, weights=backbone_weights)
     return DeepLabV2(net, num_classes, multi_scale=multi_scale, crf=_make_crf("deeplab_v2", crf)) \
         .set_use_kernels(use_kernels)
@@ -240,7 +266,7 @@ def deeplab_v3(num_classes=21, backbone="resnet101", output_stride=16, aux_loss=
     Example:
         >>> model = fastseg.models.deeplab_v3(num_classes=21, backbone="resnet50", output_stride=8)
     """
-    _check_common("deeplab_v3", num_classes, output_stride, aux_loss, (8, 16))
+    num_classes = _check_common("deeplab_v3", num_classes, output_stride, aux_loss, (8, 16))
     check_no_crf("deeplab_v3", crf)
     net = resnet_backbone("deeplab_v3", backbone, output_stride, multi_grid, backbone_weights)
     return DeepLabV3(net, num_classes).set_use_kernels(use_kernels)
@@ -253,7 +279,7 @@ def deeplab_v3_plus(num_classes=21, backbone="resnet101", output_stride=16, aux_
 
     Returns an nn.Module: (B, 3, H, W), H, W >= output_stride -> {'out': (B, num_classes, H, W)}.
     """
-    _check_common("deeplab_v3_plus", num_classes, output_stride, aux_loss, (8, 16))
+    num_classes = _check_common("deeplab_v3_plus", num_classes, output_stride, aux_loss, (8, 16))
     check_no_crf("deeplab_v3_plus", crf)
     net = resnet_backbone("deeplab_v3_plus", backbone, output_stride, multi_grid, backbone_weights)
     return DeepLabV3Plus(net, num_classes).set_use_kernels(use_kernels)

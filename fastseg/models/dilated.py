@@ -78,7 +78,7 @@ class DilatedNet(SegmentationModel):
         self.fc6 = nn.Conv2d(512, 4096, 7, padding=12, dilation=4)
         self.fc7 = nn.Conv2d(4096, 4096, 1)
         self.relu = nn.ReLU(inplace=True)
-        self.drop = nn.Dropout2d(0.5)
+        self.drop = nn.Dropout(0.5)
         self.final = nn.Conv2d(4096, num_classes, 1)
         self.context = None if context is None else ContextModule(num_classes, context)
 
@@ -96,7 +96,7 @@ class DilatedNet(SegmentationModel):
 
 
 def _build(name, context, num_classes, backbone, output_stride, aux_loss, crf, backbone_weights, use_kernels):
-    check_num_classes(name, num_classes)
+    num_classes = check_num_classes(name, num_classes)
     check_choice(name, "backbone", backbone, ("vgg16",))
     check_choice(name, "output_stride", output_stride, (8,))
     check_no_aux(name, aux_loss)

@@ -63,7 +63,7 @@ class FCN(SegmentationModel):
         self.fc6 = nn.Conv2d(512, 4096, 7)
         self.fc7 = nn.Conv2d(4096, 4096, 1)
         self.relu = nn.ReLU(inplace=True)
-        self.drop = nn.Dropout2d(0.5)
+        self.drop = nn.Dropout(0.5)
         self.score_fr = _scorer(4096, num_classes)
         if stride == 32:
             self.upscore = _deconv(num_classes, 32)
@@ -96,7 +96,7 @@ class FCN(SegmentationModel):
 
 def _build(stride, num_classes, backbone, output_stride, aux_loss, crf, backbone_weights, use_kernels):
     name = f"fcn{stride}s"
-    check_num_classes(name, num_classes)
+    num_classes = check_num_classes(name, num_classes)
     check_choice(name, "backbone", backbone, ("vgg16",))
     check_choice(name, "output_stride", output_stride, (stride,))
     check_no_aux(name, aux_loss)

@@ -84,7 +84,7 @@ def gcn(num_classes=21, backbone="resnet101", output_stride=32, aux_loss=False, 
         >>> model(torch.randn(1, 3, 512, 512))["out"].shape
         torch.Size([1, 21, 512, 512])
     """
-    check_num_classes("gcn", num_classes)
+    num_classes = check_num_classes("gcn", num_classes)
     check_choice("gcn", "output_stride", output_stride, (32,))
     check_no_aux("gcn", aux_loss)
     check_no_crf("gcn", crf)

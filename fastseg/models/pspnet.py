@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as fnn
-from ._common import SegmentationModel, check_num_classes, check_choice, check_no_crf, register, upsample
+from ._common import SegmentationModel, check_choice, check_flag, check_no_crf, check_num_classes, register, upsample
 from .backbones import resnet_backbone
 
 __all__ = ["PSPNet", "PyramidPooling", "pspnet"]
@@ -37,7 +37,7 @@ class PyramidPooling(nn.Module):
 
 
 def _head(in_channels, width, num_classes):
-    return nn.Sequential(fnn.AtrousConvBNReLU(in_channels, width, 3), nn.Dropout2d(0.1),
+    return nn.Sequential(fnn.AtrousConvBNReLU(in_channels, width, 3), nn.Dropout(0.1),
                          nn.Conv2d(width, num_classes, 1))
 
 
@@ -82,8 +82,8 @@ def pspnet(num_classes=21, backbone="resnet50", output_stride=8, aux_loss=True, 
         >>> model = fastseg.models.pspnet(num_classes=150, backbone="resnet101")
         >>> out = model(x); loss = ce(out["out"], y) + model.aux_weight * ce(out["aux"], y)
     """
-    check_num_classes("pspnet", num_classes)
+    num_classes = check_num_classes("pspnet", num_classes)
     check_choice("pspnet", "output_stride", output_stride, (8, 16))
     check_no_crf("pspnet", crf)
     net = resnet_backbone("pspnet", backbone, output_stride, weights=backbone_weights)
-    return PSPNet(net, num_classes, aux_loss=bool(aux_loss)).set_use_kernels(use_kernels)
+    return PSPNet(net, num_classes, aux_loss=check_flag("pspnet", "aux_loss", aux_loss)).set_use_kernels(use_kernels)

@@ -16,6 +16,8 @@ fuse one ResNet path with the previous RefineNet's output. A RefineNet block (Se
 RefineNet-1's output passes two more RCUs and a 1x1 classifier (with dropout before it), at output
 stride 4, upsampled bilinearly to the input.
 """
+import numbers
+
 from torch import nn
 
 from ._common import SegmentationModel, check_choice, check_no_crf, check_no_aux, check_num_classes, register, upsample
@@ -43,14 +45,15 @@ class ResidualConvUnit(nn.Module):
 
 
 class MultiResolutionFusion(nn.Module):
-    """A 3x3 convolution per input to ``out_channels``, upsampled to the largest input, summed."""
+    """A 3x3 convolution per input to ``out_channels``, upsampled to the first (the finest) input's
+    size, summed."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
         self.convs = nn.ModuleList(_conv3x3(c, out_channels) for c in in_channels)
 
     def forward(self, xs):
-        size = max((x.shape[-2:] for x in xs), key=lambda s: s[0] * s[1])
+        size = xs[0].shape[-2:]  # the finest path comes first (it also keeps torch.fx tracing)
         out = None
         for conv, x in zip(self.convs, xs):
             y = upsample(conv(x), size)
@@ -112,7 +115,7 @@ class RefineNet(SegmentationModel):
         self.refine3 = RefineNetBlock([256, 512], crp_blocks)
         self.refine2 = RefineNetBlock([256, 256], crp_blocks)
         self.refine1 = RefineNetBlock([256, 256], crp_blocks)
-        self.head = nn.Sequential(ResidualConvUnit(256), ResidualConvUnit(256), nn.Dropout2d(0.5),
+        self.head = nn.Sequential(ResidualConvUnit(256), ResidualConvUnit(256), nn.Dropout(0.5),
                                   nn.Conv2d(256, num_classes, 1))
 
     def _forward(self, x):
@@ -135,11 +138,11 @@ def refinenet(num_classes=21, backbone="resnet101", output_stride=32, aux_loss=F
     Example:
         >>> model = fastseg.models.refinenet(num_classes=21, backbone="resnet50")
     """
-    check_num_classes("refinenet", num_classes)
+    num_classes = check_num_classes("refinenet", num_classes)
     check_choice("refinenet", "output_stride", output_stride, (32,))
     check_no_aux("refinenet", aux_loss)
     check_no_crf("refinenet", crf)
-    if isinstance(crp_blocks, bool) or not isinstance(crp_blocks, int) or crp_blocks < 1:
+    if isinstance(crp_blocks, bool) or not isinstance(crp_blocks, numbers.Integral) or crp_blocks < 1:
         raise ValueError(f"refinenet: crp_blocks must be an int >= 1, got {crp_blocks!r}")
     net = resnet_backbone("refinenet", backbone, output_stride, weights=backbone_weights)
-    return RefineNet(net, num_classes, crp_blocks).set_use_kernels(use_kernels)
+    return RefineNet(net, num_classes, int(crp_blocks)).set_use_kernels(use_kernels)

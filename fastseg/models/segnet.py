@@ -74,7 +74,7 @@ def segnet(num_classes=21, backbone="vgg16_bn", output_stride=32, aux_loss=False
     Example:
         >>> out = fastseg.models.segnet(num_classes=12)(torch.randn(1, 3, 360, 480))["out"]
     """
-    check_num_classes("segnet", num_classes)
+    num_classes = check_num_classes("segnet", num_classes)
     check_choice("segnet", "backbone", backbone, ("vgg16_bn",))
     check_choice("segnet", "output_stride", output_stride, (32,))
     check_no_aux("segnet", aux_loss)

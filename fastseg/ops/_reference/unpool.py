@@ -11,7 +11,8 @@ def max_unpool2d(input, indices, output_size):
     Ho, Wo = output_size
     plane = Ho * Wo
     flat_indices = indices.reshape(B, C, H * W)
-    if flat_indices.numel() and (flat_indices.min() < 0 or flat_indices.max() >= plane):
+    # (Meta tensors hold no values to check: shapes only.)
+    if flat_indices.numel() and not indices.is_meta and (flat_indices.min() < 0 or flat_indices.max() >= plane):
         raise_index_out_of_range(flat_indices, Ho, Wo)
     # For each output position, the flat order of the last input entry pointing at it, or -1.
     order = torch.arange(H * W, device=input.device).expand(B, C, H * W)
