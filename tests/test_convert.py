@@ -142,6 +142,8 @@ def test_fastseg_models_convert(name, fused_everywhere):
     x = torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         _assert_close_to_scale(_out(fast(x)), _out(model(x)))
+    with pytest.raises(ValueError, match=f"{name}: input must have 3 channels"):  # the check is in the graph
+        fast(torch.zeros(1, 1, 40, 48))
     # The switch to plain PyTorch reaches the fused layers convert added.
     fast.set_use_kernels(False)
     fused = [m for m in fast.modules() if isinstance(m, convert_module.FusedConv2d)]

@@ -88,19 +88,7 @@ class SegmentationModel(nn.Module):
         return self
 
     def check_input(self, x):
-        if isinstance(x, torch.fx.Proxy):  # symbolic tracing (fastseg.convert): no values to check
-            return
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{self.name}: input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{self.name}: input must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.name}: input must have {self.in_channels} channels (B, {self.in_channels}, H, W), "
-                             f"got shape {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        if min(h, w) < self.min_input_size:
-            raise ValueError(f"{self.name}: input height and width must be at least {self.min_input_size} "
-                             f"({self._size_reason()}); got {h}x{w}")
+        check_model_input(self.name, self.in_channels, self.min_input_size, self._size_reason(), x)
 
     def _size_reason(self):
         return f"the network downsamples by {self.min_input_size}"
@@ -108,6 +96,24 @@ class SegmentationModel(nn.Module):
     def forward(self, x):
         self.check_input(x)
         return self._forward(x)
+
+
+def check_model_input(name, in_channels, min_size, size_reason, x):
+    """A model's input check: (B, in_channels, H, W) with H, W >= min_size. Wrapped for torch.fx
+    (below): a traced model, fastseg.convert's included, keeps it as one call in its graph."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: input must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{name}: input must have {in_channels} channels (B, {in_channels}, H, W), "
+                         f"got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if min(h, w) < min_size:
+        raise ValueError(f"{name}: input height and width must be at least {min_size} ({size_reason}); got {h}x{w}")
+
+
+torch.fx.wrap("check_model_input")
 
 
 def upsample(x, size):
