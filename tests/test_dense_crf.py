@@ -768,6 +768,24 @@ def test_bad_input_direct_op_calls():
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_raw_op_fakes_check_like_the_kernel():
+    """torch.compile traces a raw op call on its fake: what the kernel refuses fails there, with the
+    kernel's message, not when the compiled code runs."""
+    U, f = torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5)
+    cases = [((U.double(), [f], [torch.eye(3)], [3], 1, None), "unary must be float32"),
+             ((U, [f.double()], [torch.eye(3)], [3], 1, None), r"features\[0\] must be float32"),
+             ((U, [f], [torch.eye(2)], [3], 1, None), r"compat\[0\] must be \(L, L\)")]
+    for args, message in cases:
+        for op in (torch.ops.fastseg.dense_crf, torch.ops.fastseg.dense_crf_iterates_cpp):
+            with pytest.raises(Exception, match=message):
+                torch.compile(op, backend="eager", fullgraph=True)(*args)
+            with pytest.raises((TypeError, ValueError), match=message):
+                op(*args)  # the kernel itself, same words
+    with pytest.raises(Exception, match="values and features must be float32"):
+        torch.compile(torch.ops.fastseg.permutohedral_filter, backend="eager", fullgraph=True)(U.double(), f, 3)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 def test_cpp_flushes_denormals_only_inside_the_call():
     # Mean field and its backward flush values below float's normal range to zero on their threads
     # (splats of tiny Q took microcode assists) and must leave the calling thread's mode as it was.

@@ -526,13 +526,53 @@ def _fake_permutohedral_filter_reference(values, features, normalization, transp
     return torch.empty(values.shape, dtype=reference.compute_dtype(values.dtype), device=values.device)
 
 
+def _check_kernel_args(unary, features, compat, normalization, iterations, init):
+    """The float32 kernels' argument checks (csrc/cpu/dense_crf.cpp's check_dense_crf_args, same
+    messages), for their fake implementations: a raw op call that the kernel would refuse fails
+    while torch.compile traces it, not when the compiled code runs."""
+    if unary.dim() != 4:
+        raise ValueError(f"{OP}: unary must be 4-D (B, L, H, W), got {unary.dim()}-D")
+    if unary.dtype != torch.float32:
+        raise TypeError(f"{OP}: unary must be float32, got {unary.dtype}")
+    if not len(features) == len(compat) == len(normalization):
+        raise ValueError(f"{OP}: features, compat and normalization must have one entry per kernel, got "
+                         f"{len(features)}, {len(compat)} and {len(normalization)}")
+    if iterations < 0:
+        raise ValueError(f"{OP}: iterations must be >= 0, got {iterations}")
+    B, L, H, W = unary.shape
+    for k, (f, c, n) in enumerate(zip(features, compat, normalization)):
+        if f.dim() != 4 or f.shape[0] not in (1, B) or tuple(f.shape[2:]) != (H, W):
+            raise ValueError(f"{OP}: features[{k}] must be (B or 1, D, H, W) with (B, H, W) of unary "
+                             f"{tuple(unary.shape)}, got {tuple(f.shape)}")
+        if f.dtype != torch.float32:
+            raise TypeError(f"{OP}: features[{k}] must be float32, got {f.dtype}")
+        if tuple(c.shape) != (L, L):
+            raise ValueError(f"{OP}: compat[{k}] must be (L, L) = ({L}, {L}), got {tuple(c.shape)}")
+        if not 0 <= n <= 3:
+            raise ValueError(f"{OP}: normalization[{k}] must be 0 (none), 1 (before), 2 (after) or 3 (symmetric), "
+                             f"got {n}")
+    if init is not None and (init.shape != unary.shape or init.dtype != torch.float32):
+        raise ValueError(f"{OP}: init must be float32 of unary's shape {tuple(unary.shape)}, got {init.dtype} "
+                         f"{tuple(init.shape)}")
+
+
+def _check_filter_args(values, features, normalization):
+    if values.dtype != torch.float32 or features.dtype != torch.float32:
+        raise TypeError(f"permutohedral_filter: values and features must be float32, got {values.dtype} and "
+                        f"{features.dtype}")
+    if not 0 <= normalization <= 3:
+        raise ValueError(f"permutohedral_filter: normalization must be 0 to 3, got {normalization}")
+
+
 @_dense_crf_triton.register_fake
 def _fake_dense_crf_triton(unary, features, compat, normalization, iterations, init=None, unary_scale=1.0):
+    _check_kernel_args(unary, features, compat, normalization, iterations, init)
     return torch.empty(unary.shape, dtype=torch.float32, device=unary.device)
 
 
 @_permutohedral_filter_triton.register_fake
 def _fake_permutohedral_filter_triton(values, features, normalization, transpose=False):
+    _check_filter_args(values, features, normalization)
     return torch.empty(values.shape, dtype=torch.float32, device=values.device)
 
 
@@ -554,14 +594,17 @@ if _backends.EXTENSION_LOADED:
 
     @torch.library.register_fake("fastseg::dense_crf")
     def _fake_dense_crf(unary, features, compat, normalization, iterations, init=None, unary_scale=1.0):
+        _check_kernel_args(unary, features, compat, normalization, iterations, init)
         return torch.empty(unary.shape, dtype=torch.float32, device=unary.device)
 
     @torch.library.register_fake("fastseg::permutohedral_filter")
     def _fake_permutohedral_filter(values, features, normalization, transpose=False):
+        _check_filter_args(values, features, normalization)
         return torch.empty(values.shape, dtype=torch.float32, device=values.device)
 
     @torch.library.register_fake("fastseg::dense_crf_iterates_cpp")
     def _fake_dense_crf_iterates_cpp(unary, features, compat, normalization, iterations, init=None, unary_scale=1.0):
+        _check_kernel_args(unary, features, compat, normalization, iterations, init)
         return torch.empty((iterations + 1, *unary.shape), dtype=torch.float32, device=unary.device)
 
     torch.library.register_fake("fastseg::dense_crf_backward_cpp")(_fake_dense_crf_backward_triton)
