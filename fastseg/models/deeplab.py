@@ -23,6 +23,7 @@
 The ASPP heads are ``fastseg.nn.ASPP``; the conv-BN-ReLU layers of v3+'s decoder are
 ``fastseg.nn.AtrousConvBNReLU`` (BatchNorm folded into the fused kernel in eval mode).
 """
+import inspect
 import numbers
 
 import torch
@@ -46,10 +47,12 @@ def _make_crf(model, crf):
     if crf is None or isinstance(crf, fnn.DenseCRF):
         return crf
     if isinstance(crf, dict):
-        try:
-            return fnn.DenseCRF(**crf)
-        except TypeError as error:
-            raise ValueError(f"{model}: crf dict does not hold DenseCRF parameters ({error})") from None
+        known = set(inspect.signature(fnn.DenseCRF).parameters)
+        unknown = sorted(map(str, set(crf) - known))
+        if unknown:
+            raise ValueError(f"{model}: crf dict does not hold DenseCRF parameters: unknown {', '.join(unknown)} "
+                             f"(DenseCRF takes {', '.join(sorted(known))})")
+        return fnn.DenseCRF(**crf)  # its own checks name what is wrong with a value
     raise TypeError(f"{model}: crf must be None, a fastseg.nn.DenseCRF or a dict of its parameters, "
                     f"got {type(crf).__name__}")
 
