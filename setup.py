@@ -98,7 +98,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "matplotlib", "torchvision", "pydensecrf2", "pillow",
                  "segmentation-models-pytorch"],
-        "bench": ["pytest", "pytest-benchmark", "matplotlib", "pydensecrf2"],
+        # torchvision and smp: the fastseg.convert rows, which convert their models
+        "bench": ["pytest", "pytest-benchmark", "matplotlib", "pydensecrf2", "torchvision",
+                  "segmentation-models-pytorch"],
     },
     entry_points={"console_scripts": ["fastseg = fastseg.cli:main"]},
     ext_modules=_extensions(),
