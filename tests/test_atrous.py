@@ -619,9 +619,31 @@ def test_aspp_trains():
     assert "version='v3', rates=(2, 3)" in repr(aspp)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_aspp_eval_gradients(version, backend, device):
+    """Gradients through an eval-mode ASPP (saliency, frozen-BatchNorm fine-tuning) on every route:
+    the GPU taps route has no backward of its own, so autograd must not take it."""
+    torch.manual_seed(3)
+    aspp = fastseg.nn.ASPP(6, 4, version=version, rates=(1, 2), backend=backend)
+    _randomise_bn(aspp)
+    aspp.eval().to(device)
+    x = torch.randn(2, 6, 5, 7, device=device, requires_grad=True)
+    out = aspp(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *aspp.parameters()])
+    expected = torch.autograd.grad(_plain_aspp(aspp, x).square().sum(), [x, *aspp.parameters()])
+    for got, want in zip(grads, expected):
+        assert_relative_close(got.cpu(), want.cpu(), torch.float32, TRITON_FP32_TOLERANCE)
+    with torch.no_grad():  # unbatched (C, H, W), as conv2d takes it
+        assert_relative_close(aspp(x[0]).cpu(), aspp(x[:1])[0].cpu(), torch.float32)
+
+
 def test_aspp_bad_arguments():
     with pytest.raises(ValueError, match="version must be 'v2' or 'v3'"):
         fastseg.nn.ASPP(4, 3, version="v4")
+    for rates in ("12", (6.5,), 12, (True,), ()):
+        with pytest.raises(ValueError, match="rates must be a non-empty tuple of ints >= 1"):
+            fastseg.nn.ASPP(4, 3, rates=rates)
     with pytest.raises(ValueError, match="output_stride must be 8 or 16"):
         fastseg.nn.ASPP(4, 3, output_stride=32)
 

@@ -305,6 +305,7 @@ BAD_CALLS = [
      r"output_size\[0\] = 10 is not strictly between 6 and 10"),
     ("output_size wrong length", lambda v, i: (v, i, 2, 2, 0, (8,)), ValueError, "output_size must have 2"),
     ("output_size not ints", lambda v, i: (v, i, 2, 2, 0, "ab"), TypeError, "output_size must be a sequence"),
+    ("output_size floats", lambda v, i: (v, i, 2, 2, 0, (8.9, 8.9)), TypeError, "output_size must be a sequence of ints"),
 ]
 
 
@@ -313,6 +314,19 @@ def test_bad_input(description, build, error, message):
     values, indices = _pooled((2, 3, 8, 8), 2, 2, 0, False)
     with pytest.raises(error, match=message):
         fastseg.max_unpool2d(*build(values, indices))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_batch_backward(backend, device):
+    values, indices = _pooled((0, 3, 8, 8), 2, 2, 0, False)
+    values = values.to(device).requires_grad_()
+    out = fastseg.max_unpool2d(values, indices.to(device), 2, backend=backend)
+    grad_out = torch.randn_like(out).requires_grad_()
+    (grad,) = torch.autograd.grad(out, values, grad_out, create_graph=True)
+    assert out.shape == (0, 3, 8, 8) and grad.shape == values.shape
+    if backend != "aten":  # (ATen's own backward returns a gradient without history at B = 0)
+        grad.sum().backward()  # double backward, into grad_out
+        assert grad_out.grad.shape == out.shape
 
 
 def test_bad_backend():

@@ -396,6 +396,40 @@ def test_bad_input(change, error, match):
         fastseg.unpool_conv2d(values, indices, weight, **kwargs)
 
 
+def test_layer_residual_that_broadcasts_or_differs_in_dtype():
+    """What training mode adds after BatchNorm (any residual that broadcasts, or of another dtype)
+    eval mode takes too, added after the fused call."""
+    x = torch.randn(2, 4, 8, 10)
+    values, indices = F.max_pool2d(x, 2, return_indices=True)
+    layer, conv, bn = _layer_and_plain(4, 5)
+    layer.eval(), bn.eval()
+    for residual in (torch.randn(5, 1, 1), torch.randn(2, 5, 8, 10, dtype=torch.float64), torch.randn(1, 5, 8, 10)):
+        with torch.no_grad():
+            out = layer(values, indices, output_size=x.shape, residual=residual)
+            expected = F.relu(bn(conv(F.max_unpool2d(values, indices, 2, output_size=x.shape[-2:]))) + residual)
+        assert out.dtype == expected.dtype
+        assert_relative_close(out, expected, torch.float32)
+
+
+def test_layer_bad_arguments():
+    with pytest.raises(TypeError, match="unpool must be a fastseg.nn.MaxUnpool2d or its kernel_size, got "
+                                        "torch.nn.modules.pooling.MaxUnpool2d"):
+        fastseg.nn.UnpoolConvBNReLU(4, 5, unpool=torch.nn.MaxUnpool2d(2))
+    indices = torch.zeros(1, 4, 2, 2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="unpool_conv2d: values must be a torch.Tensor, got NoneType"):
+        fastseg.nn.UnpoolConvBNReLU(4, 5).eval()(None, indices)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_batch_backward(backend, device):
+    values, indices = F.max_pool2d(torch.randn(0, 4, 6, 6, device=device), 2, return_indices=True)
+    values.requires_grad_()
+    weight = torch.randn(5, 4, 3, 3, device=device, requires_grad=True)
+    out = fastseg.unpool_conv2d(values, indices, weight, kernel_size=2, backend=backend)
+    out.sum().backward()
+    assert out.shape == (0, 5, 6, 6) and values.grad.shape == values.shape and not weight.grad.any()
+
+
 def test_bad_input_kernel_size_required():
     kwargs = _good()
     del kwargs["kernel_size"]

@@ -9,6 +9,8 @@ In training mode the layers run plain PyTorch (F.conv2d, nn.BatchNorm2d, F.relu)
 keeps its exact semantics: batch statistics, running-stat updates, momentum. In eval mode BatchNorm
 is folded into the per-channel scale and shift of ``fastseg.atrous_conv2d``'s fused epilogue.
 """
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -188,9 +190,10 @@ class ASPP(KeepsDerived, nn.Module):
             rates = (6, 12, 18, 24) if version == "v2" else (6, 12, 18)
             if version == "v3" and output_stride == 8:
                 rates = tuple(2 * r for r in rates)
+        if not isinstance(rates, (tuple, list)) or not rates or not all(
+                isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 1 for r in rates):
+            raise ValueError(f"ASPP: rates must be a non-empty tuple of ints >= 1, got {rates!r}")
         rates = tuple(int(r) for r in rates)
-        if not rates or min(rates) < 1:
-            raise ValueError(f"ASPP: rates must be positive ints, got {rates!r}")
         self.version, self.rates, self.backend = version, rates, backend
         self.image_pooling = image_pooling and version == "v3"
         if version == "v2":
@@ -221,6 +224,8 @@ class ASPP(KeepsDerived, nn.Module):
     def forward(self, x):
         own_modules = runs_submodules(self, x)
         folds = self._folds() and not own_modules
+        if folds and isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as conv2d takes
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if folds and self._taps_route(x):
             return self._forward_taps(x)
         if self.version == "v2":
@@ -280,6 +285,8 @@ class ASPP(KeepsDerived, nn.Module):
         weight = first.weight if self.version == "v2" else first.conv.weight
         if not is_plain_batch(x, weight.shape[1], weight):
             return False  # the per-branch path's checks name what is wrong (or handle an empty batch)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False  # its kernels have no backward: autograd takes the per-branch ops
         if self.backend == "triton":
             return x.is_cuda or _backends.TRITON_INTERPRETED
         return self.backend == "auto" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)

@@ -5,16 +5,36 @@ In training mode it runs MaxUnpool2d, nn.Conv2d, nn.BatchNorm2d and F.relu, so B
 exact semantics (batch statistics, running-stat updates). In eval mode BatchNorm is folded into
 ``fastseg.unpool_conv2d``'s epilogue and the unpooled map is never built in full.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.atrous import _padding
+from .._checks import to_pair
+from ..ops.atrous import _padding, atrous_output_size
+from ..ops.unpool import unpool_output_size
 from ..ops.unpool_conv import unpool_conv2d
 from ._kept import runs_submodules
 from .atrous import fold_batch_norm, folds_batch_norm
 from .unpool import MaxUnpool2d
 
 __all__ = ["UnpoolConvBNReLU"]
+
+
+def _fusable_residual(layer, values, output_size, residual):
+    """Whether the fused call can add ``residual``: a tensor of the output's shape, dtype and
+    device (else it broadcasts, or differs, and is added after the call). Arguments the op will
+    refuse count as fusable: its checks name what is wrong."""
+    if not isinstance(residual, torch.Tensor) or residual.dtype != values.dtype or residual.device != values.device:
+        return False
+    u, c = layer.unpool, layer.conv
+    try:
+        pairs = [to_pair("UnpoolConvBNReLU", n, v, minimum=0)
+                 for n, v in (("kernel_size", u.kernel_size), ("stride", u.stride), ("padding", u.padding))]
+        hw = unpool_output_size(values.shape[-2:], *pairs, output_size)
+        size = atrous_output_size(hw, c.kernel_size, c.stride, c.padding, c.dilation)
+    except (TypeError, ValueError):
+        return True
+    return tuple(residual.shape) == (*values.shape[:-3], c.out_channels, *size)
 
 
 class UnpoolConvBNReLU(nn.Module):
@@ -38,6 +58,9 @@ class UnpoolConvBNReLU(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=3, *, unpool=2, dilation=1, padding="same", bias=False,
                  relu=True, eps=1e-5, momentum=0.1, backend="auto"):
         super().__init__()
+        if isinstance(unpool, nn.Module) and not isinstance(unpool, MaxUnpool2d):
+            raise TypeError(f"UnpoolConvBNReLU: unpool must be a fastseg.nn.MaxUnpool2d or its kernel_size, got "
+                            f"{type(unpool).__module__}.{type(unpool).__name__}")
         self.unpool = unpool if isinstance(unpool, MaxUnpool2d) else MaxUnpool2d(unpool, backend=backend)
         if isinstance(padding, str):
             k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -54,13 +77,23 @@ class UnpoolConvBNReLU(nn.Module):
             if residual is not None:
                 y = y + residual
             return F.relu(y) if self.relu else y
-        scale, shift = fold_batch_norm(self.bn, values.dtype)
         u, c = self.unpool, self.conv
-        return unpool_conv2d(
+        if not isinstance(values, torch.Tensor):  # the op says what is wrong
+            return unpool_conv2d(values, indices, c.weight, kernel_size=u.kernel_size, backend=self.backend)
+        scale, shift = fold_batch_norm(self.bn, values.dtype)
+        late = None
+        if residual is not None and not _fusable_residual(self, values, output_size, residual):
+            # One that broadcasts (or another dtype or device): added after the fused call, as in training.
+            residual, late = None, residual
+        y = unpool_conv2d(
             values, indices, c.weight, c.bias, kernel_size=u.kernel_size, stride=u.stride, pool_padding=u.padding,
             output_size=output_size, padding=c.padding, dilation=c.dilation, scale=scale, shift=shift,
-            residual=residual, activation="relu" if self.relu else None, backend=self.backend,
+            residual=residual, activation="relu" if self.relu and late is None else None, backend=self.backend,
         )
+        if late is None:
+            return y
+        y = y + late
+        return F.relu(y) if self.relu else y
 
     def extra_repr(self):
         return f"relu={self.relu}"

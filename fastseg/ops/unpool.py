@@ -7,6 +7,7 @@ single pass and without atomics, so they are deterministic; on CUDA 'auto' runs 
 for NCHW input (faster there), whose pick among repeated indices is unspecified, as
 ``F.max_unpool2d``'s is.
 """
+import operator
 from typing import List
 
 import torch
@@ -135,8 +136,8 @@ def unpool_output_size(input_hw, kernel_size, stride, padding, output_size=None)
         size = default
     else:
         try:
-            size = [v if isinstance(v, torch.SymInt) else int(v) for v in output_size]
-        except (TypeError, ValueError):
+            size = [v if isinstance(v, torch.SymInt) else operator.index(v) for v in output_size]
+        except TypeError:  # not a sequence, or a float in it (8.9 is not rounded silently)
             raise TypeError(f"{OP}: output_size must be a sequence of ints, got {output_size!r}") from None
         if len(size) == 4:  # (B, C, Ho, Wo), as x.size() of the pooled-from tensor gives it
             size = size[2:]

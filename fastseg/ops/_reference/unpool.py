@@ -37,7 +37,7 @@ def max_unpool2d_backward(grad_output, indices):
     """Gradient with respect to input: grad_output gathered at indices. Like ATen, every entry
     receives the gradient of the position it points at, also when several point at one."""
     B, C, Ho, Wo = grad_output.shape
-    flat_indices = indices.reshape(B, C, -1)
+    flat_indices = indices.reshape(B, C, indices.shape[-2] * indices.shape[-1])  # (-1 fails at B = 0)
     grad = grad_output.reshape(B, C, Ho * Wo).gather(2, flat_indices)
     return grad.reshape(indices.shape).contiguous(memory_format=output_memory_format(indices))
 
@@ -47,5 +47,6 @@ def max_unpool2d_backward_adjoint(grad_grad_input, indices, output_size):
     B, C = indices.shape[:2]
     Ho, Wo = output_size
     out = grad_grad_input.new_zeros((B, C, Ho * Wo))
-    out.scatter_add_(2, indices.reshape(B, C, -1), grad_grad_input.reshape(B, C, -1))
+    n = indices.shape[-2] * indices.shape[-1]  # (-1 fails at B = 0)
+    out.scatter_add_(2, indices.reshape(B, C, n), grad_grad_input.reshape(B, C, n))
     return out.reshape(B, C, Ho, Wo)
