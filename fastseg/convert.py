@@ -248,6 +248,8 @@ def convert(model, *, inplace=False, report=True):
     else:
         _replace_modules(model, "", rep, allowed)
         model = _fuse(model, "", rep, allowed)
+        if getattr(model, "use_kernels", True) is False and hasattr(model, "set_use_kernels"):
+            model.set_use_kernels(False)  # a fastseg model on its references: the fused layers too
     return (model, rep) if report else model
 
 

@@ -150,6 +150,13 @@ def test_fastseg_models_convert(name, fused_everywhere):
     assert fused and all(m.backend == "reference" for m in fused)
 
 
+def test_model_on_its_references_stays_there(fused_everywhere):
+    model = _fastseg_model("segnet", use_kernels=False).eval()
+    fast = fastseg.convert(model, report=False)
+    fused = [m for m in fast.modules() if isinstance(m, convert_module.FusedConv2d)]
+    assert fused and all(m.backend == "reference" for m in fused) and not fast.use_kernels
+
+
 def test_deeplab_with_crf_converts_below_the_crf_step(fused_everywhere):
     """The CRF step depends on the training mode and on `image`, which a traced graph would fix
     for good: the model's own forward stays, everything under it converts."""

@@ -185,6 +185,12 @@ def test_deeplab_learnable_crf_trains():
     assert model.crf.gaussian_weight.grad is not None
 
 
+def test_crf_image_must_be_a_tensor():
+    model = models.deeplab_v1(num_classes=NUM_CLASSES, crf=dict(iterations=1)).eval()
+    with pytest.raises(TypeError, match="deeplab_v1: image must be a \\(B, 3, H, W\\) uint8 or float tensor, got str"):
+        model(_input(1, 16, 16), image="photo.png")
+
+
 def test_numpy_integers_and_scale_lists_are_accepted():
     np = pytest.importorskip("numpy")
     model = models.deeplab_v2(num_classes=np.int64(4), backbone="resnet50", multi_scale=[1, 0.5]).eval()

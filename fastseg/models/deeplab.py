@@ -73,6 +73,8 @@ class _CRFModel(SegmentationModel):
             # A traced graph would fix today's branch (training mode, image given or not) for good.
             raise torch.fx.proxy.TraceError(f"{self.name}: the CRF step depends on the training mode and on "
                                             "`image`; the model does not trace with a CRF attached")
+        if image is not None and not isinstance(image, (torch.Tensor, torch.fx.Proxy)):
+            raise TypeError(f"{self.name}: image must be a (B, 3, H, W) uint8 or float tensor, got {type(image).__name__}")
         logits = self._forward(x)["out"]
         # A fixed CRF is post-processing, run in eval mode only (as the papers do); a learnable one
         # (CRF-as-RNN) is part of the network and trains with it.
@@ -246,7 +248,8 @@ def deeplab_v1(num_classes=21, backbone="vgg16", output_stride=8, aux_loss=False
 def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8, aux_loss=False, crf=None, backbone_weights=None,
                use_kernels=True, multi_scale=False):
     """DeepLab v2 (Chen et al., TPAMI 2017): atrous ResNet-101 (or -50), ASPP-L rates 6/12/18/24
-    summed; ``multi_scale`` True (scales 1, 0.75, 0.5) or a tuple of scales for max fusion.
+    summed; ``multi_scale`` True (scales 1, 0.75, 0.5) or a tuple of further scales for max fusion
+    (the full scale, 1, is always one of them).
 
     Returns an nn.Module: forward(x, image=None), H, W >= output_stride -> {'out': (B, num_classes,
     H, W)} (CRF in eval mode as for deeplab_v1).
