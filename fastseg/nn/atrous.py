@@ -168,8 +168,8 @@ class ASPP(KeepsDerived, nn.Module):
     on CPU tensors under TRITON_INTERPRET=1) every branch comes from one GEMM of the input against
     all branches' taps (kernels/taps_conv.py; taps that never meet the map are left out): v2's sum
     is one pass over the taps' products, v3's concatenation one pass with each branch's BatchNorm
-    and ReLU, then the projection through cuDNN's fused kernel. The packed weights are kept between calls (see
-    ``cached``); float32 on CUDA runs cuDNN per branch (v3) or eager's sum (v2).
+    and ReLU, then the projection through cuDNN's fused kernel. The packed weights are kept between
+    calls (see ``cached``); float32 on CUDA runs cuDNN per branch (v3) or eager's sum (v2).
 
     ``forward(x)``: (B, in_channels, H, W) -> (B, out_channels, H, W).
 

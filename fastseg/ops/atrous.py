@@ -66,9 +66,9 @@ def atrous_conv2d(
 
     On the CPU, float32 3x3 convolutions at stride 1 with enough channels (on AVX2 machines 64+
     input and 16+ output channels for channels_last inputs, 64+ / 64+ for NCHW; elsewhere 256+ /
-    128+) run as Winograd minimal-filtering tiles (Lavin & Gray, CVPR 2016) laid over the rate's interleaved
-    sub-grids, skipping the zero padding and most multiplications; their transformed weights are
-    kept for reuse while the weights' bytes are unchanged (512 MiB in all, or
+    128+) run as Winograd minimal-filtering tiles (Lavin & Gray, CVPR 2016) laid over the rate's
+    interleaved sub-grids, skipping the zero padding and most multiplications; their transformed
+    weights are kept for reuse while the weights' bytes are unchanged (512 MiB in all, or
     ``FASTSEG_WINOGRAD_CACHE_MB``), so the first call with new weights is slower. As in every
     Winograd implementation, a non-finite input value can turn the other outputs of its tile into
     NaN (their terms in it cancel only in exact arithmetic: inf - inf), and the transforms' sums of a

@@ -330,9 +330,8 @@ def _check_kernel(kernel_name, kernel, keys, name=OP):
     if "sxy" in kernel:
         _pair(f"{kernel_name}['sxy']", kernel["sxy"], name)
     if "srgb" in kernel:  # one per image channel: the count is checked against the image
-        srgb = kernel["srgb"]
-        for value in (srgb.tolist() if isinstance(srgb, torch.Tensor) else srgb) \
-                if isinstance(srgb, (tuple, list, torch.Tensor)) else [srgb]:
+        srgb = kernel["srgb"].tolist() if isinstance(kernel["srgb"], torch.Tensor) else kernel["srgb"]
+        for value in srgb if isinstance(srgb, (tuple, list)) else [srgb]:
             _positive(f"{kernel_name}['srgb']", value, name)
     if "normalization" in kernel:
         normalization_code(f"{kernel_name}['normalization']", kernel["normalization"], name)
