@@ -185,6 +185,11 @@ def test_deeplab_learnable_crf_trains():
     assert model.crf.gaussian_weight.grad is not None
 
 
+def test_learnable_crf_takes_num_labels_from_the_model():
+    model = models.deeplab_v2(num_classes=5, backbone="resnet50", crf=dict(iterations=1, learnable=True))
+    assert model.crf.num_labels == 5 and model.crf.compat.shape == (5, 5)
+
+
 def test_crf_image_must_be_a_tensor():
     model = models.deeplab_v1(num_classes=NUM_CLASSES, crf=dict(iterations=1)).eval()
     with pytest.raises(TypeError, match="deeplab_v1: image must be a \\(B, 3, H, W\\) uint8 or float tensor, got str"):
@@ -337,12 +342,14 @@ def test_torch_compile(built, name):
     ("gcn", dict(aux_loss=None), TypeError, "aux_loss must be True or False"),
     ("segnet", dict(use_kernels="no"), TypeError, "segnet: use_kernels must be True or False"),
     ("deeplab_v3", dict(multi_grid=(True, True, True)), ValueError, "multi_grid must be 3 ints >= 1"),
-    ("deeplab_v3", dict(multi_grid=2), ValueError, "multi_grid must be 3 ints >= 1"),
+    ("deeplab_v3", dict(multi_grid=2), ValueError, "^deeplab_v3: multi_grid must be 3 ints >= 1"),
     ("deeplab_v2", dict(multi_scale="yes"), ValueError, "multi_scale must be True, False or a non-empty tuple"),
     ("deeplab_v2", dict(multi_scale=(1.0, 0)), ValueError, "multi_scale must be"),
     ("deeplab_v2", dict(multi_scale=()), ValueError, "multi_scale must be"),
     ("refinenet", dict(crp_blocks=True), ValueError, "crp_blocks must be an int >= 1"),
     ("deeplab_v1", dict(crf=dict(iterations="2")), TypeError, "DenseCRF: iterations must be an int"),
+    ("deeplab_v1", dict(num_classes=3, crf=dict(learnable=True, num_labels=4)), ValueError,
+     "deeplab_v1: crf was built with num_labels=4 but the model has num_classes=3"),
 ])
 def test_bad_arguments(name, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -361,6 +368,12 @@ def test_bad_input_size(name, shape, match, built):
     model = built(name)
     with pytest.raises(ValueError, match=match):
         model(torch.zeros(shape))
+
+
+def test_integer_input_is_refused(built):
+    """A uint8 image straight from a decoder is the usual mistake: named, not a dtype clash deep inside."""
+    with pytest.raises(TypeError, match="segnet: input must be a floating-point tensor .* got torch.uint8"):
+        built("segnet")(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
 
 
 def test_backbone_weights_errors(tmp_path):

@@ -105,6 +105,8 @@ def check_model_input(name, in_channels, min_size, size_reason, x):
         raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name}: input must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: input must be a floating-point tensor (the normalised image), got {x.dtype}")
     if x.shape[1] != in_channels:
         raise ValueError(f"{name}: input must have {in_channels} channels (B, {in_channels}, H, W), "
                          f"got shape {tuple(x.shape)}")

@@ -104,6 +104,18 @@ class Bottleneck(nn.Module):
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
+def check_multi_grid(owner, multi_grid, num_blocks):
+    """``multi_grid`` as a tuple of ``num_blocks`` ints >= 1 (or None), else a ValueError naming ``owner``."""
+    if multi_grid is None:
+        return None
+    rates = tuple(multi_grid) if isinstance(multi_grid, (tuple, list)) else ()
+    if len(rates) != num_blocks or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 1
+                                           for r in rates):
+        raise ValueError(f"{owner}: multi_grid must be {num_blocks} ints >= 1 (one per layer4 block), "
+                         f"got {multi_grid!r}")
+    return tuple(int(r) for r in rates)
+
+
 class ResNet(nn.Module):
     """ResNet-50/101 (He et al. 2016) with an atrous output stride (Chen et al., DeepLab).
 
@@ -121,13 +133,7 @@ class ResNet(nn.Module):
         check_choice("ResNet", "depth", depth, tuple(RESNET_BLOCKS))
         check_choice("ResNet", "output_stride", output_stride, OUTPUT_STRIDES)
         blocks = RESNET_BLOCKS[depth]
-        if multi_grid is not None:
-            rates = tuple(multi_grid) if isinstance(multi_grid, (tuple, list)) else ()
-            if len(rates) != blocks[3] or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
-                                                  and r >= 1 for r in rates):
-                raise ValueError(f"ResNet: multi_grid must be {blocks[3]} ints >= 1 (one per layer4 block), "
-                                 f"got {multi_grid!r}")
-            multi_grid = tuple(int(r) for r in rates)
+        multi_grid = check_multi_grid("ResNet", multi_grid, blocks[3])
         self.depth, self.output_stride, self.multi_grid = depth, output_stride, multi_grid
         # (stride, dilation) of layer3 and layer4 for each output stride.
         layer3, layer4 = {32: ((2, 1), (2, 1)), 16: ((2, 1), (1, 2)), 8: ((1, 2), (1, 4))}[output_stride]
@@ -197,6 +203,7 @@ def resnet_backbone(model, backbone, output_stride, multi_grid=None, weights=Non
     """The ResNet a model is built on, checked and (optionally) loaded from ``weights``."""
     check_choice(model, "backbone", backbone, ("resnet50", "resnet101"))
     check_choice(model, "output_stride", output_stride, OUTPUT_STRIDES)
+    check_multi_grid(model, multi_grid, RESNET_BLOCKS[int(backbone[6:])][3])
     net = BACKBONES[backbone](output_stride=output_stride, multi_grid=multi_grid)
     if weights is not None:
         net.load_torchvision(weights)

@@ -43,18 +43,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _make_crf(model, crf):
-    if crf is None or isinstance(crf, fnn.DenseCRF):
-        return crf
+def _make_crf(model, crf, num_classes):
+    if crf is None:
+        return None
     if isinstance(crf, dict):
         known = set(inspect.signature(fnn.DenseCRF).parameters)
         unknown = sorted(map(str, set(crf) - known))
         if unknown:
             raise ValueError(f"{model}: crf dict does not hold DenseCRF parameters: unknown {', '.join(unknown)} "
                              f"(DenseCRF takes {', '.join(sorted(known))})")
-        return fnn.DenseCRF(**crf)  # its own checks name what is wrong with a value
-    raise TypeError(f"{model}: crf must be None, a fastseg.nn.DenseCRF or a dict of its parameters, "
-                    f"got {type(crf).__name__}")
+        if crf.get("learnable") is True and crf.get("num_labels") is None:
+            crf = dict(crf, num_labels=num_classes)  # the model knows the compatibility's size
+        crf = fnn.DenseCRF(**crf)  # its own checks name what is wrong with a value
+    if not isinstance(crf, fnn.DenseCRF):
+        raise TypeError(f"{model}: crf must be None, a fastseg.nn.DenseCRF or a dict of its parameters, "
+                        f"got {type(crf).__name__}")
+    if crf.num_labels is not None and crf.num_labels != num_classes:
+        raise ValueError(f"{model}: crf was built with num_labels={crf.num_labels} but the model has "
+                         f"num_classes={num_classes}")
+    return crf
 
 
 class _CRFModel(SegmentationModel):
@@ -238,7 +245,7 @@ def deeplab_v1(num_classes=21, backbone="vgg16", output_stride=8, aux_loss=False
     """
     num_classes = _check_common("deeplab_v1", num_classes, output_stride, aux_loss, (8,))
     check_choice("deeplab_v1", "backbone", backbone, ("vgg16",))
-    model = DeepLabV1(num_classes, _make_crf("deeplab_v1", crf))
+    model = DeepLabV1(num_classes, _make_crf("deeplab_v1", crf, num_classes))
     if backbone_weights is not None:
         load_vgg_with_fc(model.backbone, model.fc6, model.fc7, backbone_weights, decimate=(4, 3))
     return model.set_use_kernels(use_kernels)
@@ -257,7 +264,7 @@ def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8, aux_loss=F
     num_classes = _check_common("deeplab_v2", num_classes, output_stride, aux_loss, (8, 16))
     multi_scale = _check_scales(multi_scale)
     net = resnet_backbone("deeplab_v2", backbone, output_stride, weights=backbone_weights)
-    return DeepLabV2(net, num_classes, multi_scale=multi_scale, crf=_make_crf("deeplab_v2", crf)) \
+    return DeepLabV2(net, num_classes, multi_scale=multi_scale, crf=_make_crf("deeplab_v2", crf, num_classes)) \
         .set_use_kernels(use_kernels)
 
 
