@@ -811,6 +811,45 @@ def test_layers_under_cpu_autocast():
         assert_relative_close(aspp3(x).float(), expected, torch.bfloat16)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_ops_follow_cpu_autocast(backend):
+    """Under autocast the convolution ops cast as F.conv2d does (float32 operands to autocast's
+    dtype, float64 ones kept): bfloat16 out, within bfloat16's tolerance of the float64 result, and
+    gradients reach the float32 leaves."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 6, 11, 9, requires_grad=True)
+    w = (torch.randn(5, 6, 3, 3) / 7).requires_grad_()
+    scale, shift, residual = torch.rand(5) + 0.5, torch.randn(5), torch.randn(2, 5, 11, 9)
+    gcn_w = [torch.randn(4, 6, 5, 1) / 4, torch.randn(3, 4, 1, 5) / 4, torch.randn(4, 6, 1, 5) / 4,
+             torch.randn(3, 4, 5, 1) / 4]
+    values, indices = F.max_pool2d(x.detach(), 2, return_indices=True)
+    w_up = torch.randn(5, 6, 3, 3) / 7
+    d = lambda t: t.detach().double()  # noqa: E731
+    cases = [
+        (lambda: fastseg.atrous_conv2d(x, w, dilation=2, scale=scale, shift=shift, residual=residual,
+                                       activation="relu", backend=backend),
+         F.relu(F.conv2d(d(x), d(w), padding=2, dilation=2) * d(scale).view(-1, 1, 1) + d(shift).view(-1, 1, 1)
+                + d(residual))),
+        (lambda: fastseg.gcn_conv2d(x, *gcn_w, backend=backend),
+         F.conv2d(F.conv2d(d(x), d(gcn_w[0]), padding=(2, 0)), d(gcn_w[1]), padding=(0, 2))
+         + F.conv2d(F.conv2d(d(x), d(gcn_w[2]), padding=(0, 2)), d(gcn_w[3]), padding=(2, 0))),
+        (lambda: fastseg.unpool_conv2d(values, indices, w_up, kernel_size=2, output_size=(11, 9), backend=backend),
+         F.conv2d(F.max_unpool2d(d(values), indices, 2, output_size=(11, 9)), d(w_up), padding=1)),
+    ]
+    for run, expected in cases:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run()
+        assert out.dtype == torch.bfloat16
+        assert_relative_close(out.detach(), expected, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cases[0][0]().float().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
+    # float64 operands are not autocast's to cast: the op runs in float64, as F.conv2d does.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastseg.atrous_conv2d(d(x), d(w), dilation=2, backend=backend)
+    assert out.dtype == torch.float64
+
+
 def _nan_problem(dtype, layout, C=16, O=21):
     # 21 output channels: the half epilogue's 8-wide loop and its scalar tail; a NaN in x (spread by
     # the convolution) and one in shift (a whole channel).

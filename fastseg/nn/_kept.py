@@ -2,7 +2,7 @@
 padded for a kernel), kept between calls while the parameters are unchanged."""
 import torch
 
-from .. import _backends
+from .. import _autocast, _backends
 
 
 def cached(module, name, tensors, extra, compute):
@@ -33,15 +33,8 @@ def cached(module, name, tensors, extra, compute):
 
 def autocasting(x):
     """Whether autocast is on for x's device: the layers then run PyTorch's own modules, which
-    autocast casts (fastseg's ops take their inputs' dtypes as given, and refuse mixed ones)."""
-    if not isinstance(x, torch.Tensor):
-        return False
-    try:
-        return torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # torch before 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled() if x.device.type == "cpu" else torch.is_autocast_enabled()
-    except RuntimeError:  # a device type without autocast (meta): nothing casts there
-        return False
+    autocast casts, each to its own dtype (BatchNorm's statistics stay float32, for one)."""
+    return isinstance(x, torch.Tensor) and _autocast.enabled(x.device.type)
 
 
 def has_hooks(module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends
+from .. import _autocast, _backends
 from .._checks import FLOAT_DTYPES, check_same_dtype_device, check_tensor, to_pair
 from .._layout import output_memory_format
 from ._reference import atrous as reference
@@ -62,7 +62,8 @@ def atrous_conv2d(
     Returns:
         (B, O, Ho, Wo) with Ho = floor((H + 2 pH - dH (kH - 1) - 1) / sH) + 1 (likewise Wo), in x's
         dtype, device and memory format. Differentiable in x, weight, bias, scale, shift and
-        residual.
+        residual. Under torch.autocast the operands are cast as F.conv2d's are (float32 ones to
+        autocast's dtype), and the output is in that dtype.
 
     On the CPU, float32 3x3 convolutions at stride 1 with enough channels (on AVX2 machines 64+
     input and 16+ output channels for channels_last inputs, 64+ / 64+ for NCHW; elsewhere 256+ /
@@ -81,6 +82,7 @@ def atrous_conv2d(
         >>> w = torch.randn(256, 256, 3, 3) / 48
         >>> y = fastseg.atrous_conv2d(x, w, dilation=12, activation='relu')   # (1, 256, 65, 65)
     """
+    x, weight, bias, scale, shift, residual = _autocast.lower_precision(x, x, weight, bias, scale, shift, residual)
     check_tensor(OP, "x", x, ndims=(3, 4), dtypes=FLOAT_DTYPES)
     check_tensor(OP, "weight", weight, ndims=(4,), dtypes=FLOAT_DTYPES)
     check_same_dtype_device(OP, "weight", weight, x)

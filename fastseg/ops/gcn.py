@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends
+from .. import _autocast, _backends
 from .._checks import FLOAT_DTYPES, check_same_dtype_device, check_tensor
 from .._layout import output_memory_format
 from ._reference import gcn as reference
@@ -73,7 +73,7 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
 
     Returns:
         (B, Cout, H, W) (or (Cout, H, W)) in x's dtype, device and memory format; differentiable in x,
-        every weight and every bias.
+        every weight and every bias. Under torch.autocast the operands are cast as F.conv2d's are.
 
     Example:
         >>> x = torch.randn(1, 2048, 16, 16)
@@ -81,6 +81,8 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
         >>> w_l2, w_r2 = torch.randn(21, 21, 1, 15) / 18, torch.randn(21, 21, 15, 1) / 18
         >>> y = fastseg.gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2)   # (1, 21, 16, 16)
     """
+    x, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2 = _autocast.lower_precision(
+        x, x, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2)
     check_tensor(OP, "x", x, ndims=(3, 4), dtypes=FLOAT_DTYPES)
     weights = dict(zip(_WEIGHTS, (w_l1, w_l2, w_r1, w_r2)))
     for name, w in weights.items():

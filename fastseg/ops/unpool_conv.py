@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .. import _backends
+from .. import _autocast, _backends
 from .._checks import FLOAT_DTYPES, check_same_dtype_device, check_tensor, to_pair
 from .._layout import output_memory_format
 from ._reference import unpool as reference_unpool
@@ -71,7 +71,8 @@ def unpool_conv2d(
     Returns:
         (B, O, Ho, Wo) with Ho = H + 2 pH - dH (kH - 1) (likewise Wo), in values' dtype, device
         and memory format. Differentiable in values, weight, bias, scale, shift and residual (the
-        gradient for values is gathered at indices, as max_unpool2d's).
+        gradient for values is gathered at indices, as max_unpool2d's). Under torch.autocast the
+        float operands are cast as F.conv2d's are.
 
     Example:
         >>> x = torch.randn(1, 64, 45, 61)
@@ -80,6 +81,8 @@ def unpool_conv2d(
         >>> y = fastseg.unpool_conv2d(pooled, idx, w, kernel_size=2, output_size=x.shape,
         ...                           activation='relu')   # (1, 64, 45, 61)
     """
+    values, weight, bias, scale, shift, residual = _autocast.lower_precision(
+        values, values, weight, bias, scale, shift, residual)
     check_pooled(OP, "values", values, indices)
     check_tensor(OP, "weight", weight, ndims=(4,), dtypes=FLOAT_DTYPES)
     check_same_dtype_device(OP, "weight", weight, values, "values")
