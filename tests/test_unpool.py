@@ -251,7 +251,7 @@ def test_opcheck(layout, backend, device):
     torch.library.opcheck(backward, (grad.requires_grad_(), indices))
 
 
-@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] in ("cpp", "cuda")])
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] in ("cpp", "cuda", "reference")])
 def test_torch_compile_fullgraph(backend, device):
     torch._dynamo.reset()
     values, indices = _pooled((2, 3, 8, 8), 2, 2, 0, False, device=device)
@@ -261,6 +261,11 @@ def test_torch_compile_fullgraph(backend, device):
         return fastseg.max_unpool2d(v * 2, i, 2, backend=backend) + 1
 
     assert torch.equal(decode(values, indices).cpu(), _aten(values * 2, indices, 2) + 1)
+    if device == "cpu":  # the index check holds in the compiled graph (the reference's as an assertion)
+        bad = indices.clone()
+        bad[1, 2, 3, 3] = 64
+        with pytest.raises((IndexError, RuntimeError), match="outside the output plane of 8x8"):
+            decode(values, bad)
 
 
 def test_layer_matches_torch_layer():

@@ -1,6 +1,8 @@
 """Max-unpooling in plain PyTorch: slow, obviously right, deterministic on every device."""
 import torch
 
+from ..._backends import tracing
+from ..._checks import check_in_graph
 from ..._layout import output_memory_format
 
 
@@ -11,9 +13,15 @@ def max_unpool2d(input, indices, output_size):
     Ho, Wo = output_size
     plane = Ho * Wo
     flat_indices = indices.reshape(B, C, H * W)
-    # (Meta tensors hold no values to check: shapes only.)
-    if flat_indices.numel() and not indices.is_meta and (flat_indices.min() < 0 or flat_indices.max() >= plane):
-        raise_index_out_of_range(flat_indices, Ho, Wo)
+    # (Meta tensors hold no values to check: shapes only. While torch.compile or export traces, a
+    # value read in Python would break the graph: the check becomes an assertion in it.)
+    if flat_indices.numel() and not indices.is_meta:
+        if tracing():
+            check_in_graph(((flat_indices >= 0) & (flat_indices < plane)).all(),
+                           f"max_unpool2d: indices contains a value outside the output plane of {Ho}x{Wo} "
+                           f"(valid: 0 to {plane - 1})")
+        elif flat_indices.min() < 0 or flat_indices.max() >= plane:
+            raise_index_out_of_range(flat_indices, Ho, Wo)
     # For each output position, the flat order of the last input entry pointing at it, or -1.
     order = torch.arange(H * W, device=input.device).expand(B, C, H * W)
     winner = torch.full((B, C, plane), -1, dtype=torch.long, device=input.device)
