@@ -291,6 +291,7 @@ def deeplab_v3_plus(num_classes=21, backbone="resnet101", output_stride=16, aux_
     """DeepLab v3+ (Chen et al., ECCV 2018) on ResNet: v3 encoder + decoder with layer1 features.
 
     Returns an nn.Module: (B, 3, H, W), H, W >= output_stride -> {'out': (B, num_classes, H, W)}.
+    Training needs batches of 2 or more (image pooling's BatchNorm sees one value per image).
     """
     num_classes = _check_common("deeplab_v3_plus", num_classes, output_stride, aux_loss, (8, 16))
     check_no_crf("deeplab_v3_plus", crf)
