@@ -99,6 +99,13 @@ def unavailable_reason(backend, device_type):
 AUTO_ON_CUDA = {"atrous_conv2d": ("cudnn",), "gcn_conv2d": (), "unpool_conv2d": ("cudnn",), "max_unpool2d": ()}
 
 
+def check_name(owner, backend, implemented=BACKENDS):
+    """A layer's ``backend`` argument checked when the layer is built (its op checks it again per
+    call, with the device): 'auto' or one of ``implemented``."""
+    if not isinstance(backend, str) or backend not in ("auto",) + tuple(implemented):
+        raise ValueError(f"{owner}: backend must be 'auto' or one of {tuple(implemented)}, got {backend!r}")
+
+
 def select(op, backend, device, implemented=BACKENDS):
     """The backend an ``op`` call on ``device`` runs on; a clear error if ``backend`` can't."""
     if backend not in ("auto",) + BACKENDS:

@@ -520,9 +520,29 @@ def test_boundary_refinement_matches_plain_pytorch(layout, backend, device):
         assert_relative_close(a.cpu(), b.cpu(), torch.float32)
 
 
-def test_global_conv_bad_k():
-    with pytest.raises(ValueError, match="k must be an odd int >= 3, got 14"):
-        fastseg.nn.GlobalConv2d(4, 3, k=14)
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k=14), "k must be an odd int >= 3, got 14"),
+    (dict(dilation=0), "dilation must be an int >= 1, got 0"),
+    (dict(dilation=1.5), "dilation must be an int >= 1, got 1.5"),
+    (dict(mid_ch=0), "mid_ch must be an int >= 1 or None, got 0"),
+    (dict(backend="bogus"), "backend must be 'auto' or one of .*, got 'bogus'"),
+])
+def test_global_conv_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match="GlobalConv2d: " + match):
+        fastseg.nn.GlobalConv2d(4, 3, **dict(dict(k=5), **kwargs))
+
+
+@pytest.mark.parametrize("build,name", [
+    (lambda: fastseg.nn.AtrousConvBNReLU(4, 4, backend="bogus"), "AtrousConvBNReLU"),
+    (lambda: fastseg.nn.ASPP(4, 4, backend="aten"), "ASPP"),
+    (lambda: fastseg.nn.BoundaryRefinement(4, backend="gpu"), "BoundaryRefinement"),
+    (lambda: fastseg.nn.MaxUnpool2d(2, backend="cudnn"), "MaxUnpool2d"),
+    (lambda: fastseg.nn.UnpoolConvBNReLU(4, 4, backend=None), "UnpoolConvBNReLU"),
+])
+def test_layers_check_their_backend_when_built(build, name):
+    # A misspelt backend is named where the layer is made, not at its first call.
+    with pytest.raises(ValueError, match=f"{name}: backend must be 'auto' or one of"):
+        build()
 
 
 # --- bad input ---------------------------------------------------------------------------------

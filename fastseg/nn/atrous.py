@@ -19,6 +19,7 @@ from .. import _backends
 from .._checks import is_plain_batch
 from .._layout import output_memory_format
 from ._kept import KeepsDerived, cached, runs_submodules
+from ..ops import atrous as atrous_ops
 from ..ops.atrous import _cudnn_forward, _padding, atrous_conv2d, atrous_output_size
 
 __all__ = ["AtrousConvBNReLU", "ASPP"]
@@ -77,6 +78,7 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=3, *, dilation=1, stride=1, padding="same",
                  groups=1, bias=False, relu=True, eps=1e-5, momentum=0.1, backend="auto"):
         super().__init__()
+        _backends.check_name("AtrousConvBNReLU", backend, atrous_ops._IMPLEMENTED)
         if isinstance(padding, str):
             k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
             d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
@@ -182,6 +184,7 @@ class ASPP(KeepsDerived, nn.Module):
     def __init__(self, in_channels, out_channels=256, *, version="v3", rates=None, output_stride=16,
                  image_pooling=True, backend="auto"):
         super().__init__()
+        _backends.check_name("ASPP", backend, atrous_ops._IMPLEMENTED)
         if version not in ("v2", "v3"):
             raise ValueError(f"ASPP: version must be 'v2' or 'v3', got {version!r}")
         if output_stride not in (8, 16):

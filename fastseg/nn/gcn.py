@@ -8,14 +8,20 @@ same block; the forward passes go through ``fastseg.gcn_conv2d`` and ``fastseg.a
 import torch
 from torch import nn
 
+from .. import _backends
 from .._checks import is_plain_batch
 from .._layout import output_memory_format
+from ..ops import atrous as atrous_ops
 from ..ops import gcn as gcn_ops
 from ..ops.atrous import atrous_conv2d
 from ..ops.gcn import gcn_conv2d
 from ._kept import KeepsDerived, cached, runs_submodules
 
 __all__ = ["GlobalConv2d", "BoundaryRefinement"]
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class GlobalConv2d(KeepsDerived, nn.Module):
@@ -38,9 +44,14 @@ class GlobalConv2d(KeepsDerived, nn.Module):
 
     def __init__(self, in_ch, out_ch, k=15, mid_ch=None, *, dilation=1, bias=True, backend="auto"):
         super().__init__()
-        if not isinstance(k, int) or k < 3 or k % 2 == 0:
+        if not _is_int(k) or k < 3 or k % 2 == 0:
             raise ValueError(f"GlobalConv2d: k must be an odd int >= 3, got {k!r}")
+        if not _is_int(dilation) or dilation < 1:
+            raise ValueError(f"GlobalConv2d: dilation must be an int >= 1, got {dilation!r}")
         mid_ch = out_ch if mid_ch is None else mid_ch
+        if not _is_int(mid_ch) or mid_ch < 1:
+            raise ValueError(f"GlobalConv2d: mid_ch must be an int >= 1 or None, got {mid_ch!r}")
+        _backends.check_name("GlobalConv2d", backend, gcn_ops._IMPLEMENTED)
         p = dilation * (k - 1) // 2
         self.conv_l1 = nn.Conv2d(in_ch, mid_ch, (k, 1), padding=(p, 0), dilation=(dilation, 1), bias=bias)
         self.conv_l2 = nn.Conv2d(mid_ch, out_ch, (1, k), padding=(0, p), dilation=(1, dilation), bias=bias)
@@ -82,6 +93,7 @@ class BoundaryRefinement(nn.Module):
 
     def __init__(self, ch, *, bias=True, backend="auto"):
         super().__init__()
+        _backends.check_name("BoundaryRefinement", backend, atrous_ops._IMPLEMENTED)
         self.conv1 = nn.Conv2d(ch, ch, 3, padding=1, bias=bias)
         self.conv2 = nn.Conv2d(ch, ch, 3, padding=1, bias=bias)
         self.backend = backend

@@ -1,5 +1,7 @@
 import torch
 
+from .. import _backends
+from ..ops import unpool as unpool_ops
 from ..ops.unpool import max_unpool2d
 
 
@@ -9,6 +11,7 @@ class MaxUnpool2d(torch.nn.Module):
 
     def __init__(self, kernel_size, stride=None, padding=0, *, backend="auto"):
         super().__init__()
+        _backends.check_name("MaxUnpool2d", backend, unpool_ops._IMPLEMENTED)
         self.kernel_size = kernel_size
         self.stride = stride if stride is not None else kernel_size
         self.padding = padding

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _backends
 from .._checks import to_pair
 from ..ops.atrous import _padding, atrous_output_size
 from ..ops.unpool import unpool_output_size
+from ..ops import unpool_conv as unpool_conv_ops
 from ..ops.unpool_conv import unpool_conv2d
 from ._kept import runs_submodules
 from .atrous import fold_batch_norm, folds_batch_norm
@@ -58,6 +60,7 @@ class UnpoolConvBNReLU(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=3, *, unpool=2, dilation=1, padding="same", bias=False,
                  relu=True, eps=1e-5, momentum=0.1, backend="auto"):
         super().__init__()
+        _backends.check_name("UnpoolConvBNReLU", backend, unpool_conv_ops._IMPLEMENTED)
         if isinstance(unpool, nn.Module) and not isinstance(unpool, MaxUnpool2d):
             raise TypeError(f"UnpoolConvBNReLU: unpool must be a fastseg.nn.MaxUnpool2d or its kernel_size, got "
                             f"{type(unpool).__module__}.{type(unpool).__name__}")
