@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn as fnn
-from ._backends import tracing
+from ._backends import check_name, tracing
 from .nn._kept import has_hooks, runs_submodules
 from .nn.atrous import fold_batch_norm, folds_batch_norm, fusable_residual
+from .ops.atrous import _IMPLEMENTED as ATROUS_BACKENDS
 from .ops.atrous import atrous_conv2d, atrous_output_size
 from .ops.dense_crf import dense_crf
 from .ops.gcn import gcn_conv2d
@@ -137,6 +138,7 @@ class FusedConv2d(nn.Module):
 
     def __init__(self, conv, bn=None, relu=False, backend="auto", *, shared=False):
         super().__init__()
+        check_name("FusedConv2d", backend, ATROUS_BACKENDS)
         if shared:  # plain attributes: not submodules of this one
             self.__dict__["conv"], self.__dict__["bn"] = conv, bn
         else:
