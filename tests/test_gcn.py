@@ -341,6 +341,56 @@ def test_backward_kernel_longer_than_map(case):
             assert_relative_close(mine.grad, theirs.grad, torch.float32)
 
 
+# (B, Cin, Cmid, Cout, H, W, k, dilation) whose dilation leaves taps that touch no pixel: none live
+# but the centre, two of seven each side, and a map taller than wide.
+DEAD_TAP_CASES = [(1, 6, 4, 3, 16, 16, 15, 500), (2, 5, 3, 21, 7, 12, 15, 4), (1, 3, 2, 2, 9, 5, 9, 3)]
+
+
+def test_dead_taps_rule():
+    w = lambda *shape: torch.empty(*shape)  # noqa: E731
+    trim = lambda H, W, k, d: gcn_ops._without_dead_taps(  # noqa: E731
+        w(2, 3, k, 1), w(4, 2, 1, k), w(2, 3, 1, k), w(4, 2, k, 1), d, H, W)
+    kept = trim(16, 16, 15, 500)
+    assert [tuple(t.shape) for t in kept[:4]] == [(2, 3, 3, 1), (4, 2, 1, 3), (2, 3, 1, 3), (4, 2, 3, 1)]
+    assert kept[4] == 16  # dilation max(H, W): the outer two as dead as before
+    assert trim(7, 12, 15, 4)[0].shape[2] == 5 and trim(7, 12, 15, 4)[4] == 4  # (12 - 1) // 4 = 2 each side
+    assert trim(16, 16, 15, 1)[0].shape[2] == 15  # every tap touches the map
+    assert trim(16, 16, 31, 1)[0].shape[2] == 31  # 15 each side, all live on 16 pixels
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", DEAD_TAP_CASES, ids=_case_id)
+def test_dead_taps_left_out(case, backend, device, poison):
+    # The op leaves out the taps that meet only zero padding: outputs and every gradient (zero for
+    # those taps) must be the four convolutions' with the whole kernel.
+    if (backend, device) == ("triton", "cpu") and case != DEAD_TAP_CASES[1]:
+        pytest.skip("one case under the interpreter (slow)")
+    pr = _problem(case, seed=11)
+    d = pr["dilation"]
+    for dtype in (torch.float32, torch.float64):
+        if backend == "triton" and dtype == torch.float64:
+            continue
+        for layout in LAYOUTS:
+            leaves = [_layout(pr["x"], layout)] + pr["weights"] + pr["biases"]
+            leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in leaves]
+            out = fastseg.gcn_conv2d(*leaves, dilation=d, backend=backend)
+            grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+            out.backward(grad.to(device=device, dtype=dtype))
+            ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+            expected = _four_convs(*ref_leaves, d)
+            expected.backward(grad)
+            assert_relative_close(out.detach().cpu(), expected.detach(), dtype, _tolerance(backend, dtype))
+            for mine, theirs in zip(leaves, ref_leaves):
+                assert_relative_close(mine.grad.cpu(), theirs.grad, dtype, _tolerance(backend, dtype))
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_dead_taps_gradcheck():
+    pr = _problem((1, 2, 2, 2, 4, 6, 7, 4), seed=12)  # (6 - 1) // 4 = 1: three of seven taps live
+    leaves = [t.requires_grad_() for t in [pr["x"], *pr["weights"], *pr["biases"]]]
+    assert torch.autograd.gradcheck(lambda *a: fastseg.gcn_conv2d(*a, dilation=4, backend="cpp"), leaves)
+
+
 def test_fft_backward_rule():
     # The forward's rule (csrc/cpu/gcn.cpp): CPU, not float64, Cin >= 6, fft_saving >= 3; or a kernel
     # longer than the map.
