@@ -16,10 +16,12 @@ import fastseg
 from conftest import DEVICES, FASTSEG, shapes
 from fastseg.benchmarking import compiled, dtypes
 
-# (B, C, H, rate): 256-channel ASPP branches at the v3 rates on 65x65 and 33x33, a wide backbone
-# input at a ResNet stage's rate 2, a batch of 8, and a 129x129 map at rate 6.
+# (B, C, H, rate): 256-channel ASPP branches at the v3 rates on 65x65 and 33x33 (rate 36 at 33x33:
+# v3's degenerate case, only the centre tap touches the map), a wide backbone input at a ResNet
+# stage's rate 2, a batch of 8, and a 129x129 map at rate 6.
 CONV_SHAPES = shapes(
-    [(1, 256, 65, 12), (1, 256, 65, 36), (1, 512, 33, 18), (1, 2048, 33, 2), (8, 256, 33, 24), (1, 256, 129, 6)],
+    [(1, 256, 65, 12), (1, 256, 65, 36), (1, 512, 33, 18), (1, 256, 33, 36), (1, 2048, 33, 2), (8, 256, 33, 24),
+     (1, 256, 129, 6)],
     [(1, 8, 9, 2), (2, 4, 7, 6)],
 )
 ASPP_SHAPES = shapes([(1, 2048, 65)], [(1, 16, 9)])

@@ -199,3 +199,11 @@ def tracing():
     values would be frozen into it."""
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(is_compiling is not None and is_compiling()) or torch.jit.is_tracing()
+
+
+def size_fixed(t):
+    """Whether t's shape is fixed for this call, so that a choice made from it holds: not while
+    torch.jit.trace records the call (it would freeze the choice for every later input, unguarded),
+    nor with symbolic sizes (torch.compile's dynamic shapes, torch.export's dynamic dimensions);
+    torch.compile guards the static sizes it specialises on."""
+    return not torch.jit.is_tracing() and all(isinstance(n, int) for n in t.shape)

@@ -2,6 +2,7 @@
 gradients and custom ops, the AtrousConvBNReLU and ASPP layers against plain PyTorch, bad input."""
 import copy
 import os
+import random
 import subprocess
 import sys
 from unittest import mock
@@ -374,6 +375,65 @@ def test_gradcheck(layout, backend, device):
     assert torch.autograd.gradcheck(conv, (x, w, b, scale, shift, residual))
     strided = lambda x, w: fastseg.atrous_conv2d(x, w, stride=2, padding=3, dilation=3, backend=backend)
     assert torch.autograd.gradcheck(strided, (x, w))
+
+
+def test_dead_taps_rule():
+    trim = lambda hw, k, s, p, d: fastseg.ops.atrous.without_dead_taps(  # noqa: E731
+        torch.empty(2, 2, *k), hw, fastseg.ops.atrous.atrous_output_size(hw, k, s, p, d), s, p, d)
+    w, p, d = trim((33, 33), (3, 3), (1, 1), (36, 36), (36, 36))  # DeepLab v3's degenerate rate: a 1 x 1
+    assert (tuple(w.shape[2:]), p, d) == ((1, 1), (0, 0), (1, 1))
+    w, p, d = trim((65, 65), (3, 3), (1, 1), (36, 36), (36, 36))  # every tap meets the map somewhere
+    assert (tuple(w.shape[2:]), p, d) == ((3, 3), (36, 36), (36, 36))
+    w, p, d = trim((2, 6), (5, 5), (1, 1), (4, 4), (2, 2))  # two dead rows each side, no dead column
+    assert (tuple(w.shape[2:]), p, d) == ((1, 5), (0, 4), (1, 2))
+    w, p, d = trim((1, 5), (4, 3), (2, 1), (2, 1), (1, 1))  # rows 0, 1 and 3 dead: one cut each side
+    assert (tuple(w.shape[2:]), p, d) == ((2, 3), (1, 1), (1, 1))
+    w, p, d = trim((3, 9), (3, 3), (1, 1), (1, 1), (2, 1))  # rows 0 and 2 dead, but no padding to cut
+    assert (tuple(w.shape[2:]), p, d) == ((3, 3), (1, 1), (2, 1))
+
+
+def test_dead_taps_left_out_exactly():
+    # Random geometries (a quarter of them with dead taps): output and gradients equal F.conv2d's.
+    rng = random.Random(0)
+    trimmed = 0
+    for _ in range(200):
+        H, W, kH, kW = rng.randint(1, 12), rng.randint(1, 12), rng.choice([1, 2, 3, 5]), rng.choice([1, 3, 4])
+        d, s, p = (rng.randint(1, 14), rng.randint(1, 14)), (rng.randint(1, 3), rng.randint(1, 3)), \
+            (rng.randint(0, 20), rng.randint(0, 20))
+        try:
+            out_hw = fastseg.ops.atrous.atrous_output_size((H, W), (kH, kW), s, p, d)
+        except ValueError:
+            continue
+        gen = torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+        x = torch.randn(2, 2, H, W, generator=gen, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(3, 2, kH, kW, generator=gen, dtype=torch.float64, requires_grad=True)
+        w_kept = fastseg.ops.atrous.without_dead_taps(w, (H, W), out_hw, s, p, d)[0]
+        trimmed += w_kept.shape != w.shape
+        expected = F.conv2d(x, w, stride=s, padding=p, dilation=d)
+        g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+        grads = torch.autograd.grad(expected, (x, w), g)
+        for dtype in (torch.float64, torch.float32):
+            xx, ww = (t.detach().to(dtype).requires_grad_() for t in (x, w))
+            out = fastseg.atrous_conv2d(xx, ww, stride=s, padding=p, dilation=d, backend="cpp")
+            out.backward(g.to(dtype))
+            for mine, theirs in ((out.detach(), expected.detach()), (xx.grad, grads[0]), (ww.grad, grads[1])):
+                assert_relative_close(mine, theirs, dtype)
+    assert trimmed >= 10, trimmed
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dead_taps_gradcheck(backend, device):
+    gen = torch.Generator().manual_seed(4)
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    # Rate 5 on a 5 x 4 map: the centre tap only; 5 x 5 taps at rate 2 on a 2-row map: the centre row.
+    x, w, scale, shift = make(1, 2, 5, 4), make(3, 2, 3, 3), make(3), make(3)
+    conv = lambda x, w, scale, shift: fastseg.atrous_conv2d(x, w, dilation=5, scale=scale, shift=shift,  # noqa: E731
+                                                            activation="relu", backend=backend)
+    fast = (backend, device) == ("triton", "cpu")  # each interpreted forward takes seconds
+    assert torch.autograd.gradcheck(conv, (x, w, scale, shift), fast_mode=fast)
+    x, w = make(1, 2, 2, 6), make(3, 2, 5, 5)
+    assert torch.autograd.gradcheck(lambda x, w: fastseg.atrous_conv2d(x, w, dilation=2, backend=backend), (x, w),
+                                    fast_mode=fast)
 
 
 def _op_for(backend):

@@ -80,6 +80,30 @@ def test_converted_model_exports_for_any_size():
             torch.testing.assert_close(program.module()(other), net(other), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("build", [
+    lambda: _random_bn(fastseg.nn.AtrousConvBNReLU(8, 6, 3, dilation=12)).eval(),
+    lambda: fastseg.nn.GlobalConv2d(8, 6, k=9, dilation=3),
+], ids=["AtrousConvBNReLU", "GlobalConv2d"])
+def test_dead_taps_are_not_frozen_into_a_trace(build):
+    # On the small map the rate leaves only the centre taps live, and the ops drop the others; a
+    # trace or an export with dynamic sizes must keep them for the larger map.
+    from torch.export import Dim
+
+    layer = build()
+    small, large = torch.randn(1, 8, 9, 10), torch.randn(1, 8, 40, 37)
+    with torch.no_grad():
+        expected = layer(large)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(layer, (small,))
+        torch.testing.assert_close(traced(large), expected, rtol=1e-5, atol=1e-5)
+        program = torch.export.export(layer, (small,), dynamic_shapes=({2: Dim.DYNAMIC, 3: Dim.DYNAMIC},))
+        torch.testing.assert_close(program.module()(large), expected, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(layer, dynamic=True)
+        torch.testing.assert_close(compiled(small), layer(small), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(large), expected, rtol=1e-5, atol=1e-5)
+
+
 SUBMODULE_LAYERS = {
     "AtrousConvBNReLU": (lambda: fastseg.nn.AtrousConvBNReLU(16, 8, 3, dilation=2), "conv"),
     "UnpoolConvBNReLU": (lambda: fastseg.nn.UnpoolConvBNReLU(16, 8), "conv"),

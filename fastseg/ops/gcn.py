@@ -142,7 +142,7 @@ def gcn_conv2d(x, w_l1, w_l2, w_r1, w_r2, b_l1=None, b_l2=None, b_r1=None, b_r2=
     batched = x.dim() == 4
     if not batched:
         x = x.unsqueeze(0)
-    if impl != "reference":
+    if impl != "reference" and _backends.size_fixed(x):
         w_l1, w_l2, w_r1, w_r2, dilation = _without_dead_taps(w_l1, w_l2, w_r1, w_r2, dilation, *x.shape[-2:])
     args = (x, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation)
     if impl == "reference":

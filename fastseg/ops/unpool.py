@@ -51,7 +51,8 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
             outside ``torch.use_deterministic_algorithms``, ATen's CUDA kernel keeps any one).
         kernel_size, stride, padding: those of the pooling being inverted (int or pair);
             ``stride`` defaults to ``kernel_size``.
-        output_size: (Ho, Wo), or a sequence ending in them; by default
+        output_size: (Ho, Wo), or 4 elements ending in them (a batch's ``size()``), as
+            ``F.max_unpool2d`` takes it; by default
             ``(H - 1) * stride - 2 * padding + kernel_size`` per dimension, and it must lie
             strictly within ``stride`` of that default (as in PyTorch).
         backend: 'auto', or one of 'reference', 'cpp', 'cuda', 'triton', 'aten' (``F.max_unpool2d``

@@ -55,8 +55,8 @@ def unpool_conv2d(
         bias: (O,) or None.
         kernel_size, stride, pool_padding: those of the max pooling (int or pair); ``stride``
             defaults to ``kernel_size``.
-        output_size: the unpooled (H, W), or a sequence ending in them (e.g. the pooled-from
-            tensor's ``size()``); by default ``(h - 1) * stride - 2 * pool_padding + kernel_size``.
+        output_size: the unpooled (H, W), or 4 elements ending in them (e.g. the pooled-from
+            batch's ``size()``); by default ``(h - 1) * stride - 2 * pool_padding + kernel_size``.
             Pass it whenever the pooled-from size was odd (SegNet at 360x480 pools 45x60 to 22x30).
         padding: the convolution's: int or pair >= 0, 'valid' or 'same' (``dilation * (k - 1) / 2``).
         dilation: int or pair >= 1.
