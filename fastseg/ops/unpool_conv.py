@@ -20,7 +20,7 @@ from .._checks import FLOAT_DTYPES, check_same_dtype_device, check_tensor, to_pa
 from .._layout import output_memory_format
 from ._reference import unpool as reference_unpool
 from ._reference import unpool_conv as reference
-from .atrous import _cudnn_forward, _padding, atrous_output_size, check_epilogue
+from .atrous import _cudnn_forward, _padding, atrous_output_size, check_epilogue, without_dead_taps
 from .unpool import (_ReferenceMaxUnpool2d, aten_max_unpool2d, aten_route_suits, check_pooled, max_unpool2d,
                      unpool_output_size)
 
@@ -59,7 +59,8 @@ def unpool_conv2d(
             batch's ``size()``); by default ``(h - 1) * stride - 2 * pool_padding + kernel_size``.
             Pass it whenever the pooled-from size was odd (SegNet at 360x480 pools 45x60 to 22x30).
         padding: the convolution's: int or pair >= 0, 'valid' or 'same' (``dilation * (k - 1) / 2``).
-        dilation: int or pair >= 1.
+        dilation: int or pair >= 1 (outer taps that it puts past the map at every output are left
+            out, as by ``atrous_conv2d``).
         scale, shift: (O,) per-output-channel affine (a folded BatchNorm), or None.
         activation: None or 'relu'.
         residual: (B, O, Ho, Wo) added before the activation, or None.
@@ -113,6 +114,8 @@ def unpool_conv2d(
         values, indices = values.unsqueeze(0), indices.unsqueeze(0)
         residual = residual.unsqueeze(0) if residual is not None else None
     relu = activation == "relu"
+    if impl != "reference" and _backends.size_fixed(values) and all(isinstance(n, int) for n in unpooled_hw):
+        weight, padding, dilation = without_dead_taps(weight, unpooled_hw, out_hw, (1, 1), padding, dilation)
     args = (values, indices, weight, scale, shift, residual, list(kernel_size), list(stride), list(pool_padding),
             list(unpooled_hw), list(padding), list(dilation), relu)
     if impl == "reference":
