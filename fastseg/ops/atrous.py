@@ -168,17 +168,28 @@ def without_dead_taps(weight, input_hw, out_hw, stride, padding, dilation):
     numbers from both ends of an axis, as many as are dead on the less dead side and as the padding
     allows (each cut removes ``dilation`` pixels of it), so the output size and every live tap's
     input are unchanged; their gradients are zero, which the slice's backward fills in."""
-    cut = []
-    for n, n_out, k, s, p, d in zip(input_hw, out_hw, weight.shape[2:], stride, padding, dilation):
-        # Tap t reads n-long input positions o s - p + t d, o < n_out: live where one of them is in the map.
-        live = [t for t in range(k) if max(-((t * d - p) // s), 0) <= min((n - 1 + p - t * d) // s, n_out - 1)]
-        cut.append(min(live[0], k - 1 - live[-1], p // d) if live else 0)
+    cut = [0, 0]
+    for axis in (0, 1):
+        k, p, d = weight.shape[2 + axis], padding[axis], dilation[axis]
+        if p < d:  # no padding to give back (the common case at rate 1 and 'valid')
+            continue
+        geometry = (input_hw[axis], out_hw[axis], stride[axis], p, d)
+        if _tap_live(0, *geometry) or _tap_live(k - 1, *geometry):  # either end live: nothing to cut
+            continue
+        taps = [t for t in range(k) if _tap_live(t, *geometry)]
+        cut[axis] = min(taps[0], k - 1 - taps[-1], p // d) if taps else 0
     if cut == [0, 0]:
         return weight, padding, dilation
     (cH, cW), (kH, kW) = cut, weight.shape[2:]
     padding = tuple(p - c * d for p, c, d in zip(padding, cut, dilation))
     dilation = tuple(1 if k - 2 * c == 1 else d for k, c, d in zip((kH, kW), cut, dilation))
     return weight[:, :, cH:kH - cH, cW:kW - cW], padding, dilation
+
+
+def _tap_live(t, n, n_out, s, p, d):
+    """Whether tap t reads the map at some output: it reads positions o s - p + t d, o < n_out, of
+    an axis n long."""
+    return max(-((t * d - p) // s), 0) <= min((n - 1 + p - t * d) // s, n_out - 1)
 
 
 def check_epilogue(op, x_name, x, O, out_hw, bias, scale, shift, activation, residual):
