@@ -166,10 +166,10 @@ def _without_dead_taps(w_l1, w_l2, w_r1, w_r2, dilation, H, W):
 
     Tap t of a 'same' convolution (k taps, dilation d) reads t d - p pixels away from its output,
     so it touches the image only if |t - (k - 1) / 2| d < L, the map's length along its axis. With
-    a large dilation on a small map (the right stages' rates on a late, small map) most taps are
-    dead: they add zero forward and get zero gradients (the slices' backward fills them in), yet the
-    kernels would still multiply them and the CPU's frequency-domain routes would transform maps
-    padded by all of them (d = 500 on 16 x 16: a 340 ms backward instead of 6 ms). The centre
+    a large dilation on a small map most taps are dead: they add zero forward and get zero
+    gradients (the slices' backward fills them in), yet the kernels would still multiply them and
+    the CPU's frequency-domain routes would transform maps padded by all of them (d = 500 on
+    16 x 16, 64 -> 21 channels: a forward + backward of 297 ms instead of 4.5 ms). The centre
     2 m + 1 taps are kept, m the most any axis has live; with no live tap but the centre (d >= H, W)
     three taps at dilation max(H, W) stand in, their outer two as dead as before (k >= 3 is the ops'
     contract)."""
