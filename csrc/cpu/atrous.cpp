@@ -658,6 +658,88 @@ FASTSEG_TARGET_AVX2 inline void gemm_packed_avx2(int64_t M, int64_t Op, int64_t 
     }
   }
 }
+
+// The same product on AVX-512, for the same packed layout: a register tile of 12 rows by two
+// panels (24 accumulators of 16 lanes, of the 32 registers), so each B vector serves 12 rows and
+// each broadcast of A two panels. Loops run depth-chunk, row tile, panel pair: a row tile's
+// kGemmDepth x 12 values of A stay in L1 while it meets every panel, and B's chunk (kGemmDepth x
+// Op) stays in L2 for all row tiles. (The AVX2 kernel's panel-outer order re-read all of A per
+// panel from L2/L3; its 8-lane registers hold a tile too small to keep up here.)
+constexpr int kGemmRowsAvx512 = 12;
+
+template <int R, int NP>
+FASTSEG_TARGET_AVX512 FASTSEG_ALWAYS_INLINE void gemm_tile_avx512(int64_t K, const float* a, int64_t lda,
+                                                                  const float* b, int64_t ldb, float* c, int64_t ldc,
+                                                                  bool accumulate) {
+  __m512 acc[R][NP];
+  for (int r = 0; r < R; ++r) {
+    for (int n = 0; n < NP; ++n) acc[r][n] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[NP];
+    for (int n = 0; n < NP; ++n) bv[n] = _mm512_loadu_ps(b + n * ldb + k * kGemmPanel);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      for (int n = 0; n < NP; ++n) acc[r][n] = _mm512_fmadd_ps(av, bv[n], acc[r][n]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int n = 0; n < NP; ++n) {
+      float* cr = c + r * ldc + n * kGemmPanel;
+      _mm512_storeu_ps(cr, accumulate ? _mm512_add_ps(acc[r][n], _mm512_loadu_ps(cr)) : acc[r][n]);
+    }
+  }
+}
+
+// R rows of C over every panel, for one depth chunk.
+template <int R>
+FASTSEG_TARGET_AVX512 FASTSEG_ALWAYS_INLINE void gemm_row_tile_avx512(int64_t Op, int64_t K, const float* a, int64_t lda,
+                                                                      const float* b, int64_t ldb, float* c,
+                                                                      int64_t ldc, bool accumulate) {
+  int64_t n0 = 0;
+  for (; n0 + 2 * kGemmPanel <= Op; n0 += 2 * kGemmPanel) {
+    gemm_tile_avx512<R, 2>(K, a, lda, b + (n0 / kGemmPanel) * ldb, ldb, c + n0, ldc, accumulate);
+  }
+  if (n0 < Op) gemm_tile_avx512<R, 1>(K, a, lda, b + (n0 / kGemmPanel) * ldb, ldb, c + n0, ldc, accumulate);
+}
+
+FASTSEG_TARGET_AVX512 inline void gemm_packed_avx512(int64_t M, int64_t Op, int64_t K, const float* a, int64_t lda,
+                                                     const float* b, int64_t ldb, float* c, int64_t ldc,
+                                                     bool accumulate) {
+  for (int64_t k0 = 0; k0 < K; k0 += kGemmDepth) {
+    const int64_t kn = std::min(kGemmDepth, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    const float* ak = a + k0;
+    const float* bk = b + k0 * kGemmPanel;
+    int64_t i = 0;
+    for (; i + kGemmRowsAvx512 <= M; i += kGemmRowsAvx512) {
+      gemm_row_tile_avx512<kGemmRowsAvx512>(Op, kn, ak + i * lda, lda, bk, ldb, c + i * ldc, ldc, acc);
+    }
+    const float* ai = ak + i * lda;
+    float* ci = c + i * ldc;
+    switch (M - i) {
+      case 11: gemm_row_tile_avx512<11>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      case 10: gemm_row_tile_avx512<10>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      case 9: gemm_row_tile_avx512<9>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      case 8: gemm_row_tile_avx512<8>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      case 7: gemm_row_tile_avx512<7>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      case 6: gemm_row_tile_avx512<6>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      case 5: gemm_row_tile_avx512<5>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      case 4: gemm_row_tile_avx512<4>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      case 3: gemm_row_tile_avx512<3>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      case 2: gemm_row_tile_avx512<2>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      case 1: gemm_row_tile_avx512<1>(Op, kn, ai, lda, bk, ldb, ci, ldc, acc); break;
+      default: break;
+    }
+  }
+}
+
+// C (+)= A B on the widest kernel this CPU runs.
+inline void gemm_packed(int64_t M, int64_t Op, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
+                        float* c, int64_t ldc, bool accumulate) {
+  if (cpu_has_avx512()) return gemm_packed_avx512(M, Op, K, a, lda, b, ldb, c, ldc, accumulate);
+  gemm_packed_avx2(M, Op, K, a, lda, b, ldb, c, ldc, accumulate);
+}
 #endif
 
 // The weight transforms, kept per weights; packed for the blocks' GEMM kernel where it runs.
@@ -1014,8 +1096,8 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
             const int64_t tiles = (count[q] + kGemmRows - 1) / kGemmRows;
             at::parallel_for(0, tiles, 1, [&](int64_t r0, int64_t r1) {
               const int64_t m0 = r0 * kGemmRows, m1 = std::min(count[q], r1 * kGemmRows);
-              gemm_packed_avx2(m1 - m0, ldp, cn, v + (base[q] + m0) * cn, cn, u + q * ldp * C + c0 * kGemmPanel,
-                               C * kGemmPanel, p + (base[q] + m0) * ldp, ldp, c0 > 0);
+              gemm_packed(m1 - m0, ldp, cn, v + (base[q] + m0) * cn, cn, u + q * ldp * C + c0 * kGemmPanel,
+                          C * kGemmPanel, p + (base[q] + m0) * ldp, ldp, c0 > 0);
             });
             continue;
           }
