@@ -218,6 +218,25 @@ def test_winograd_tilings(case, dtype, layout, poison):
     assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" and O > 1 else torch.contiguous_format)
 
 
+# The blocks' float32 GEMM kernels (AVX2: 6-row tiles of one 16-channel panel; AVX-512: 12-row
+# tiles of two panels, in 128-deep chunks): output channels that fill one panel, a pair, a pair and
+# one more, or part of one; input channels across the chunk boundary; maps whose pairs of G rows get
+# every row count left over by the tiles.
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("C,O", [(1, 1), (17, 16), (128, 17), (129, 32), (300, 48), (40, 80)])
+def test_winograd_gemm_shapes(C, O, poison):
+    gen = torch.Generator().manual_seed(C * 1000 + O)
+    for B, H, W, d in [(1, 13, 11, 1), (2, 9, 17, 4), (1, 23, 23, 12)]:
+        x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+        w = torch.randn(O, C, 3, 3, generator=gen, dtype=torch.float64) / (9 * C) ** 0.5
+        shift = torch.randn(O, generator=gen, dtype=torch.float64)
+        expected = F.conv2d(x, w, shift, 1, d, d)
+        for layout in LAYOUTS:
+            out = torch.ops.fastseg.atrous_conv2d(_layout(x.float(), layout), w.float(), None, shift.float(), None,
+                                                  [1, 1], [d, d], [d, d], 1, False, "winograd")
+            assert_relative_close(out, expected, torch.float32)
+
+
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 def test_winograd_blocks_and_chunks():
     # Up to 512 input channels the tiles run in blocks of about FASTSEG_WINOGRAD_BLOCK_PRODUCTS

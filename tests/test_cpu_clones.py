@@ -1,5 +1,5 @@
 """The C++ hot loops are compiled for several instruction sets (the baseline, AVX2 and, for the
-dense CRF and max-unpooling, AVX-512) and one clone is picked at run time: the widest the CPU runs, capped by the
+dense CRF, max-unpooling and the atrous convolution's GEMM, AVX-512) and one clone is picked at run time: the widest the CPU runs, capped by the
 environment variable FASTSEG_CPU_ISA. The rest of the suite runs the widest clone; here each
 narrower one reruns the tests of the ops that have clones, in a pytest process of its own (the
 variable is read once per process). On a CPU without a clone's instructions the cap changes
@@ -24,6 +24,8 @@ CLONED_TESTS = [
     "tests/test_dense_crf_grad.py",
     "tests/test_atrous.py::test_cpu_paths",
     "tests/test_atrous.py::test_winograd_tilings",
+    "tests/test_atrous.py::test_winograd_gemm_shapes",
+    "tests/test_atrous.py::test_winograd_blocks_and_chunks",
     "tests/test_atrous.py::test_cpu_half_epilogue",
     "tests/test_gcn.py::test_cpu_routes",
     "tests/test_gcn.py::test_cpu_fft_route",
