@@ -513,6 +513,13 @@ constexpr double kWinogradTransformRows = 128;
 constexpr int64_t kWinogradMaxTransformBytes = int64_t(256) << 20;
 constexpr double kWinogradMinSavingChannelsLast = 1.25;
 constexpr double kWinogradMinSavingNchw = 1.2;
+// With gemm_packed_avx512 on an Intel AVX-512 CPU (a 2-vCPU Xeon with AMX, 2026-11-29), in both
+// layouts from 64 channels: every geometry saving at least 0.9 by this count ran 0.9-3.8x faster
+// than oneDNN, and the only ones below 1.0x were 64 -> 64 and 96 -> 96 at 65x65 and 129x129
+// (0.85-0.97, level within this VM's noise); 17x17 at rate 4 or 12 (savings 0.90-0.94) ran
+// 1.2-2.3x, 33x33 at rate 12 (1.13) 1.04-1.98x, 25x25 at rate 18 (1.16) 1.2-1.8x. Few outputs keep
+// kWinogradMinSavingFewOutputs (256 -> 21 at 65x65 rate 12 ran 0.93x at saving 2.2).
+constexpr double kWinogradMinSavingWideFma = 0.9;
 
 // Channels per pass of a tile's transforms: its 5 x 5 intermediate rows stay in L1.
 constexpr int64_t kTransformBlock = 128;
@@ -976,6 +983,18 @@ void transform_output_tile(const TileKind& KR, const TileKind& KC, const TileOut
 // winograd_pays' thresholds and winograd_conv's weight layout both follow this one test.
 inline bool packed_gemm() { return cpu_has_avx2(); }
 
+// Whether the packed GEMM runs on full-width AVX-512 FMA units: Intel's AVX-512 parts. Zen 4 splits
+// each 512-bit FMA in two 256-bit halves, so its GEMM gains less over AVX2; it keeps the AVX2
+// thresholds (not measured there).
+inline bool wide_fma() {
+#if FASTSEG_HAVE_AVX2_CLONE
+  static const bool intel = __builtin_cpu_is("intel");
+  return cpu_has_avx512() && intel;
+#else
+  return false;
+#endif
+}
+
 template <typename scalar_t>
 void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tensor& y_nhwc, const at::Tensor& scale,
                    const at::Tensor& shift, const at::Tensor& res_nhwc, bool relu, const ConvGeometry& g,
@@ -1227,6 +1246,7 @@ bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
   const double cost = g.B * double(rows.products) * double(cols.products) + per_gemm * gemms;
   const double taps = g.B * double(rows.direct_taps) * double(cols.direct_taps);
   double saving = channels_last ? kWinogradMinSavingChannelsLast : kWinogradMinSavingNchw;
+  if (packed && wide_fma()) saving = kWinogradMinSavingWideFma;
   if (packed && g.O < kWinogradFewOutputs) saving = kWinogradMinSavingFewOutputs;
   return taps >= saving * cost;
 }
