@@ -237,6 +237,31 @@ def test_winograd_gemm_shapes(C, O, poison):
             assert_relative_close(out, expected, torch.float32)
 
 
+# 'auto_training' (weights that change every call): the winograd path's weight transforms are
+# computed into a scratch buffer reused between calls, not cached. Calls that grow and shrink it,
+# in both layouts, match float64 and, bit for bit, the cached transforms of the forced path.
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("poisoned", [False, True], ids=["reused", "poisoned"])
+def test_winograd_uncached_transforms(poisoned, request):
+    if poisoned:
+        request.getfixturevalue("poison")
+    gen = torch.Generator().manual_seed(5)
+    takes_winograd = fastseg._backends.cpu_isa() in ("avx2", "avx512")
+    for B, C, O, H, d, layout in [(2, 128, 128, 33, 1, "channels_last"), (1, 64, 80, 41, 1, "nchw"),
+                                  (2, 160, 144, 33, 1, "nchw"), (1, 64, 80, 41, 1, "channels_last")]:
+        x = torch.randn(B, C, H, H, generator=gen, dtype=torch.float64)
+        w = torch.randn(O, C, 3, 3, generator=gen, dtype=torch.float64) / (9 * C) ** 0.5
+        shift = torch.randn(O, generator=gen, dtype=torch.float64)
+        expected = F.relu(F.conv2d(x, w, shift, 1, d, d))
+        xf, wf = _layout(x.float(), layout), w.float()
+        run = lambda algorithm: torch.ops.fastseg.atrous_conv2d(xf, wf, None, shift.float(), None, [1, 1], [d, d],
+                                                                [d, d], 1, True, algorithm)
+        out = run("auto_training")
+        assert_relative_close(out, expected, torch.float32)
+        if takes_winograd:
+            assert torch.equal(out, run("winograd")), (B, C, O, H, d, layout)
+
+
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 def test_winograd_blocks_and_chunks():
     # Up to 512 input channels the tiles run in blocks of about FASTSEG_WINOGRAD_BLOCK_PRODUCTS

@@ -26,6 +26,7 @@ CLONED_TESTS = [
     "tests/test_atrous.py::test_winograd_tilings",
     "tests/test_atrous.py::test_winograd_gemm_shapes",
     "tests/test_atrous.py::test_winograd_blocks_and_chunks",
+    "tests/test_atrous.py::test_winograd_uncached_transforms",
     "tests/test_atrous.py::test_cpu_half_epilogue",
     "tests/test_gcn.py::test_cpu_routes",
     "tests/test_gcn.py::test_cpu_fft_route",

@@ -543,7 +543,7 @@ constexpr int64_t kWinogradStreamBytes = int64_t(16) << 20;
 // channels, and fresh ones would be page-faulted in (zeroed by the kernel) on every call.
 template <typename scalar_t>
 scalar_t* workspace(int which, int64_t numel) {
-  thread_local std::array<at::Tensor, 4> buffers;  // V, P; an NCHW call's input and output
+  thread_local std::array<at::Tensor, 5> buffers;  // V, P; an NCHW call's input and output; U uncached
   at::Tensor& t = buffers[which];
   const int64_t bytes = numel * int64_t(sizeof(scalar_t));
   // Under torch's deterministic mode with uninitialised-memory filling (the tests' poisoning), a
@@ -552,35 +552,6 @@ scalar_t* workspace(int which, int64_t numel) {
   const bool poisoning = ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory();
   if (!t.defined() || t.numel() < bytes || poisoning) t = at::empty({std::max<int64_t>(bytes, 64)}, at::kByte);
   return reinterpret_cast<scalar_t*>(t.mutable_data_ptr<uint8_t>());
-}
-
-// U[(R, Q)] = sum_ij GR[i] GQ[j] w[:, :, i, j] for every pair of G rows, (nG^2, O, C), from the
-// (O, C, 3, 3) weights: per row R, TR[j] = sum_i GR[i] w[i, j] on the (kH, kW, O, C) weights, then
-// U = sum_j GQ[j] TR[j].
-template <typename scalar_t>
-at::Tensor compute_weight_transforms(const at::Tensor& weight, const std::vector<std::array<double, 3>>& grows) {
-  const int64_t O = weight.size(0), n = weight.size(1) * O, nG = static_cast<int64_t>(grows.size());
-  const at::Tensor wt = weight.permute({2, 3, 0, 1}).contiguous();
-  at::Tensor U = at::empty({nG * nG, O, weight.size(1)}, weight.options());
-  at::Tensor tr = at::empty({3, n}, weight.options());
-  const scalar_t* w = wt.const_data_ptr<scalar_t>();
-  scalar_t* t = tr.mutable_data_ptr<scalar_t>();
-  scalar_t* u = U.mutable_data_ptr<scalar_t>();
-  for (int64_t R = 0; R < nG; ++R) {
-    const scalar_t r0 = scalar_t(grows[R][0]), r1 = scalar_t(grows[R][1]), r2 = scalar_t(grows[R][2]);
-    at::parallel_for(0, n, 1 << 14, [&](int64_t a, int64_t b) {
-      for (int j = 0; j < 3; ++j) {
-        const scalar_t *w0 = w + j * n, *w1 = w + (3 + j) * n, *w2 = w + (6 + j) * n;
-        for (int64_t k = a; k < b; ++k) t[j * n + k] = r0 * w0[k] + r1 * w1[k] + r2 * w2[k];
-      }
-      for (int64_t Q = 0; Q < nG; ++Q) {
-        const scalar_t q0 = scalar_t(grows[Q][0]), q1 = scalar_t(grows[Q][1]), q2 = scalar_t(grows[Q][2]);
-        scalar_t* dst = u + (R * nG + Q) * n;
-        for (int64_t k = a; k < b; ++k) dst[k] = q0 * t[k] + q1 * t[n + k] + q2 * t[2 * n + k];
-      }
-    });
-  }
-  return U;
 }
 
 // --- the blocks' GEMM kernel ------------------------------------------------------------------------
@@ -597,12 +568,71 @@ constexpr int kGemmRows = 6;  // rows per register tile: 12 accumulators of 8 la
 
 inline int64_t padded_out_channels(int64_t O) { return (O + kGemmPanel - 1) / kGemmPanel * kGemmPanel; }
 
-// (pairs, O, C) -> (pairs, O / kGemmPanel (rounded up), C, kGemmPanel).
-inline at::Tensor pack_transforms(const at::Tensor& U) {
-  const int64_t pairs = U.size(0), O = U.size(1), C = U.size(2), Op = padded_out_channels(O);
-  at::Tensor padded = at::zeros({pairs, Op, C}, U.options());
-  padded.narrow(1, 0, O).copy_(U);
-  return padded.view({pairs, Op / kGemmPanel, kGemmPanel, C}).transpose(2, 3).contiguous();
+// U[(R, Q)] = sum_ij GR[i] GQ[j] w[:, :, i, j] for every pair of G rows, from the (O, C, 3, 3)
+// weights: per row R, TR[j] = sum_i GR[i] w[:, :, i, j], then U[(R, Q)] = sum_j GQ[j] TR[j].
+// Laid out as (nG^2, O, C), or packed for the GEMM kernels as (nG^2, O / kGemmPanel (rounded up),
+// C, kGemmPanel), zero past O. Training recomputes them on every call, so each value is written
+// once, in its final layout (computed as (pairs, O, C) and then packed, with a zero-fill, a copy
+// and a transpose, 2048 -> 256 channels at 65x65, rate 24's 64 pairs, took 175 ms; measured).
+// With `scratch`, U lives in this thread's workspace (valid until the next call here) instead of
+// fresh memory: training's transforms of 2048 -> 256 channels are 134 MiB, whose page faults alone
+// took 44 ms a call (measured).
+template <typename scalar_t>
+at::Tensor compute_weight_transforms(const at::Tensor& weight, const std::vector<std::array<double, 3>>& grows,
+                                     bool packed, bool scratch) {
+  const int64_t O = weight.size(0), C = weight.size(1), n = O * C, nG = static_cast<int64_t>(grows.size());
+  // The taps' (O, C) planes, or (C, O) ones when packed: a panel's kGemmPanel outputs are adjacent.
+  const at::Tensor wt = weight.permute({2, 3, packed ? 1 : 0, packed ? 0 : 1}).contiguous();
+  const int64_t Op = packed ? padded_out_channels(O) : O, panels = Op / kGemmPanel;
+  const std::vector<int64_t> sizes = packed ? std::vector<int64_t>{nG * nG, panels, C, kGemmPanel}
+                                            : std::vector<int64_t>{nG * nG, O, C};
+  at::Tensor U = scratch ? at::from_blob(workspace<scalar_t>(4, nG * nG * Op * C), sizes, weight.options())
+                         : at::empty(sizes, weight.options());
+  const scalar_t* w = wt.const_data_ptr<scalar_t>();
+  scalar_t* u = U.mutable_data_ptr<scalar_t>();
+  if (packed) {
+    // Row (panel, c) of every pair: kGemmPanel outputs of input channel c, from the row's 9 x
+    // kGemmPanel weights, with TR in registers (one pass over each plane of U, none over TR).
+    at::parallel_for(0, panels * C, 64, [&](int64_t a, int64_t b) {
+      for (int64_t row = a; row < b; ++row) {
+        const int64_t o0 = (row / C) * kGemmPanel, c = row % C, m = std::min(kGemmPanel, O - o0);
+        scalar_t wr[9][kGemmPanel] = {};
+        for (int ij = 0; ij < 9; ++ij) std::copy(w + ij * n + c * O + o0, w + ij * n + c * O + o0 + m, wr[ij]);
+        for (int64_t R = 0; R < nG; ++R) {
+          scalar_t tr_row[3][kGemmPanel];
+          for (int j = 0; j < 3; ++j) {
+            for (int64_t l = 0; l < kGemmPanel; ++l) {
+              tr_row[j][l] = scalar_t(grows[R][0]) * wr[j][l] + scalar_t(grows[R][1]) * wr[3 + j][l] +
+                             scalar_t(grows[R][2]) * wr[6 + j][l];
+            }
+          }
+          for (int64_t Q = 0; Q < nG; ++Q) {
+            const scalar_t q0 = scalar_t(grows[Q][0]), q1 = scalar_t(grows[Q][1]), q2 = scalar_t(grows[Q][2]);
+            scalar_t* d = u + ((R * nG + Q) * panels * C + row) * kGemmPanel;
+            for (int64_t l = 0; l < kGemmPanel; ++l) d[l] = q0 * tr_row[0][l] + q1 * tr_row[1][l] + q2 * tr_row[2][l];
+          }
+        }
+      }
+    });
+    return U;
+  }
+  at::Tensor tr = at::empty({3, n}, weight.options());
+  scalar_t* t = tr.mutable_data_ptr<scalar_t>();
+  for (int64_t R = 0; R < nG; ++R) {
+    const scalar_t r0 = scalar_t(grows[R][0]), r1 = scalar_t(grows[R][1]), r2 = scalar_t(grows[R][2]);
+    at::parallel_for(0, n, 1 << 14, [&](int64_t a, int64_t b) {
+      for (int j = 0; j < 3; ++j) {
+        const scalar_t *w0 = w + j * n, *w1 = w + (3 + j) * n, *w2 = w + (6 + j) * n;
+        for (int64_t k = a; k < b; ++k) t[j * n + k] = r0 * w0[k] + r1 * w1[k] + r2 * w2[k];
+      }
+      for (int64_t Q = 0; Q < nG; ++Q) {
+        const scalar_t q0 = scalar_t(grows[Q][0]), q1 = scalar_t(grows[Q][1]), q2 = scalar_t(grows[Q][2]);
+        scalar_t* dst = u + (R * nG + Q) * n;
+        for (int64_t k = a; k < b; ++k) dst[k] = q0 * t[k] + q1 * t[n + k] + q2 * t[2 * n + k];
+      }
+    });
+  }
+  return U;
 }
 
 #if FASTSEG_HAVE_AVX2_CLONE
@@ -752,11 +782,8 @@ inline void gemm_packed(int64_t M, int64_t Op, int64_t K, const float* a, int64_
 // The weight transforms, kept per weights; packed for the blocks' GEMM kernel where it runs.
 template <typename scalar_t>
 at::Tensor weight_transforms(const at::Tensor& weight, const GRows& grows, bool cached, bool packed) {
-  auto derive = [&] {
-    at::Tensor U = compute_weight_transforms<scalar_t>(weight, grows.rows);
-    return packed ? pack_transforms(U) : U;
-  };
-  if (!cached) return derive();
+  if (!cached) return compute_weight_transforms<scalar_t>(weight, grows.rows, packed, /*scratch=*/true);
+  auto derive = [&] { return compute_weight_transforms<scalar_t>(weight, grows.rows, packed, /*scratch=*/false); };
   std::vector<double> key{packed ? 1.0 : 0.0};  // the layout, then the transform's rows
   for (const auto& row : grows.rows) key.insert(key.end(), row.begin(), row.end());
   return DerivedWeightCache::get("atrous_conv2d", weight, key, derive);
