@@ -4,16 +4,17 @@
 // Three paths. "conv" calls at::convolution (oneDNN for float32/bfloat16) and applies the whole
 // epilogue in one in-place pass, where eager PyTorch spends a pass per BatchNorm, add and ReLU.
 // "winograd" (3x3, stride 1, any rate; below) turns the convolution into minimal-filtering tiles
-// whose products are GEMMs (fastseg's own kernel for float32 on AVX2), the epilogue fused into the
-// output transform. "taps"
-// splits the output plane into rectangles over which the set of in-image taps is constant, packs
-// only those taps' input pixels and multiplies them with ATen's GEMM, one GEMM per kernel row.
+// whose products are GEMMs (fastseg's own kernels for float32: AVX2, and AVX-512 on Intel), the
+// epilogue fused into the output transform. "taps" splits the output plane into rectangles over
+// which the set of in-image taps is constant, packs only those taps' input pixels and multiplies
+// them with ATen's GEMM, one GEMM per kernel row.
 //
-// Measured on this machine (2-core EPYC): oneDNN's convolution already skips the taps that fall
+// Measured on a 2-core EPYC (AVX2): oneDNN's convolution already skips the taps that fall
 // into the zero padding (256->256 3x3 at 65x65, channels_last: rate 36 takes 0.4x the time of
 // rate 1, the in-image fraction), so skipping them alone does not beat it (the taps path lost by
 // 1.2-4x on float32); multiplying less does: the winograd path takes 1.3-3x less time than
-// oneDNN on DeepLab's 256..2048-channel layers and 1.2-2x on 64..128-channel ones
+// oneDNN on DeepLab's 256..2048-channel layers and 1.2-2x on 64..128-channel ones; on a 2-core
+// AVX-512 Xeon, with the AVX-512 GEMM, 1.2-2.6x on 256..2048-channel ones
 // (benchmarks/RESULTS.md). "auto" takes "winograd"
 // for float32 where winograd_pays() (enough channels, products saved and GEMM rows), "taps" for
 // float64 with groups == 1 (oneDNN has no float64 kernel and ATen's fallback loop is slow), and
@@ -568,6 +569,18 @@ constexpr int kGemmRows = 6;  // rows per register tile: 12 accumulators of 8 la
 
 inline int64_t padded_out_channels(int64_t O) { return (O + kGemmPanel - 1) / kGemmPanel * kGemmPanel; }
 
+// Whether float32 GEMMs run on gemm_packed_avx512: Intel's AVX-512 parts, where it was measured
+// (full-width FMA units). Zen 4 splits each 512-bit FMA in two 256-bit halves, so the kernel could
+// gain little there over gemm_packed_avx2; it keeps that kernel and its thresholds until measured.
+inline bool wide_fma() {
+#if FASTSEG_HAVE_AVX2_CLONE
+  static const bool intel = __builtin_cpu_is("intel");
+  return cpu_has_avx512() && intel;
+#else
+  return false;
+#endif
+}
+
 // U[(R, Q)] = sum_ij GR[i] GQ[j] w[:, :, i, j] for every pair of G rows, from the (O, C, 3, 3)
 // weights: per row R, TR[j] = sum_i GR[i] w[:, :, i, j], then U[(R, Q)] = sum_j GQ[j] TR[j].
 // Laid out as (nG^2, O, C), or packed for the GEMM kernels as (nG^2, O / kGemmPanel (rounded up),
@@ -771,10 +784,10 @@ FASTSEG_TARGET_AVX512 inline void gemm_packed_avx512(int64_t M, int64_t Op, int6
   }
 }
 
-// C (+)= A B on the widest kernel this CPU runs.
+// C (+)= A B, packed B, on AVX2 or (wide_fma) AVX-512.
 inline void gemm_packed(int64_t M, int64_t Op, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
                         float* c, int64_t ldc, bool accumulate) {
-  if (cpu_has_avx512()) return gemm_packed_avx512(M, Op, K, a, lda, b, ldb, c, ldc, accumulate);
+  if (wide_fma()) return gemm_packed_avx512(M, Op, K, a, lda, b, ldb, c, ldc, accumulate);
   gemm_packed_avx2(M, Op, K, a, lda, b, ldb, c, ldc, accumulate);
 }
 #endif
@@ -1009,18 +1022,6 @@ void transform_output_tile(const TileKind& KR, const TileKind& KC, const TileOut
 // Whether float32 products run on gemm_packed_avx2 (NCHW inputs transposed by transpose_strip_avx2):
 // winograd_pays' thresholds and winograd_conv's weight layout both follow this one test.
 inline bool packed_gemm() { return cpu_has_avx2(); }
-
-// Whether the packed GEMM runs on full-width AVX-512 FMA units: Intel's AVX-512 parts. Zen 4 splits
-// each 512-bit FMA in two 256-bit halves, so its GEMM gains less over AVX2; it keeps the AVX2
-// thresholds (not measured there).
-inline bool wide_fma() {
-#if FASTSEG_HAVE_AVX2_CLONE
-  static const bool intel = __builtin_cpu_is("intel");
-  return cpu_has_avx512() && intel;
-#else
-  return false;
-#endif
-}
 
 template <typename scalar_t>
 void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tensor& y_nhwc, const at::Tensor& scale,
