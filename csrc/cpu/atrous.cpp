@@ -515,11 +515,11 @@ constexpr int64_t kWinogradMaxTransformBytes = int64_t(256) << 20;
 constexpr double kWinogradMinSavingChannelsLast = 1.25;
 constexpr double kWinogradMinSavingNchw = 1.2;
 // With gemm_packed_avx512 on an Intel AVX-512 CPU (a 2-vCPU Xeon with AMX, 2026-11-29), in both
-// layouts from 64 channels: every geometry saving at least 0.9 by this count ran 0.9-3.8x faster
-// than oneDNN, and the only ones below 1.0x were 64 -> 64 and 96 -> 96 at 65x65 and 129x129
-// (0.85-0.97, level within this VM's noise); 17x17 at rate 4 or 12 (savings 0.90-0.94) ran
-// 1.2-2.3x, 33x33 at rate 12 (1.13) 1.04-1.98x, 25x25 at rate 18 (1.16) 1.2-1.8x. Few outputs keep
-// kWinogradMinSavingFewOutputs (256 -> 21 at 65x65 rate 12 ran 0.93x at saving 2.2).
+// layouts from 64 in and 64 out channels: 252 geometries, every one saving at least 0.9 by this
+// count, ran 0.85-4.11x oneDNN's speed, the ten under 1.0x with 64 or 96 outputs at 33x33 to
+// 129x129 (0.85-0.98x); 17x17 at rate 4 or 12 (savings 0.90-0.94) ran 1.2-2.3x, 33x33 at rate 12
+// (1.13) 1.04-1.98x, 25x25 at rate 18 (1.16) 1.2-1.8x. Few outputs keep
+// kWinogradMinSavingFewOutputs (256 -> 21 at 65x65 rate 12 ran 0.82-0.93x at saving 2.2).
 constexpr double kWinogradMinSavingWideFma = 0.9;
 
 // Channels per pass of a tile's transforms: its 5 x 5 intermediate rows stay in L1.
