@@ -1,6 +1,6 @@
 """The C++ hot loops are compiled for several instruction sets (the baseline, AVX2 and, for the
-dense CRF, max-unpooling, the atrous convolution's GEMM and the GCN's FFTs, AVX-512) and one clone is picked at run time: the widest the CPU runs, capped by the
-environment variable FASTSEG_CPU_ISA. The rest of the suite runs the widest clone; here each
+dense CRF, max-unpooling, the atrous convolution's GEMM and the GCN's FFTs, AVX-512) and one clone
+is picked at run time: the widest the CPU runs, capped by the environment variable FASTSEG_CPU_ISA. The rest of the suite runs the widest clone; here each
 narrower one reruns the tests of the ops that have clones, in a pytest process of its own (the
 variable is read once per process). On a CPU without a clone's instructions the cap changes
 nothing and the run repeats the widest clone's tests.
