@@ -332,6 +332,42 @@ def test_winograd_streamed_transforms(C, poison):
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_winograd_weight_cache_keeps_entries_in_use():
+    # An 8 MiB budget holds one 128 -> 128 layer's transforms (33x33, rate 12), not two. While the
+    # first layer is in use the second is not cached, and 'auto' chooses its route as if the
+    # transforms were recomputed on every call (as 'auto_training' does); once the first layer has
+    # gone unused for more lookups than any model's pass makes, the second takes its room and 'auto'
+    # runs it as the first. Every output is checked against float64.
+    script = """
+import torch, torch.nn.functional as F
+import fastseg
+op = torch.ops.fastseg.atrous_conv2d
+gen = torch.Generator().manual_seed(7)
+def layer(C):
+    x = torch.randn(1, C, 33, 33, generator=gen)
+    w = torch.randn(128, C, 3, 3, generator=gen) / (9 * C) ** 0.5
+    return x, w
+def run(xw, algorithm):
+    x, w = xw
+    out = op(x, w, None, None, None, [1, 1], [12, 12], [12, 12], 1, False, algorithm)
+    err = ((out.double() - F.conv2d(x.double(), w.double(), None, 1, 12, 12)).norm()).item()
+    assert err <= 1e-5 * F.conv2d(x.double(), w.double(), None, 1, 12, 12).norm().item(), (algorithm, err)
+    return out
+a, b, small = layer(128), layer(127), layer(8)
+a_auto = run(a, 'auto')
+warm = torch.equal(a_auto, run(a, 'winograd'))  # does 'auto' take winograd here with the transforms kept?
+assert torch.equal(run(b, 'auto'), run(b, 'auto_training'))  # no room: chosen as if recomputed
+for _ in range(300):  # lookups of another layer: the first one goes stale
+    run(small, 'winograd')
+assert torch.equal(run(b, 'auto'), run(b, 'winograd' if warm else 'conv'))
+print('ok', warm)
+"""
+    env = dict(os.environ, FASTSEG_WINOGRAD_CACHE_MB="8")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout[-1000:] + done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 def test_winograd_weight_cache_sees_every_change():
     # The weight transforms are cached by the weights' bytes: an in-place change through .data
     # (which leaves the version counter alone), a new tensor at a reused address, or the same

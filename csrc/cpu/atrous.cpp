@@ -792,14 +792,19 @@ inline void gemm_packed(int64_t M, int64_t Op, int64_t K, const float* a, int64_
 }
 #endif
 
+// The weight cache's key for a transform: the layout, then the transform's rows.
+inline std::vector<double> transform_cache_key(const GRows& grows, bool packed) {
+  std::vector<double> key{packed ? 1.0 : 0.0};
+  for (const auto& row : grows.rows) key.insert(key.end(), row.begin(), row.end());
+  return key;
+}
+
 // The weight transforms, kept per weights; packed for the blocks' GEMM kernel where it runs.
 template <typename scalar_t>
 at::Tensor weight_transforms(const at::Tensor& weight, const GRows& grows, bool cached, bool packed) {
   if (!cached) return compute_weight_transforms<scalar_t>(weight, grows.rows, packed, /*scratch=*/true);
   auto derive = [&] { return compute_weight_transforms<scalar_t>(weight, grows.rows, packed, /*scratch=*/false); };
-  std::vector<double> key{packed ? 1.0 : 0.0};  // the layout, then the transform's rows
-  for (const auto& row : grows.rows) key.insert(key.end(), row.begin(), row.end());
-  return DerivedWeightCache::get("atrous_conv2d", weight, key, derive);
+  return DerivedWeightCache::get("atrous_conv2d", weight, transform_cache_key(grows, packed), derive);
 }
 
 // A tile's input pixels (null: padding) and where its products' inputs go, C values each.
@@ -1269,7 +1274,8 @@ bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
   const AxisPlan rows = plan_axis(g.H, g.Ho, g.pH, g.dH, grows);
   const AxisPlan cols = plan_axis(g.W, g.Wo, g.pW, g.dW, grows);
   const double gemms = double(grows.rows.size()) * double(grows.rows.size());
-  if (gemms * double(g.C) * double(g.O) * sizeof(float) > double(kWinogradMaxTransformBytes)) return false;
+  const double stored_out = double(packed ? padded_out_channels(g.O) : g.O);  // panels are padded to 16
+  if (gemms * double(g.C) * stored_out * sizeof(float) > double(kWinogradMaxTransformBytes)) return false;
   const double per_gemm = kWinogradGemmRows + (cold ? kWinogradTransformRows : 0.0);
   const double cost = g.B * double(rows.products) * double(cols.products) + per_gemm * gemms;
   const double taps = g.B * double(rows.direct_taps) * double(cols.direct_taps);
@@ -1277,6 +1283,17 @@ bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
   if (packed && wide_fma()) saving = kWinogradMinSavingWideFma;
   if (packed && g.O < kWinogradFewOutputs) saving = kWinogradMinSavingFewOutputs;
   return taps >= saving * cost;
+}
+
+// Whether the float32 weight transforms of this geometry would stay in the weight cache.
+bool transforms_likely_kept(const ConvGeometry& g, const at::Tensor& weight) {
+  GRows grows;
+  plan_axis(g.H, g.Ho, g.pH, g.dH, grows);
+  plan_axis(g.W, g.Wo, g.pW, g.dW, grows);
+  const bool packed = packed_gemm();
+  const int64_t nG = static_cast<int64_t>(grows.rows.size());
+  const int64_t bytes = nG * nG * (packed ? padded_out_channels(g.O) : g.O) * g.C * int64_t(sizeof(float));
+  return DerivedWeightCache::likely_kept("atrous_conv2d", weight, transform_cache_key(grows, packed), bytes);
 }
 
 void check_atrous_conv2d_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
@@ -1356,6 +1373,11 @@ at::Tensor atrous_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
   if (automatic) {
     use_winograd = type == at::kFloat && winograd_possible(g, groups, type) &&
                    winograd_pays(g, channels_last, /*cold=*/training);
+    // Inference counts on the transforms staying cached: where the cache has no room for them
+    // (a model's layers outgrowing its budget), each call would recompute them.
+    if (use_winograd && !training && !transforms_likely_kept(g, weight)) {
+      use_winograd = winograd_pays(g, channels_last, /*cold=*/true);
+    }
   }
   // The residual in the layout its path reads: channels_last for winograd, the output's otherwise.
   const auto res_format = use_winograd ? at::MemoryFormat::ChannelsLast : format;

@@ -70,7 +70,8 @@ def atrous_conv2d(
     128+) run as Winograd minimal-filtering tiles (Lavin & Gray, CVPR 2016) laid over the rate's
     interleaved sub-grids, skipping the zero padding and most multiplications; their transformed
     weights are kept for reuse while the weights' bytes are unchanged (512 MiB in all, or
-    ``FASTSEG_WINOGRAD_CACHE_MB``), so the first call with new weights is slower. As in every
+    ``FASTSEG_WINOGRAD_CACHE_MB``; past it, layers whose transforms cannot be kept are routed as if
+    recomputed on every call), so the first call with new weights is slower. As in every
     Winograd implementation, a non-finite input value can turn the other outputs of its tile into
     NaN (their terms in it cancel only in exact arithmetic: inf - inf), and the transforms' sums of a
     tile's inputs overflow float32 for values above about 1e37 where a direct convolution need not.
