@@ -336,8 +336,9 @@ def test_winograd_weight_cache_keeps_entries_in_use():
     # An 8 MiB budget holds one 128 -> 128 layer's transforms (33x33, rate 12), not two. While the
     # first layer is in use the second is not cached, and 'auto' chooses its route as if the
     # transforms were recomputed on every call (as 'auto_training' does); once the first layer has
-    # gone unused for more lookups than any model's pass makes, the second takes its room and 'auto'
-    # runs it as the first. Every output is checked against float64.
+    # gone unused long enough, the second takes its room and 'auto' runs it as the first; and once
+    # the second has gone unused for a few lookups more than twice the period of its calls, the first
+    # takes the room back. Every output is checked against float64.
     script = """
 import torch, torch.nn.functional as F
 import fastseg
@@ -360,6 +361,9 @@ assert torch.equal(run(b, 'auto'), run(b, 'auto_training'))  # no room: chosen a
 for _ in range(300):  # lookups of another layer: the first one goes stale
     run(small, 'winograd')
 assert torch.equal(run(b, 'auto'), run(b, 'winograd' if warm else 'conv'))
+for _ in range(10):  # a layer reused call after call goes stale a few lookups after its calls stop
+    run(small, 'winograd')
+assert torch.equal(run(a, 'auto'), run(a, 'winograd' if warm else 'conv'))
 print('ok', warm)
 """
     env = dict(os.environ, FASTSEG_WINOGRAD_CACHE_MB="8")

@@ -6,8 +6,8 @@
 // FASTSEG_WINOGRAD_CACHE_MB (read once; 0 keeps nothing).
 //
 // When a new entry does not fit, room is made only from stale entries (least recently used first):
-// ones not used for twice their own reuse period, or for kMinStaleLookups lookups when never reused.
-// Otherwise the new one is not kept. A model's forward pass uses each layer once per pass, in the
+// ones not used for twice their own reuse period (plus a few lookups), or for kMinStaleLookups
+// lookups when never reused. Otherwise the new one is not kept. A model's forward pass uses each layer once per pass, in the
 // same order; with plain LRU, a pass whose entries outgrow the budget evicts every entry just before
 // its next use (the converted DeepLab v3 of fastseg.models, about 600 MiB of transforms on an
 // AVX-512 Xeon: 755 ms a pass against 488 ms with the budget at 768 MiB, measured 2026-11-29). Kept
@@ -16,7 +16,6 @@
 
 #include <ATen/ATen.h>
 
-#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <list>
@@ -77,11 +76,15 @@ class DerivedWeightCache {
     int64_t period;  // lookups between its last two uses (0: not reused yet)
   };
 
-  // An entry never reused goes stale after this many lookups: more than a model's cached layers.
+  // An entry never reused goes stale after this many lookups: more than a model's cached layers, so
+  // that a model's first pass keeps what fits. A reused one after twice its period and this slack:
+  // a layer called over and over (a benchmark, a loop) makes room soon after its calls stop.
   static constexpr int64_t kMinStaleLookups = 256;
+  static constexpr int64_t kStaleSlack = 4;
 
   bool stale(const Entry& e) const {
-    return lookups_ - e.used > std::max(kMinStaleLookups, 2 * e.period);
+    const int64_t age = lookups_ - e.used;
+    return e.period > 0 ? age > 2 * e.period + kStaleSlack : age > kMinStaleLookups;
   }
 
   at::Tensor lookup(const std::string& op, const at::Tensor& weight, const std::vector<double>& key,
