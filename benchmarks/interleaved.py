@@ -30,13 +30,24 @@ COMPILE = False
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def warm_up(fn, calls=5, seconds=2.0):
+    """Up to `calls` calls, stopping after `seconds`: one-time work (oneDNN's primitives, a
+    full weight cache making room for new transforms, which takes a few calls) stays out of the
+    rounds."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+        if time.perf_counter() - start > seconds:
+            break
+
+
 def compare(name, fns, rounds, grad=False):
     """fns: {label: callable}, the first being fastseg's; prints each median and speed-up. Autograd
     records only with grad."""
     times = {label: [] for label in fns}
     with torch.enable_grad() if grad else torch.no_grad():
         for fn in fns.values():
-            fn()  # warm up
+            warm_up(fn)
         labels = list(fns)
         for r in range(rounds):
             # The order rotates from round to round: a call can pay for the one before it (caches,
