@@ -11,7 +11,6 @@ as a bar chart of speed-ups; ``FASTSEG_BENCH_THREADS`` sets torch's CPU threads.
 ``--benchmark-disable``, so that every benchmark executes once and none rots.
 """
 import os
-import time
 
 import pytest
 import torch
@@ -52,17 +51,6 @@ def _synchronizing(fn, device):
     return run
 
 
-def warm_up(fn, calls=5, seconds=2.0):
-    """Up to `calls` calls before the timed rounds, stopping after `seconds`: one-time work
-    (oneDNN's primitives, a full weight cache making room for new transforms, which takes a few
-    calls) stays out of the medians, for fastseg and its peers alike."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-        if time.perf_counter() - start > seconds:
-            break
-
-
 @pytest.fixture
 def bench(benchmark):
     def run(group, impl, fn, *, device="cpu", bytes_moved=None, flops=None):
@@ -70,7 +58,7 @@ def bench(benchmark):
         benchmark.extra_info.update(impl=impl, device=device, bytes_moved=bytes_moved, flops=flops)
         timed = _synchronizing(fn, device)
         if not benchmark.disabled:  # CI's smoke run executes each benchmark once
-            warm_up(timed)
+            benchmarking.warm_up(timed)
         result = benchmark(timed)
         if benchmark.stats is not None:
             _results.append(benchmarking.Result(

@@ -21,24 +21,13 @@ from pathlib import Path
 
 import torch
 
-from fastseg.benchmarking import compiled
+from fastseg.benchmarking import compiled, warm_up
 
 # --compile: torch.compile of the eager version as one more peer (compiled once per shape, before
 # the rounds; fastseg.benchmarking.compiled makes a recompile-limit hit an error, not eager).
 COMPILE = False
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def warm_up(fn, calls=5, seconds=2.0):
-    """Up to `calls` calls, stopping after `seconds`: one-time work (oneDNN's primitives, a
-    full weight cache making room for new transforms, which takes a few calls) stays out of the
-    rounds."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-        if time.perf_counter() - start > seconds:
-            break
 
 
 def compare(name, fns, rounds, grad=False):

@@ -72,6 +72,17 @@ class Result:
     flops: float = None
 
 
+def warm_up(fn, calls=5, seconds=2.0):
+    """Up to `calls` calls before timed rounds, stopping after `seconds`: one-time work (oneDNN's
+    primitives, a full weight cache making room for new transforms, which takes a few calls) stays
+    out of the medians, for fastseg and its peers alike."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+        if time.perf_counter() - start > seconds:
+            break
+
+
 def _median_time(fn, device, rounds):
     times = []
     for _ in range(rounds):

@@ -7,11 +7,12 @@
 //
 // When a new entry does not fit, room is made only from stale entries (least recently used first):
 // ones not used for twice their own reuse period (plus a few lookups), or for kMinStaleLookups
-// lookups when never reused. Otherwise the new one is not kept. A model's forward pass uses each layer once per pass, in the
-// same order; with plain LRU, a pass whose entries outgrow the budget evicts every entry just before
-// its next use (the converted DeepLab v3 of fastseg.models, about 600 MiB of transforms on an
-// AVX-512 Xeon: 755 ms a pass against 488 ms with the budget at 768 MiB, measured 2026-11-29). Kept
-// this way, the entries that fit stay and keep hitting; those of weights no longer used age out.
+// lookups when never reused. Otherwise the new one is not kept. A model's forward pass uses each
+// layer once per pass, in the same order; with plain LRU, a pass whose entries outgrow the budget
+// evicts every entry just before its next use (the converted DeepLab v3 of fastseg.models, about
+// 600 MiB of transforms on an AVX-512 Xeon: 755 ms a pass against 488 ms with the budget at 768 MiB,
+// measured 2026-11-29). Kept this way, the entries that fit stay and keep hitting; those of weights
+// no longer used age out.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -58,11 +59,8 @@ class DerivedWeightCache {
     std::lock_guard<std::mutex> lock(mutex_);
     int64_t freeable = 0;
     for (const Entry& e : entries_) {
-      if (e.op == op && e.key == key && e.weight.sizes() == weight.sizes() &&
-          e.weight.scalar_type() == weight.scalar_type()) {
-        return true;
-      }
-      if (stale(e)) freeable += int64_t(e.weight.nbytes() + e.derived.nbytes());
+      if (same_kind(e, op, key, weight)) return true;
+      if (stale(e)) freeable += entry_bytes(e);
     }
     return bytes_ - freeable + bytes <= limit_bytes();
   }
@@ -82,6 +80,15 @@ class DerivedWeightCache {
   static constexpr int64_t kMinStaleLookups = 256;
   static constexpr int64_t kStaleSlack = 4;
 
+  // Same op, key, shape and dtype: the same layer's derived form unless the weights' bytes differ.
+  static bool same_kind(const Entry& e, const std::string& op, const std::vector<double>& key,
+                        const at::Tensor& weight) {
+    return e.op == op && e.key == key && e.weight.sizes() == weight.sizes() &&
+           e.weight.scalar_type() == weight.scalar_type();
+  }
+
+  static int64_t entry_bytes(const Entry& e) { return int64_t(e.weight.nbytes() + e.derived.nbytes()); }
+
   bool stale(const Entry& e) const {
     const int64_t age = lookups_ - e.used;
     return e.period > 0 ? age > 2 * e.period + kStaleSlack : age > kMinStaleLookups;
@@ -95,9 +102,7 @@ class DerivedWeightCache {
       std::lock_guard<std::mutex> lock(mutex_);
       ++lookups_;
       for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-        if (it->op == op && it->key == key && it->weight.sizes() == w.sizes() &&
-            it->weight.scalar_type() == w.scalar_type() &&
-            std::memcmp(it->weight.const_data_ptr(), w.const_data_ptr(), nbytes) == 0) {
+        if (same_kind(*it, op, key, w) && std::memcmp(it->weight.const_data_ptr(), w.const_data_ptr(), nbytes) == 0) {
           it->period = lookups_ - it->used;
           it->used = lookups_;
           entries_.splice(entries_.begin(), entries_, it);
@@ -112,7 +117,7 @@ class DerivedWeightCache {
     for (auto it = entries_.end(); bytes_ + bytes > limit_bytes() && it != entries_.begin();) {
       --it;
       if (!stale(*it)) continue;
-      bytes_ -= int64_t(it->weight.nbytes() + it->derived.nbytes());
+      bytes_ -= entry_bytes(*it);
       it = entries_.erase(it);
     }
     if (bytes_ + bytes > limit_bytes()) return derived;  // the entries in use stay; this one is not kept
