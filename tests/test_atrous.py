@@ -331,6 +331,40 @@ def test_winograd_streamed_transforms(C, poison):
     assert_relative_close(out, expected, torch.float32)
 
 
+def _intel_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            intel = "GenuineIntel" in f.read(4096)
+    except OSError:
+        return False
+    return intel and fastseg._backends.cpu_isa() == "avx512"
+
+
+# 'auto's route for layers with fewer than 64 outputs on Intel AVX-512 (winograd_pays, measured in
+# benchmarks/RESULTS.md): channels_last from 64 input channels at a saving of 0.9 (a 17x17 map at
+# rate 12); NCHW from 128 to 256 input channels on any map, from 64 on maps up to 33x33, and not
+# at 512 or more. Which path ran shows in the bits: forced winograd's output or forced conv's.
+@pytest.mark.skipif(not _intel_avx512(), reason="the route measured on Intel AVX-512")
+@pytest.mark.parametrize("layout,C,O,H,d,path", [
+    ("channels_last", 256, 21, 17, 12, "winograd"),
+    ("channels_last", 64, 32, 17, 4, "winograd"),
+    ("nchw", 128, 21, 65, 12, "winograd"),
+    ("nchw", 64, 32, 33, 6, "winograd"),
+    ("nchw", 64, 32, 65, 12, "conv"),
+    ("nchw", 512, 21, 33, 12, "conv"),
+    ("channels_last", 32, 32, 33, 6, "conv"),
+])
+def test_auto_route_few_outputs(layout, C, O, H, d, path):
+    gen = torch.Generator().manual_seed(C + O + H)
+    x = _layout(torch.randn(1, C, H, H, generator=gen), layout)
+    w = torch.randn(O, C, 3, 3, generator=gen) / (9 * C) ** 0.5
+    run = lambda algorithm: torch.ops.fastseg.atrous_conv2d(x, w, None, None, None, [1, 1], [d, d], [d, d], 1,
+                                                            False, algorithm)
+    auto, chosen, other = run("auto"), run(path), run("conv" if path == "winograd" else "winograd")
+    assert not torch.equal(chosen, other)  # the paths are told apart
+    assert torch.equal(auto, chosen)
+
+
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 def test_winograd_weight_cache_keeps_entries_in_use():
     # An 8 MiB budget holds one 128 -> 128 layer's transforms (33x33, rate 12), not two. While the

@@ -518,9 +518,20 @@ constexpr double kWinogradMinSavingNchw = 1.2;
 // layouts from 64 in and 64 out channels: 252 geometries, every one saving at least 0.9 by this
 // count, ran 0.85-4.11x oneDNN's speed, the ten under 1.0x with 64 or 96 outputs at 33x33 to
 // 129x129 (0.85-0.98x); 17x17 at rate 4 or 12 (savings 0.90-0.94) ran 1.2-2.3x, 33x33 at rate 12
-// (1.13) 1.04-1.98x, 25x25 at rate 18 (1.16) 1.2-1.8x. Few outputs keep
-// kWinogradMinSavingFewOutputs (256 -> 21 at 65x65 rate 12 ran 0.82-0.93x at saving 2.2).
+// (1.13) 1.04-1.98x, 25x25 at rate 18 (1.16) 1.2-1.8x. Fewer than 64 outputs too (16 or more; a
+// second sweep, 2026-11-29 afternoon): channels_last layers of 64..2048 -> 21..48 channels at
+// 17x17 (saving 0.90-0.94) ran 1.35-1.77x, at 33x33 rate 12 (1.13) 1.04-1.24x, those the old 1.5
+// already took 0.95-1.52x; NCHW ones (otherwise from 64 outputs) at 128..256 input channels
+// 1.10-1.44x (128 -> 32 at 129x129 rate 6 0.98x), at 64 input channels 1.18-2.13x up to 33x33
+// maps but 0.68-1.01x on larger ones, at 512 and 2048 0.75-1.28x: see winograd_few_outputs_nchw.
 constexpr double kWinogradMinSavingWideFma = 0.9;
+// NCHW layers with fewer than kWinogradPackedMinOutChannelsNchw outputs take the winograd path on
+// Intel AVX-512 from kWinogradPackedMinOutChannels outputs with this many input channels or fewer,
+// and at least kWinogradFewOutputsNchwMinInChannels of them or at most kWinogradFewOutputsNchwSmallMap
+// output pixels per image.
+constexpr int64_t kWinogradFewOutputsNchwMaxInChannels = 256;
+constexpr int64_t kWinogradFewOutputsNchwMinInChannels = 128;
+constexpr int64_t kWinogradFewOutputsNchwSmallMap = 33 * 33;
 
 // Channels per pass of a tile's transforms: its 5 x 5 intermediate rows stay in L1.
 constexpr int64_t kTransformBlock = 128;
@@ -1263,11 +1274,20 @@ bool winograd_possible(const ConvGeometry& g, int64_t groups, at::ScalarType typ
          (type == at::kFloat || type == at::kDouble);
 }
 
+// Whether an NCHW layer with fewer than kWinogradPackedMinOutChannelsNchw outputs is one whose
+// winograd path ran faster than oneDNN on Intel AVX-512 (kWinogradMinSavingWideFma's sweep).
+bool winograd_few_outputs_nchw(const ConvGeometry& g) {
+  return wide_fma() && g.C <= kWinogradFewOutputsNchwMaxInChannels &&
+         (g.C >= kWinogradFewOutputsNchwMinInChannels || g.Ho * g.Wo <= kWinogradFewOutputsNchwSmallMap);
+}
+
 bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
   const bool packed = packed_gemm();
-  const int64_t min_out = channels_last ? kWinogradPackedMinOutChannels : kWinogradPackedMinOutChannelsNchw;
-  if (packed ? g.C < kWinogradPackedMinInChannels || g.O < min_out
+  if (packed ? g.C < kWinogradPackedMinInChannels || g.O < kWinogradPackedMinOutChannels
              : g.C < kWinogradMinInChannels || g.O < kWinogradMinOutChannels) {
+    return false;
+  }
+  if (packed && !channels_last && g.O < kWinogradPackedMinOutChannelsNchw && !winograd_few_outputs_nchw(g)) {
     return false;
   }
   GRows grows;
@@ -1280,8 +1300,8 @@ bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
   const double cost = g.B * double(rows.products) * double(cols.products) + per_gemm * gemms;
   const double taps = g.B * double(rows.direct_taps) * double(cols.direct_taps);
   double saving = channels_last ? kWinogradMinSavingChannelsLast : kWinogradMinSavingNchw;
-  if (packed && wide_fma()) saving = kWinogradMinSavingWideFma;
   if (packed && g.O < kWinogradFewOutputs) saving = kWinogradMinSavingFewOutputs;
+  if (packed && wide_fma()) saving = kWinogradMinSavingWideFma;
   return taps >= saving * cost;
 }
 
