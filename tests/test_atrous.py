@@ -1077,6 +1077,34 @@ def test_cpu_relu_keeps_nan(algorithm, dtype, layout):
     _assert_same_nans(out, ref, spreads=algorithm == "winograd")
 
 
+# A k x 1 kernel longer than the map (with the padding to match): oneDNN's weight gradient with the
+# padding as an argument corrupted the heap on these shapes (eager PyTorch 2.14 too), so the
+# backward pads the map by hand (convolution_backward). Gradients against float64, three times
+# over, both layouts and a 1 x k kernel.
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("C,k", [(17, 39), (24, 41), (32, 39)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_kernel_longer_than_map(C, k, layout):
+    gen = torch.Generator().manual_seed(C + k)
+    for tall in (True, False):
+        x = torch.randn(1, C, 20, 64, generator=gen, dtype=torch.float64)
+        w = torch.randn(21, C, k, 1, generator=gen, dtype=torch.float64) / (C * k) ** 0.5
+        if not tall:
+            x, w = x.transpose(2, 3).contiguous(), w.transpose(2, 3).contiguous()
+        p = (k - 1) // 2
+        padding = (p, 0) if tall else (0, p)
+        ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = F.conv2d(ref_x, ref_w, padding=padding)
+        grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        ref.backward(grad)
+        for _ in range(3):
+            xf = _layout(x.float(), layout).requires_grad_()
+            wf = w.float().requires_grad_()
+            fastseg.atrous_conv2d(xf, wf, padding=padding, backend="cpp").backward(_layout(grad.float(), layout))
+            assert_relative_close(xf.grad, ref_x.grad, torch.float32)
+            assert_relative_close(wf.grad, ref_w.grad, torch.float32)
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_relu_backward_passes_nan_positions(backend, device):
     # relu's gradient is zero only where the output is <= 0: where it is NaN, grad_output passes

@@ -487,3 +487,24 @@ def test_relu_keeps_nan(backend, device, dtype, layout):
         assert torch.equal(torch.isnan(x.grad).cpu(), torch.isnan(eager.grad))
         assert_relative_close(torch.nan_to_num(x.grad.cpu()), torch.nan_to_num(eager.grad), torch.float32,
                               TRITON_FP32_TOLERANCE if backend in ("triton", "cudnn") else None)
+
+
+# As test_atrous.test_backward_kernel_longer_than_map: a 39 x 1 kernel over the 20 x 64 unpooled map,
+# whose weight gradient through oneDNN with the padding as an argument corrupted the heap.
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_backward_kernel_longer_than_map():
+    gen = torch.Generator().manual_seed(39)
+    unpooled_ref = torch.randn(1, 24, 20, 64, generator=gen, dtype=torch.float64)
+    values, indices = F.max_pool2d(unpooled_ref, 2, return_indices=True)
+    w = torch.randn(21, 24, 39, 1, generator=gen, dtype=torch.float64) / (24 * 39) ** 0.5
+    ref_v, ref_w = values.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.conv2d(F.max_unpool2d(ref_v, indices, 2, output_size=(20, 64)), ref_w, padding=(19, 0))
+    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ref.backward(grad)
+    for _ in range(3):
+        vf, wf = values.float().requires_grad_(), w.float().requires_grad_()
+        out = fastseg.unpool_conv2d(vf, indices, wf, kernel_size=2, output_size=(20, 64), padding=(19, 0),
+                                    backend="cpp")
+        out.backward(grad.float())
+        assert_relative_close(vf.grad, ref_v.grad, torch.float32)
+        assert_relative_close(wf.grad, ref_w.grad, torch.float32)

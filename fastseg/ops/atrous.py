@@ -275,11 +275,34 @@ def _backward(ctx, grad_output):
         g = g * scale.view(1, -1, 1, 1)
     grad_input = grad_weight = None
     if needs[0] or needs[1]:
-        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-            g, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [needs[0], needs[1], False],
-        )
+        grad_input, grad_weight = convolution_backward(g, input, weight, stride, padding, dilation, groups,
+                                                       needs[0], needs[1])
     return (grad_input, grad_weight, grad_scale, grad_shift, grad_residual) + (None,) * (5 + ctx.n_extra)
+
+
+def convolution_backward(grad, input, weight, stride, padding, dilation, groups, need_input, need_weight):
+    """(grad_input, grad_weight) of ``conv2d(input, weight)`` (no bias) through ATen, None where not
+    needed. On the CPU, where the kernel reaches past the map along a padded axis (dilation (k - 1)
+    >= its length), the map is zero-padded by hand and the convolution given no padding: with the
+    padding as an argument, oneDNN's weight gradient of k x 1 and 1 x k kernels (torch 2.14, eager
+    PyTorch too) corrupted the heap, crashed or returned values off by 1e9 on such shapes (39 x 1
+    taps over 20 x 64 at 17 to 32 channels; a segmentation fault in each of three random sweeps of
+    fastseg.atrous_conv2d's training step), and with the padding in the map it never did (1600
+    random shapes, within 1e-6 of float64). The padding copies only maps smaller than the kernel."""
+    mask = [need_input, need_weight, False]
+    reaches_past = input.device.type == "cpu" and any(
+        p > 0 and d * (k - 1) >= n for n, k, p, d in zip(input.shape[-2:], weight.shape[-2:], padding, dilation))
+    if not reaches_past:
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, input, weight, None, stride, padding, dilation, False, [0, 0], groups, mask)
+        return grad_input, grad_weight
+    (pH, pW), (H, W) = padding, input.shape[-2:]
+    padded = F.pad(input, (pW, pW, pH, pH))
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, padded, weight, None, stride, [0, 0], dilation, False, [0, 0], groups, mask)
+    if grad_input is not None:
+        grad_input = grad_input[..., pH:pH + H, pW:pW + W].contiguous(memory_format=output_memory_format(input))
+    return grad_input, grad_weight
 
 
 def _register(name):

@@ -38,6 +38,7 @@ from .. import _autocast, _backends
 from .._checks import FLOAT_DTYPES, check_same_dtype_device, check_tensor
 from .._layout import output_memory_format
 from ._reference import gcn as reference
+from .atrous import convolution_backward
 
 __all__ = ["gcn_conv2d"]
 
@@ -340,47 +341,18 @@ def _branch_backward_fft(x, w1, w2, b1, g, d, along_h, need_x, need_w1, need_w2,
 
 
 def _branch_backward_aten(x, w1, w2, b1, g, d, along_h, need_x, need_w1, need_w2, need_b1):
-    """One branch's gradients through ATen's convolution backward (w1, w2 4-D).
-
-    On the CPU, a map that the kernel reaches past (d (k - 1) >= its length along the kernel) is
-    zero-padded before its convolution, which then has no padding argument: with one, oneDNN's
-    k x 1 and 1 x k convolution backward (torch 2.14, eager PyTorch too) corrupted the heap or
-    returned garbage on such shapes (39 or 41 x 1 taps over 20 x 64 at 17 to 32 channels; in a
-    random sweep of 800 more, a segmentation fault and a gradient off by a factor of 1e9), and with
-    the padding in the map it never did (1600 shapes, within 1e-6 of float64)."""
+    """One branch's gradients through ATen's convolution backward (w1, w2 4-D; atrous'
+    convolution_backward pads a map that the kernel reaches past by hand on the CPU)."""
     p = d * (w1.shape[2 if along_h else 3] - 1) // 2
-    H, W = x.shape[-2:]
-    # Along the first convolution's axis (H for the left branch), then along the second's.
-    explicit1, explicit2 = (x.device.type == "cpu" and 2 * p >= n for n in ((H, W) if along_h else (W, H)))
-
-    def pad(t, tall):
-        return F.pad(t, (0, 0, p, p) if tall else (p, p, 0, 0))
-
-    def crop(t, tall):
-        return t[..., p:t.shape[-2] - p, :] if tall else t[..., p:t.shape[-1] - p]
-
-    def geometry(tall, explicit):  # (padding, dilation) of a k x 1 (tall) or 1 x k convolution
-        q = 0 if explicit else p
-        return ([q, 0], [d, 1]) if tall else ([0, q], [1, d])
-
-    geo1, geo2 = geometry(along_h, explicit1), geometry(not along_h, explicit2)
-    x1 = pad(x, along_h) if explicit1 else x
+    tall, wide = ([p, 0], [d, 1]), ([0, p], [1, d])
+    geo1, geo2 = (tall, wide) if along_h else (wide, tall)
     need_mid = need_x or need_w1 or need_b1
-    mid = torch.ops.aten.convolution(x1, w1, b1, [1, 1], geo1[0], geo1[1], False, [0, 0], 1)
-    grad_mid, grad_w2, _ = torch.ops.aten.convolution_backward(
-        g, pad(mid, not along_h) if explicit2 else mid, w2, None, [1, 1], geo2[0], geo2[1], False, [0, 0], 1,
-        [need_mid, need_w2, False],
-    )
-    if explicit2 and grad_mid is not None:
-        grad_mid = crop(grad_mid, not along_h)
+    mid = torch.ops.aten.convolution(x, w1, b1, [1, 1], geo1[0], geo1[1], False, [0, 0], 1)
+    grad_mid, grad_w2 = convolution_backward(g, mid, w2, [1, 1], geo2[0], geo2[1], 1, need_mid, need_w2)
     grad_b1 = grad_mid.sum((0, 2, 3)) if need_b1 else None
     grad_x = grad_w1 = None
     if need_x or need_w1:
-        grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
-            grad_mid, x1, w1, None, [1, 1], geo1[0], geo1[1], False, [0, 0], 1, [need_x, need_w1, False],
-        )
-        if explicit1 and grad_x is not None:
-            grad_x = crop(grad_x, along_h)
+        grad_x, grad_w1 = convolution_backward(grad_mid, x, w1, [1, 1], geo1[0], geo1[1], 1, need_x, need_w1)
     return grad_x, grad_w1, grad_w2, grad_b1
 
 

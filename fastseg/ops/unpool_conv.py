@@ -20,7 +20,8 @@ from .._checks import FLOAT_DTYPES, check_same_dtype_device, check_tensor, to_pa
 from .._layout import output_memory_format
 from ._reference import unpool as reference_unpool
 from ._reference import unpool_conv as reference
-from .atrous import _cudnn_forward, _padding, atrous_output_size, check_epilogue, without_dead_taps
+from .atrous import (_cudnn_forward, _padding, atrous_output_size, check_epilogue, convolution_backward,
+                     without_dead_taps)
 from .unpool import (_ReferenceMaxUnpool2d, aten_max_unpool2d, aten_route_suits, check_pooled, max_unpool2d,
                      unpool_output_size)
 
@@ -211,9 +212,8 @@ def _backward(ctx, grad_output):
             grad_scale = (g * conv).sum((0, 2, 3))
         g = g * scale.view(1, -1, 1, 1)
     if needs[0] or needs[2]:
-        grad_unpooled, grad_weight, _ = torch.ops.aten.convolution_backward(
-            g, unpooled, weight, None, [1, 1], padding, dilation, False, [0, 0], 1, [needs[0], needs[2], False],
-        )
+        grad_unpooled, grad_weight = convolution_backward(g, unpooled, weight, [1, 1], padding, dilation, 1,
+                                                          needs[0], needs[2])
         if needs[0]:
             grad_values = reference_unpool.max_unpool2d_backward(grad_unpooled, indices)
     return (grad_values, None, grad_weight, grad_scale, grad_shift, grad_residual) + (None,) * (7 + ctx.n_extra)
