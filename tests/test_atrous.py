@@ -1105,6 +1105,27 @@ def test_backward_kernel_longer_than_map(C, k, layout):
             assert_relative_close(wf.grad, ref_w.grad, torch.float32)
 
 
+# The layer's training path (eager BatchNorm) with such a kernel: its convolution goes through the op
+# there (nn.Conv2d's backward crashed the process on this shape).
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_layer_trains_with_kernel_longer_than_map():
+    torch.manual_seed(0)
+    layer = fastseg.nn.AtrousConvBNReLU(24, 21, kernel_size=(39, 1), padding=(19, 0)).train()
+    ref = copy.deepcopy(layer).double()
+    x = torch.randn(2, 24, 20, 64)
+    for _ in range(3):
+        layer.zero_grad()
+        ref.zero_grad()
+        out = layer(x)
+        expected = ref(x.double())
+        grad = torch.randn(out.shape)
+        out.backward(grad)
+        expected.backward(grad.double())
+        assert_relative_close(out.detach(), expected.detach(), torch.float32)
+        for mine, theirs in zip(layer.parameters(), ref.parameters()):
+            assert_relative_close(mine.grad, theirs.grad, torch.float32)
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_relu_backward_passes_nan_positions(backend, device):
     # relu's gradient is zero only where the output is <= 0: where it is NaN, grad_output passes

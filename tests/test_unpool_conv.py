@@ -1,6 +1,8 @@
 """fastseg.unpool_conv2d on every backend against F.max_unpool2d + F.conv2d + F.batch_norm + F.relu in
 float64 (every band split of the C++ kernel, overlapping and gapped poolings, out-of-window and
 repeated indices), its gradients and custom ops, nn.UnpoolConvBNReLU against plain PyTorch, bad input."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -508,3 +510,23 @@ def test_backward_kernel_longer_than_map():
         out.backward(grad.float())
         assert_relative_close(vf.grad, ref_v.grad, torch.float32)
         assert_relative_close(wf.grad, ref_w.grad, torch.float32)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_layer_trains_with_kernel_longer_than_map():
+    # The layer's training path (eager BatchNorm): its convolution goes through atrous_conv2d here.
+    torch.manual_seed(0)
+    layer = fastseg.nn.UnpoolConvBNReLU(24, 21, (39, 1), unpool=2, padding=(19, 0)).train()
+    ref = copy.deepcopy(layer).double()
+    values, indices = F.max_pool2d(torch.randn(2, 24, 20, 64), 2, return_indices=True)
+    for _ in range(3):
+        layer.zero_grad()
+        ref.zero_grad()
+        out = layer(values, indices, output_size=(20, 64))
+        expected = ref(values.double(), indices, output_size=(20, 64))
+        grad = torch.randn(out.shape)
+        out.backward(grad)
+        expected.backward(grad.double())
+        assert_relative_close(out.detach(), expected.detach(), torch.float32)
+        for mine, theirs in zip(layer.parameters(), ref.parameters()):
+            assert_relative_close(mine.grad, theirs.grad, torch.float32)

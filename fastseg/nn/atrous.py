@@ -55,6 +55,21 @@ def fusable_residual(conv, x, residual):
     return tuple(residual.shape) == (*x.shape[:-3], conv.out_channels, *size)
 
 
+def eager_conv(conv, x):
+    """``conv(x)`` for a layer's eager path (training, or BatchNorm in its own mode). On the CPU, where
+    the kernel reaches past the map along a padded axis, through the C++ ``atrous_conv2d`` instead
+    (the same convolution): ATen's backward there (oneDNN's k x 1 weight gradient) crashes or returns
+    garbage unless the map is padded by hand, which that op's backward does."""
+    if (_backends.EXTENSION_LOADED and isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() in (3, 4)
+            and conv.padding_mode == "zeros"):
+        padding = _padding(conv.padding, conv.kernel_size, conv.dilation)
+        sizes = zip(x.shape[-2:], conv.kernel_size, padding, conv.dilation)
+        if any(p > 0 and d * (k - 1) >= n for n, k, p, d in sizes):
+            return atrous_conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=padding,
+                                 dilation=conv.dilation, groups=conv.groups, backend="cpp")
+    return conv(x)
+
+
 def _bn_tensors(bn):
     return (bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
@@ -89,8 +104,9 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
         self.backend = backend
 
     def forward(self, x, residual=None):
-        if not folds_batch_norm(self) or runs_submodules(self, x):  # eager: BatchNorm in its own mode
-            y = self.bn(self.conv(x))
+        own_modules = runs_submodules(self, x)  # hooks: the modules themselves are called
+        if not folds_batch_norm(self) or own_modules:  # eager: BatchNorm in its own mode
+            y = self.bn(self.conv(x) if own_modules else eager_conv(self.conv, x))
             if residual is not None:
                 y = y + residual
             return F.relu(y) if self.relu else y

@@ -16,7 +16,7 @@ from ..ops.unpool import unpool_output_size
 from ..ops import unpool_conv as unpool_conv_ops
 from ..ops.unpool_conv import unpool_conv2d
 from ._kept import runs_submodules
-from .atrous import fold_batch_norm, folds_batch_norm
+from .atrous import eager_conv, fold_batch_norm, folds_batch_norm
 from .unpool import MaxUnpool2d
 
 __all__ = ["UnpoolConvBNReLU"]
@@ -75,8 +75,10 @@ class UnpoolConvBNReLU(nn.Module):
         self.backend = backend
 
     def forward(self, values, indices, output_size=None, residual=None):
-        if not folds_batch_norm(self) or runs_submodules(self, values):  # eager: BatchNorm in its own mode
-            y = self.bn(self.conv(self.unpool(values, indices, output_size)))
+        own_modules = runs_submodules(self, values)  # hooks: the modules themselves are called
+        if not folds_batch_norm(self) or own_modules:  # eager: BatchNorm in its own mode
+            unpooled = self.unpool(values, indices, output_size)
+            y = self.bn(self.conv(unpooled) if own_modules else eager_conv(self.conv, unpooled))
             if residual is not None:
                 y = y + residual
             return F.relu(y) if self.relu else y
