@@ -352,6 +352,11 @@ def _intel_avx512():
     ("nchw", 64, 32, 33, 6, "winograd"),
     ("nchw", 64, 32, 65, 12, "conv"),
     ("nchw", 512, 21, 33, 12, "conv"),
+    ("nchw", 256, 63, 65, 12, "winograd"),
+    ("nchw", 257, 16, 65, 12, "conv"),
+    ("nchw", 64, 16, 33, 6, "winograd"),
+    ("nchw", 64, 15, 33, 6, "conv"),
+    ("nchw", 64, 32, 34, 6, "conv"),
     ("channels_last", 32, 32, 33, 6, "conv"),
 ])
 def test_auto_route_few_outputs(layout, C, O, H, d, path):
@@ -1082,27 +1087,34 @@ def test_cpu_relu_keeps_nan(algorithm, dtype, layout):
 # backward pads the map by hand (convolution_backward). Gradients against float64, three times
 # over, both layouts and a 1 x k kernel.
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
-@pytest.mark.parametrize("C,k", [(17, 39), (24, 41), (32, 39)])
+@pytest.mark.parametrize("C,k,kw,stride,dilation,groups", [
+    (17, 39, 1, 1, 1, 1), (24, 41, 1, 1, 1, 1), (32, 39, 1, 1, 1, 1),
+    (24, 39, 3, (2, 1), 1, 1), (24, 21, 1, 1, (2, 1), 3), (24, 41, 1, (1, 2), 1, 24),
+])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_backward_kernel_longer_than_map(C, k, layout):
+def test_backward_kernel_longer_than_map(C, k, kw, stride, dilation, groups, layout):
     gen = torch.Generator().manual_seed(C + k)
+    d = _pair(dilation)[0]
     for tall in (True, False):
-        x = torch.randn(1, C, 20, 64, generator=gen, dtype=torch.float64)
-        w = torch.randn(21, C, k, 1, generator=gen, dtype=torch.float64) / (C * k) ** 0.5
+        x = torch.randn(2, C, 20, 64, generator=gen, dtype=torch.float64)
+        w = torch.randn(21 if groups == 1 else C, C // groups, k, kw, generator=gen, dtype=torch.float64) / (C * k) ** 0.5
+        s, dil, padding = _pair(stride), _pair(dilation), (d * (k - 1) // 2, (kw - 1) // 2)
         if not tall:
             x, w = x.transpose(2, 3).contiguous(), w.transpose(2, 3).contiguous()
-        p = (k - 1) // 2
-        padding = (p, 0) if tall else (0, p)
+            s, dil, padding = s[::-1], dil[::-1], padding[::-1]
         ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
-        ref = F.conv2d(ref_x, ref_w, padding=padding)
+        ref = F.conv2d(ref_x, ref_w, None, s, padding, dil, groups)
         grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
         ref.backward(grad)
         for _ in range(3):
             xf = _layout(x.float(), layout).requires_grad_()
             wf = w.float().requires_grad_()
-            fastseg.atrous_conv2d(xf, wf, padding=padding, backend="cpp").backward(_layout(grad.float(), layout))
+            out = fastseg.atrous_conv2d(xf, wf, stride=s, padding=padding, dilation=dil, groups=groups, backend="cpp")
+            out.backward(_layout(grad.float(), layout))
             assert_relative_close(xf.grad, ref_x.grad, torch.float32)
             assert_relative_close(wf.grad, ref_w.grad, torch.float32)
+            assert xf.grad.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                         torch.contiguous_format)
 
 
 # The layer's training path (eager BatchNorm) with such a kernel: its convolution goes through the op

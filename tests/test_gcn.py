@@ -330,8 +330,8 @@ def test_fft_backward_gradcheck(case, layout, monkeypatch):
 def test_backward_kernel_longer_than_map(case):
     # Shapes on which oneDNN's convolution backward corrupted the heap or returned garbage (eager
     # PyTorch 2.14 too: a padding argument with a kernel longer than the map): the backward pads
-    # the map itself there (or runs in the frequency domain where that pays: the last case's cut
-    # kernel of 7 taps does not).
+    # the map itself there (the first two cases, few channels, and the last, whose cut kernel of 7
+    # taps does not pay in the frequency domain) or runs in the frequency domain (the third).
     pr = _problem(case, seed=8)
     for _ in range(3):
         leaves = [t.float().requires_grad_() for t in [pr["x"], *pr["weights"], *pr["biases"]]]

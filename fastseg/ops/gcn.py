@@ -204,9 +204,10 @@ def _setup_context(ctx, inputs, output):
 
 # --- backward ------------------------------------------------------------------------------------
 # The middle maps are recomputed (saving them would double the forward's memory). On the CPU, where
-# the forward's FFT route runs (and where the kernel reaches past the map), the whole backward runs
-# in the frequency domain, in plain PyTorch (torch.fft and batched complex matmuls, exact up to
-# rounding); elsewhere ATen's convolution backward runs each of the four convolutions in reverse.
+# the forward's FFT route runs, the whole backward runs in the frequency domain, in plain PyTorch
+# (torch.fft and batched complex matmuls, exact up to rounding); elsewhere ATen's convolution
+# backward runs each of the four convolutions in reverse (atrous' convolution_backward: on the CPU
+# a map shorter than the kernel is padded by hand).
 
 
 def _fft_length(n):
