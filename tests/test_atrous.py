@@ -1084,7 +1084,7 @@ def test_cpu_relu_keeps_nan(algorithm, dtype, layout):
 
 # A k x 1 kernel longer than the map (with the padding to match): oneDNN's weight gradient with the
 # padding as an argument corrupted the heap on these shapes (eager PyTorch 2.14 too), so the
-# backward pads the map by hand (convolution_backward). Gradients against float64, three times
+# backward pads the map by hand (convolution_backward), and so does the reference's convolution. Gradients against float64, three times
 # over, both layouts and a 1 x k kernel.
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 @pytest.mark.parametrize("C,k,kw,stride,dilation,groups", [
@@ -1092,7 +1092,8 @@ def test_cpu_relu_keeps_nan(algorithm, dtype, layout):
     (24, 39, 3, (2, 1), 1, 1), (24, 21, 1, 1, (2, 1), 3), (24, 41, 1, (1, 2), 1, 24),
 ])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_backward_kernel_longer_than_map(C, k, kw, stride, dilation, groups, layout):
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_backward_kernel_longer_than_map(C, k, kw, stride, dilation, groups, layout, backend):
     gen = torch.Generator().manual_seed(C + k)
     d = _pair(dilation)[0]
     for tall in (True, False):
@@ -1109,7 +1110,7 @@ def test_backward_kernel_longer_than_map(C, k, kw, stride, dilation, groups, lay
         for _ in range(3):
             xf = _layout(x.float(), layout).requires_grad_()
             wf = w.float().requires_grad_()
-            out = fastseg.atrous_conv2d(xf, wf, stride=s, padding=padding, dilation=dil, groups=groups, backend="cpp")
+            out = fastseg.atrous_conv2d(xf, wf, stride=s, padding=padding, dilation=dil, groups=groups, backend=backend)
             out.backward(_layout(grad.float(), layout))
             assert_relative_close(xf.grad, ref_x.grad, torch.float32)
             assert_relative_close(wf.grad, ref_w.grad, torch.float32)

@@ -327,7 +327,8 @@ def test_fft_backward_gradcheck(case, layout, monkeypatch):
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 @pytest.mark.parametrize("case", [(1, 3, 21, 21, 20, 64, 41, 1), (2, 4, 17, 5, 64, 20, 39, 1),
                                   (1, 30, 9, 9, 10, 70, 37, 1), (2, 64, 21, 21, 16, 16, 15, 4)], ids=_case_id)
-def test_backward_kernel_longer_than_map(case):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_backward_kernel_longer_than_map(case, backend):
     # Shapes on which oneDNN's convolution backward corrupted the heap or returned garbage (eager
     # PyTorch 2.14 too: a padding argument with a kernel longer than the map): the backward pads
     # the map itself there (the first two cases, few channels, and the last, whose cut kernel of 7
@@ -335,7 +336,7 @@ def test_backward_kernel_longer_than_map(case):
     pr = _problem(case, seed=8)
     for _ in range(3):
         leaves = [t.float().requires_grad_() for t in [pr["x"], *pr["weights"], *pr["biases"]]]
-        out = fastseg.gcn_conv2d(*leaves, dilation=pr["dilation"])
+        out = fastseg.gcn_conv2d(*leaves, dilation=pr["dilation"], backend=backend)
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
         out.backward(grad.float())
         ref_leaves = [t.detach().double().requires_grad_() for t in leaves]

@@ -20,6 +20,7 @@ from .._checks import is_plain_batch
 from .._layout import output_memory_format
 from ._kept import KeepsDerived, cached, runs_submodules
 from ..ops import atrous as atrous_ops
+from ..ops._reference import atrous as reference_atrous
 from ..ops.atrous import _cudnn_forward, _padding, atrous_conv2d, atrous_output_size
 
 __all__ = ["AtrousConvBNReLU", "ASPP"]
@@ -60,11 +61,10 @@ def eager_conv(conv, x):
     the kernel reaches past the map along a padded axis, through the C++ ``atrous_conv2d`` instead
     (the same convolution): ATen's backward there (oneDNN's k x 1 weight gradient) crashes or returns
     garbage unless the map is padded by hand, which that op's backward does."""
-    if (_backends.EXTENSION_LOADED and isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() in (3, 4)
+    if (_backends.EXTENSION_LOADED and isinstance(x, torch.Tensor) and x.dim() in (3, 4)
             and conv.padding_mode == "zeros"):
         padding = _padding(conv.padding, conv.kernel_size, conv.dilation)
-        sizes = zip(x.shape[-2:], conv.kernel_size, padding, conv.dilation)
-        if any(p > 0 and d * (k - 1) >= n for n, k, p, d in sizes):
+        if reference_atrous.reaches_past(x, conv.kernel_size, padding, conv.dilation):
             return atrous_conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=padding,
                                  dilation=conv.dilation, groups=conv.groups, backend="cpp")
     return conv(x)

@@ -290,9 +290,7 @@ def convolution_backward(grad, input, weight, stride, padding, dilation, groups,
     fastseg.atrous_conv2d's training step), and with the padding in the map it never did (1600
     random shapes, within 1e-6 of float64). The padding copies only maps smaller than the kernel."""
     mask = [need_input, need_weight, False]
-    reaches_past = input.device.type == "cpu" and any(
-        p > 0 and d * (k - 1) >= n for n, k, p, d in zip(input.shape[-2:], weight.shape[-2:], padding, dilation))
-    if not reaches_past:
+    if not reference.reaches_past(input, weight.shape[-2:], padding, dilation):
         grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad, input, weight, None, stride, padding, dilation, False, [0, 0], groups, mask)
         return grad_input, grad_weight

@@ -9,19 +9,18 @@ Network" (CVPR 2017), Fig. 2(b): four F.conv2d calls and an add,
 
 each convolution 'same'-padded by dilation * (k - 1) / 2 along its long axis.
 """
-import torch.nn.functional as F
-
 from ..._layout import output_memory_format
+from .atrous import conv2d
 
 
 def branches(input, w_l1, w_l2, w_r1, w_r2, b_l1, b_l2, b_r1, b_r2, dilation):
     """(left, right) for input (B, Cin, H, W); the weights as in ``gcn_conv2d``."""
     k = w_l1.shape[2]
     p = dilation * (k - 1) // 2
-    tall = dict(padding=(p, 0), dilation=(dilation, 1))  # k x 1
-    wide = dict(padding=(0, p), dilation=(1, dilation))  # 1 x k
-    left = F.conv2d(F.conv2d(input, w_l1, b_l1, **tall), w_l2, b_l2, **wide)
-    right = F.conv2d(F.conv2d(input, w_r1, b_r1, **wide), w_r2, b_r2, **tall)
+    tall = dict(stride=(1, 1), padding=(p, 0), dilation=(dilation, 1), groups=1)  # k x 1
+    wide = dict(stride=(1, 1), padding=(0, p), dilation=(1, dilation), groups=1)  # 1 x k
+    left = conv2d(conv2d(input, w_l1, b_l1, **tall), w_l2, b_l2, **wide)
+    right = conv2d(conv2d(input, w_r1, b_r1, **wide), w_r2, b_r2, **tall)
     return left, right
 
 
