@@ -42,7 +42,7 @@ from torch import nn
 from . import nn as fnn
 from ._backends import check_name, tracing
 from .nn._kept import has_hooks, runs_submodules
-from .nn.atrous import fold_batch_norm, folds_batch_norm, fusable_residual
+from .nn.atrous import eager_conv, fold_batch_norm, folds_batch_norm, fusable_residual
 from .ops.atrous import _IMPLEMENTED as ATROUS_BACKENDS
 from .ops.atrous import atrous_conv2d, atrous_output_size
 from .ops.dense_crf import dense_crf
@@ -146,7 +146,7 @@ class FusedConv2d(nn.Module):
         self.relu, self.backend, self.shared = bool(relu), backend, shared
 
     def _eager(self, x, residual):
-        y = self.conv(x)
+        y = self.conv(x) if runs_submodules(self, x) else eager_conv(self.conv, x)
         if self.bn is not None:
             y = self.bn(y)
         if residual is not None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastseg
+from common import assert_relative_close
 
 torchvision = pytest.importorskip("torchvision")
 convert_module = importlib.import_module("fastseg.convert")  # fastseg.convert is the function
@@ -251,6 +252,27 @@ def test_fused_conv_training_mode_is_exact():
         for residual in (r, r[:, :, :1, :1]):
             expected = F.relu(ref_bn(ref_conv(x)) + residual)
             torch.testing.assert_close(layer(x, residual), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_fused_conv_trains_with_kernel_longer_than_map():
+    # A converted model put back in training mode, with a 39 x 1 kernel over a 20 x 64 map: the eager
+    # path's convolution goes through the op there (nn.Conv2d's backward crashed the process).
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(24, 21, (39, 1), padding=(19, 0), bias=False), nn.BatchNorm2d(21)
+    ref = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).double()
+    layer = convert_module.FusedConv2d(conv, bn, relu=True).train()
+    x = torch.randn(2, 24, 20, 64)
+    for _ in range(3):
+        layer.zero_grad()
+        ref.zero_grad()
+        out, expected = layer(x), ref(x.double())
+        grad = torch.randn(out.shape)
+        out.backward(grad)
+        expected.backward(grad.double())
+        assert_relative_close(out.detach(), expected.detach(), torch.float32)
+        for mine, theirs in zip(layer.parameters(), ref.parameters()):
+            assert_relative_close(mine.grad, theirs.grad, torch.float32)
 
 
 # --- unpooling: nn.MaxUnpool2d modules and F.max_unpool2d calls -------------------------------------
