@@ -51,3 +51,19 @@ def skip_if_interpreter_lacks(backend, device, dtype, case=None, cases=(), inter
             pytest.skip("float16/float64 run on the GPU; the interpreter covers float32 and bfloat16")
         if case is not None and cases.index(case) not in interpreter_cases:
             pytest.skip("a case left to the GPU run (the interpreter is slow)")
+
+
+def assert_trains_like_float64(layer, ref, run, run_ref, steps=3):
+    """``steps`` forward and backward passes of a float32 ``layer`` (``run()``) and of ``ref``, a
+    float64 plain-PyTorch module with the same parameters in the same order (``run_ref()``), with the
+    same output gradients: outputs and parameter gradients within float32's tolerance."""
+    for _ in range(steps):
+        layer.zero_grad()
+        ref.zero_grad()
+        out, expected = run(), run_ref()
+        grad = torch.randn(out.shape)
+        out.backward(grad)
+        expected.backward(grad.double())
+        assert_relative_close(out.detach(), expected.detach(), torch.float32)
+        for mine, theirs in zip(layer.parameters(), ref.parameters(), strict=True):
+            assert_relative_close(mine.grad, theirs.grad, torch.float32)

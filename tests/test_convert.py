@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastseg
-from common import assert_relative_close
+from common import assert_trains_like_float64
 
 torchvision = pytest.importorskip("torchvision")
 convert_module = importlib.import_module("fastseg.convert")  # fastseg.convert is the function
@@ -263,16 +263,7 @@ def test_fused_conv_trains_with_kernel_longer_than_map():
     ref = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).double()
     layer = convert_module.FusedConv2d(conv, bn, relu=True).train()
     x = torch.randn(2, 24, 20, 64)
-    for _ in range(3):
-        layer.zero_grad()
-        ref.zero_grad()
-        out, expected = layer(x), ref(x.double())
-        grad = torch.randn(out.shape)
-        out.backward(grad)
-        expected.backward(grad.double())
-        assert_relative_close(out.detach(), expected.detach(), torch.float32)
-        for mine, theirs in zip(layer.parameters(), ref.parameters()):
-            assert_relative_close(mine.grad, theirs.grad, torch.float32)
+    assert_trains_like_float64(layer, ref, lambda: layer(x), lambda: ref(x.double()))
 
 
 # --- unpooling: nn.MaxUnpool2d modules and F.max_unpool2d calls -------------------------------------
