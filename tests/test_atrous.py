@@ -343,7 +343,9 @@ def _intel_avx512():
 # 'auto's route for layers with fewer than 64 outputs on Intel AVX-512 (winograd_pays, measured in
 # benchmarks/RESULTS.md): channels_last from 64 input channels at a saving of 0.9 (a 17x17 map at
 # rate 12); NCHW from 128 to 256 input channels on any map, from 64 on maps up to 33x33, and not
-# at 512 or more. Which path ran shows in the bits: forced winograd's output or forced conv's.
+# at 512 or more. And maps up to 33x33 at any saving: channels_last up to 512 input channels, NCHW
+# up to 256 and under 128 outputs. Which path ran shows in the bits: forced winograd's output or
+# forced conv's.
 @pytest.mark.skipif(not _intel_avx512(), reason="the route measured on Intel AVX-512")
 @pytest.mark.parametrize("layout,C,O,H,d,path", [
     ("channels_last", 256, 21, 17, 12, "winograd"),
@@ -358,6 +360,12 @@ def _intel_avx512():
     ("nchw", 64, 15, 33, 6, "conv"),
     ("nchw", 64, 32, 34, 6, "conv"),
     ("channels_last", 32, 32, 33, 6, "conv"),
+    # small maps whatever the saving by count (17x17 at rate 6: 0.54), within the channel limits
+    ("channels_last", 256, 256, 17, 6, "winograd"),
+    ("channels_last", 512, 21, 25, 12, "winograd"),
+    ("channels_last", 1024, 32, 17, 6, "conv"),
+    ("nchw", 64, 48, 17, 6, "winograd"),
+    ("nchw", 256, 256, 17, 6, "conv"),
 ])
 def test_auto_route_few_outputs(layout, C, O, H, d, path):
     gen = torch.Generator().manual_seed(C + O + H)

@@ -532,6 +532,16 @@ constexpr double kWinogradMinSavingWideFma = 0.9;
 constexpr int64_t kWinogradFewOutputsNchwMaxInChannels = 256;
 constexpr int64_t kWinogradFewOutputsNchwMinInChannels = 128;
 constexpr int64_t kWinogradFewOutputsNchwSmallMap = 33 * 33;
+// On small maps the count above undervalues the winograd path (each GEMM's kWinogradGemmRows weigh
+// as much as the few products): on Intel AVX-512, 17x17 at rate 6 (saving 0.54) and 25x25 at rate
+// 12 (0.75) ran 1.03-1.82x oneDNN's speed channels_last at 64..512 input channels and 21..256
+// outputs; NCHW 1.12-2.38x at 64..256 -> 21..64, but 0.90-1.04x at 17x17 rate 6 with 128 or 256
+// outputs (benchmarks/RESULTS.md). So with transforms kept, maps up to this many output pixels per
+// image take it channels_last up to kWinogradSmallMapMaxInChannels input channels (2048 and 1024 ->
+// 21..32 ran 0.94x there), NCHW up to half that and under kWinogradSmallMapNchwMaxOut outputs.
+constexpr int64_t kWinogradSmallMap = 33 * 33;
+constexpr int64_t kWinogradSmallMapMaxInChannels = 512;
+constexpr int64_t kWinogradSmallMapNchwMaxOut = 128;
 
 // Channels per pass of a tile's transforms: its 5 x 5 intermediate rows stay in L1.
 constexpr int64_t kTransformBlock = 128;
@@ -1281,7 +1291,9 @@ bool winograd_few_outputs_nchw(const ConvGeometry& g) {
          (g.C >= kWinogradFewOutputsNchwMinInChannels || g.Ho * g.Wo <= kWinogradFewOutputsNchwSmallMap);
 }
 
-bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
+// cold: the weight transforms are computed on this call. band: g is a band of a larger map
+// (unpool_conv's), whose GEMMs are paid per band: no small-map rule.
+bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold, bool band = false) {
   const bool packed = packed_gemm();
   if (packed ? g.C < kWinogradPackedMinInChannels || g.O < kWinogradPackedMinOutChannels
              : g.C < kWinogradMinInChannels || g.O < kWinogradMinOutChannels) {
@@ -1296,6 +1308,9 @@ bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold) {
   const double gemms = double(grows.rows.size()) * double(grows.rows.size());
   const double stored_out = double(packed ? padded_out_channels(g.O) : g.O);  // panels are padded to 16
   if (gemms * double(g.C) * stored_out * sizeof(float) > double(kWinogradMaxTransformBytes)) return false;
+  const bool small_map_pays = channels_last ? g.C <= kWinogradSmallMapMaxInChannels
+                                             : g.C <= kWinogradSmallMapMaxInChannels / 2 && g.O < kWinogradSmallMapNchwMaxOut;
+  if (packed && wide_fma() && !cold && !band && g.Ho * g.Wo <= kWinogradSmallMap && small_map_pays) return true;
   const double per_gemm = kWinogradGemmRows + (cold ? kWinogradTransformRows : 0.0);
   const double cost = g.B * double(rows.products) * double(cols.products) + per_gemm * gemms;
   const double taps = g.B * double(rows.direct_taps) * double(cols.direct_taps);
@@ -1451,7 +1466,7 @@ bool atrous_takes_winograd(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O
                            at::IntArrayRef padding, at::IntArrayRef dilation, bool channels_last) {
   const ConvGeometry g = conv_geometry(B, C, H, W, O, kH, kW, {1, 1}, padding, dilation);
   return g.Ho > 0 && g.Wo > 0 && winograd_possible(g, 1, at::kFloat) &&
-         winograd_pays(g, channels_last, /*cold=*/false);
+         winograd_pays(g, channels_last, /*cold=*/false, /*band=*/true);
 }
 
 TORCH_LIBRARY_IMPL(fastseg, CPU, m) {

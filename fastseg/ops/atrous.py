@@ -67,7 +67,8 @@ def atrous_conv2d(
 
     On the CPU, float32 3x3 convolutions at stride 1 with enough channels (on AVX2 machines 64+
     input and 16+ output channels for channels_last inputs, 64+ / 64+ for NCHW (on Intel AVX-512
-    also 16+ outputs from 128 to 256 inputs, or from 64 on maps up to 33 x 33); elsewhere 256+ /
+    also 16+ outputs from 128 to 256 inputs, or from 64 on maps up to 33 x 33, where it is taken
+    at any rate up to 512 inputs, 256 and under 128 outputs for NCHW); elsewhere 256+ /
     128+) run as Winograd minimal-filtering tiles (Lavin & Gray, CVPR 2016) laid over the rate's
     interleaved sub-grids, skipping the zero padding and most multiplications; their transformed
     weights are kept for reuse while the weights' bytes are unchanged (512 MiB in all, or
