@@ -1092,8 +1092,8 @@ def test_cpu_relu_keeps_nan(algorithm, dtype, layout):
 
 # A k x 1 kernel longer than the map (with the padding to match): oneDNN's weight gradient with the
 # padding as an argument corrupted the heap on these shapes (eager PyTorch 2.14 too), so the
-# backward pads the map by hand (convolution_backward), and so does the reference's convolution. Gradients against float64, three times
-# over, both layouts and a 1 x k kernel.
+# backward pads the map by hand (convolution_backward), and so does the reference's convolution.
+# Gradients against float64, three times over, both layouts and a 1 x k kernel.
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 @pytest.mark.parametrize("C,k,kw,stride,dilation,groups", [
     (17, 39, 1, 1, 1, 1), (24, 41, 1, 1, 1, 1), (32, 39, 1, 1, 1, 1),
@@ -1106,7 +1106,8 @@ def test_backward_kernel_longer_than_map(C, k, kw, stride, dilation, groups, lay
     d = _pair(dilation)[0]
     for tall in (True, False):
         x = torch.randn(2, C, 20, 64, generator=gen, dtype=torch.float64)
-        w = torch.randn(21 if groups == 1 else C, C // groups, k, kw, generator=gen, dtype=torch.float64) / (C * k) ** 0.5
+        O = 21 if groups == 1 else C
+        w = torch.randn(O, C // groups, k, kw, generator=gen, dtype=torch.float64) / (C * k) ** 0.5
         s, dil, padding = _pair(stride), _pair(dilation), (d * (k - 1) // 2, (kw - 1) // 2)
         if not tall:
             x, w = x.transpose(2, 3).contiguous(), w.transpose(2, 3).contiguous()

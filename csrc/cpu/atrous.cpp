@@ -525,21 +525,20 @@ constexpr double kWinogradMinSavingNchw = 1.2;
 // 1.10-1.44x (128 -> 32 at 129x129 rate 6 0.98x), at 64 input channels 1.18-2.13x up to 33x33
 // maps but 0.68-1.01x on larger ones, at 512 and 2048 0.75-1.28x: see winograd_few_outputs_nchw.
 constexpr double kWinogradMinSavingWideFma = 0.9;
+// A small map: at most this many output pixels per image (the rules below).
+constexpr int64_t kWinogradSmallMap = 33 * 33;
 // NCHW layers with fewer than kWinogradPackedMinOutChannelsNchw outputs take the winograd path on
 // Intel AVX-512 from kWinogradPackedMinOutChannels outputs with this many input channels or fewer,
-// and at least kWinogradFewOutputsNchwMinInChannels of them or at most kWinogradFewOutputsNchwSmallMap
-// output pixels per image.
+// and at least kWinogradFewOutputsNchwMinInChannels of them or a small map.
 constexpr int64_t kWinogradFewOutputsNchwMaxInChannels = 256;
 constexpr int64_t kWinogradFewOutputsNchwMinInChannels = 128;
-constexpr int64_t kWinogradFewOutputsNchwSmallMap = 33 * 33;
 // On small maps the count above undervalues the winograd path (each GEMM's kWinogradGemmRows weigh
 // as much as the few products): on Intel AVX-512, 17x17 at rate 6 (saving 0.54) and 25x25 at rate
 // 12 (0.75) ran 1.03-1.82x oneDNN's speed channels_last at 64..512 input channels and 21..256
 // outputs; NCHW 1.12-2.38x at 64..256 -> 21..64, but 0.90-1.04x at 17x17 rate 6 with 128 or 256
-// outputs (benchmarks/RESULTS.md). So with transforms kept, maps up to this many output pixels per
-// image take it channels_last up to kWinogradSmallMapMaxInChannels input channels (2048 and 1024 ->
-// 21..32 ran 0.94x there), NCHW up to half that and under kWinogradSmallMapNchwMaxOut outputs.
-constexpr int64_t kWinogradSmallMap = 33 * 33;
+// outputs (benchmarks/RESULTS.md). So with transforms kept, small maps take it channels_last up to
+// kWinogradSmallMapMaxInChannels input channels (2048 and 1024 -> 21..32 ran 0.94x there), NCHW up
+// to half that and under kWinogradSmallMapNchwMaxOut outputs.
 constexpr int64_t kWinogradSmallMapMaxInChannels = 512;
 constexpr int64_t kWinogradSmallMapNchwMaxOut = 128;
 
@@ -1288,7 +1287,7 @@ bool winograd_possible(const ConvGeometry& g, int64_t groups, at::ScalarType typ
 // winograd path ran faster than oneDNN on Intel AVX-512 (kWinogradMinSavingWideFma's sweep).
 bool winograd_few_outputs_nchw(const ConvGeometry& g) {
   return wide_fma() && g.C <= kWinogradFewOutputsNchwMaxInChannels &&
-         (g.C >= kWinogradFewOutputsNchwMinInChannels || g.Ho * g.Wo <= kWinogradFewOutputsNchwSmallMap);
+         (g.C >= kWinogradFewOutputsNchwMinInChannels || g.Ho * g.Wo <= kWinogradSmallMap);
 }
 
 // cold: the weight transforms are computed on this call. band: g is a band of a larger map
@@ -1308,8 +1307,9 @@ bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold, bool ba
   const double gemms = double(grows.rows.size()) * double(grows.rows.size());
   const double stored_out = double(packed ? padded_out_channels(g.O) : g.O);  // panels are padded to 16
   if (gemms * double(g.C) * stored_out * sizeof(float) > double(kWinogradMaxTransformBytes)) return false;
-  const bool small_map_pays = channels_last ? g.C <= kWinogradSmallMapMaxInChannels
-                                             : g.C <= kWinogradSmallMapMaxInChannels / 2 && g.O < kWinogradSmallMapNchwMaxOut;
+  const bool small_map_pays =
+      channels_last ? g.C <= kWinogradSmallMapMaxInChannels
+                    : g.C <= kWinogradSmallMapMaxInChannels / 2 && g.O < kWinogradSmallMapNchwMaxOut;
   if (packed && wide_fma() && !cold && !band && g.Ho * g.Wo <= kWinogradSmallMap && small_map_pays) return true;
   const double per_gemm = kWinogradGemmRows + (cold ? kWinogradTransformRows : 0.0);
   const double cost = g.B * double(rows.products) * double(cols.products) + per_gemm * gemms;
