@@ -288,7 +288,7 @@ def convolution_backward(grad, input, weight, stride, padding, dilation, groups,
     padding as an argument, oneDNN's weight gradient of k x 1 and 1 x k kernels (torch 2.14, eager
     PyTorch too) corrupted the heap, crashed or returned values off by 1e9 on such shapes (39 x 1
     taps over 20 x 64 at 17 to 32 channels; a segmentation fault in each of three random sweeps of
-    fastseg.atrous_conv2d's training step), and with the padding in the map it never did (1600
+    fastseg.atrous_conv2d's training step), and with the padding in the map it never did (1356
     random shapes, within 1e-6 of float64). The padding copies only maps smaller than the kernel."""
     mask = [need_input, need_weight, False]
     if not reference.reaches_past(input, weight.shape[-2:], padding, dilation):
