@@ -146,7 +146,7 @@ class FusedConv2d(nn.Module):
         self.relu, self.backend, self.shared = bool(relu), backend, shared
 
     def _eager(self, x, residual):
-        y = self.conv(x) if runs_submodules(self, x) else eager_conv(self.conv, x)
+        y = eager_conv(self.conv, x, runs_submodules(self, x))
         if self.bn is not None:
             y = self.bn(y)
         if residual is not None:

@@ -1130,12 +1130,51 @@ def test_backward_kernel_longer_than_map(C, k, kw, stride, dilation, groups, lay
 # The layer's training path (eager BatchNorm) with such a kernel: its convolution goes through the op
 # there (nn.Conv2d's backward crashed the process on this shape).
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
-def test_layer_trains_with_kernel_longer_than_map():
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
+def test_layer_trains_with_kernel_longer_than_map(hooked):
+    # hooked: a hook on the convolution makes the layer call its own modules (HandPaddedConv2d).
     torch.manual_seed(0)
     layer = fastseg.nn.AtrousConvBNReLU(24, 21, kernel_size=(39, 1), padding=(19, 0)).train()
     ref = torch.nn.Sequential(copy.deepcopy(layer.conv), copy.deepcopy(layer.bn), torch.nn.ReLU()).double()
+    calls = []
+    if hooked:
+        layer.conv.register_forward_hook(lambda *_: calls.append(1))
     x = torch.randn(2, 24, 20, 64)
     assert_trains_like_float64(layer, ref, lambda: layer(x), lambda: ref(x.double()))
+    assert len(calls) == (3 if hooked else 0)
+
+
+def test_hand_padding_mode():
+    # Under HandPadding, F.conv2d pads by hand only where the kernel reaches past the map, with the
+    # same result; a padding string, other functions and tensors that need no padding pass through.
+    from fastseg.nn.atrous import HandPadding, hand_padded
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 3, 5, 30, dtype=torch.float64), torch.randn(4, 3, 7, 1, dtype=torch.float64)
+    for args, kwargs in [((x, w, None, 1, (3, 0)), {}), ((x, w), dict(padding=(6, 0), dilation=(2, 1))),
+                         ((x, w), dict(padding="same")), ((x[0], w, None, 2, 3, 1, 1), {})]:
+        with HandPadding():
+            mine = F.conv2d(*args, **kwargs)
+        torch.testing.assert_close(mine, F.conv2d(*args, **kwargs), rtol=1e-12, atol=1e-12)
+    with HandPadding():
+        assert torch.equal(torch.relu(x), x.clamp(min=0))
+    assert isinstance(hand_padded(x), HandPadding)
+    with torch.no_grad():
+        assert not isinstance(hand_padded(x), HandPadding)  # no backward: no crash to avoid
+    assert not isinstance(hand_padded(torch.empty(1, 1, 1, 1, device="meta")), HandPadding)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
+def test_aspp_v2_trains_with_rates_past_the_map(hooked):
+    # ASPP v2's branches run their nn.Conv2d modules in training; rate 24 reaches past this 9 x 40 map.
+    torch.manual_seed(0)
+    aspp = fastseg.nn.ASPP(8, 5, version="v2", rates=(2, 24)).train()
+    ref = copy.deepcopy(aspp.branches).double()
+    calls = []
+    if hooked:
+        aspp.branches[1].register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 8, 9, 40)
+    assert_trains_like_float64(aspp, ref, lambda: aspp(x), lambda: ref[0](x.double()) + ref[1](x.double()))
+    assert len(calls) == (3 if hooked else 0)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)

@@ -1,13 +1,15 @@
 """fastseg.gcn_conv2d on every backend against the four-convolution reference of Peng et al. (CVPR
 2017) in float64, its gradients and custom ops, GlobalConv2d and BoundaryRefinement against plain
 PyTorch, bad input."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastseg
 import fastseg.ops.gcn as gcn_ops
-from common import assert_relative_close, backend_params, skip_if_interpreter_lacks
+from common import assert_relative_close, assert_trains_like_float64, backend_params, skip_if_interpreter_lacks
 
 BACKENDS = backend_params(("reference", "cpp", "triton", "cudnn"))
 COMPILED = [p for p in BACKENDS if p.values[0] != "reference"]
@@ -343,6 +345,29 @@ def test_backward_kernel_longer_than_map(case, backend):
         _four_convs(*ref_leaves, pr["dilation"]).backward(grad)
         for mine, theirs in zip(leaves, ref_leaves):
             assert_relative_close(mine.grad, theirs.grad, torch.float32)
+
+
+@pytest.mark.parametrize("hooked", ["conv_l1", "conv_r2", "global"])
+def test_hooked_layer_trains_with_kernel_longer_than_map(hooked):
+    # A hook makes GlobalConv2d call its own convolutions (HandPaddedConv2d), whose 39 x 1 kernels
+    # reach past this 20 x 64 map: padded by hand, not by oneDNN (which crashed there).
+    torch.manual_seed(0)
+    layer = fastseg.nn.GlobalConv2d(24, 21, k=39).train()
+    convs = [copy.deepcopy(c).double() for c in (layer.conv_l1, layer.conv_l2, layer.conv_r1, layer.conv_r2)]
+    ref = torch.nn.ModuleList(convs)
+    calls = []
+    hook = lambda *_: calls.append(1)  # noqa: E731
+    x = torch.randn(2, 24, 20, 64)
+    if hooked == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    else:
+        handle = getattr(layer, hooked).register_forward_hook(hook)
+    try:
+        assert_trains_like_float64(layer, ref, lambda: layer(x),
+                                   lambda: convs[1](convs[0](x.double())) + convs[3](convs[2](x.double())))
+    finally:
+        handle.remove()
+    assert calls
 
 
 # (B, Cin, Cmid, Cout, H, W, k, dilation) whose dilation leaves taps that touch no pixel: none live

@@ -9,11 +9,14 @@ In training mode the layers run plain PyTorch (F.conv2d, nn.BatchNorm2d, F.relu)
 keeps its exact semantics: batch statistics, running-stat updates, momentum. In eval mode BatchNorm
 is folded into the per-channel scale and shift of ``fastseg.atrous_conv2d``'s fused epilogue.
 """
+import contextlib
 import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
+from torch.overrides import TorchFunctionMode
 
 from .. import _backends
 from .._checks import is_plain_batch
@@ -56,11 +59,43 @@ def fusable_residual(conv, x, residual):
     return tuple(residual.shape) == (*x.shape[:-3], conv.out_channels, *size)
 
 
-def eager_conv(conv, x):
+class HandPadding(TorchFunctionMode):
+    """Within it, each F.conv2d on the CPU pads the map by hand where the kernel reaches past it
+    (``reference_atrous.conv2d``), for the layers' own nn.Conv2d modules: those run where hooks or
+    autocast need them, and keep their type (torch.ao.quantization, for one, maps modules by type)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            call = _conv2d_call(*args, **kwargs)
+            if call is not None:
+                return reference_atrous.conv2d(*call)
+        return func(*args, **kwargs)
+
+
+def _conv2d_call(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv2d's arguments with pairs for stride, padding and dilation; None for a padding string."""
+    if isinstance(padding, str):
+        return None
+    return input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups
+
+
+def hand_padded(x):
+    """HandPadding where it matters: on the CPU with autograd recording (the crash is in the backward)."""
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and torch.is_grad_enabled():
+        return HandPadding()
+    return contextlib.nullcontext()
+
+
+def eager_conv(conv, x, own_module=False):
     """``conv(x)`` for a layer's eager path (training, or BatchNorm in its own mode). On the CPU, where
     the kernel reaches past the map along a padded axis, through the C++ ``atrous_conv2d`` instead
     (the same convolution): ATen's backward there (oneDNN's k x 1 weight gradient) crashes or returns
-    garbage unless the map is padded by hand, which that op's backward does."""
+    garbage unless the map is padded by hand, which that op's backward does. ``own_module``: the
+    module itself is called (its hooks see the call), under HandPadding."""
+    if own_module:
+        with hand_padded(x):
+            return conv(x)
     if (_backends.EXTENSION_LOADED and isinstance(x, torch.Tensor) and x.dim() in (3, 4)
             and conv.padding_mode == "zeros"):
         padding = _padding(conv.padding, conv.kernel_size, conv.dilation)
@@ -106,7 +141,7 @@ class AtrousConvBNReLU(KeepsDerived, nn.Module):
     def forward(self, x, residual=None):
         own_modules = runs_submodules(self, x)  # hooks: the modules themselves are called
         if not folds_batch_norm(self) or own_modules:  # eager: BatchNorm in its own mode
-            y = self.bn(self.conv(x) if own_modules else eager_conv(self.conv, x))
+            y = self.bn(eager_conv(self.conv, x, own_modules))
             if residual is not None:
                 y = y + residual
             return F.relu(y) if self.relu else y
@@ -255,7 +290,7 @@ class ASPP(KeepsDerived, nn.Module):
                 isinstance(x, torch.Tensor) and x.is_cuda and self.backend == "auto")
             for conv in self.branches:
                 if eager:
-                    y = conv(x)
+                    y = eager_conv(conv, x, own_modules)
                     out = y if out is None else out + y
                 else:  # sum accumulated through the fused residual add
                     out = atrous_conv2d(

@@ -16,6 +16,7 @@ from ..ops import gcn as gcn_ops
 from ..ops.atrous import atrous_conv2d
 from ..ops.gcn import gcn_conv2d
 from ._kept import KeepsDerived, cached, runs_submodules
+from .atrous import hand_padded
 
 __all__ = ["GlobalConv2d", "BoundaryRefinement"]
 
@@ -61,7 +62,8 @@ class GlobalConv2d(KeepsDerived, nn.Module):
 
     def forward(self, x):
         if runs_submodules(self, x):  # PyTorch's convolutions (autocast casts them; hooks see them)
-            return self.conv_l2(self.conv_l1(x)) + self.conv_r2(self.conv_r1(x))
+            with hand_padded(x):
+                return self.conv_l2(self.conv_l1(x)) + self.conv_r2(self.conv_r1(x))
         convs = (self.conv_l1, self.conv_l2, self.conv_r1, self.conv_r2)
         weights, biases = [c.weight for c in convs], [c.bias for c in convs]
         w = weights[0]
@@ -100,6 +102,7 @@ class BoundaryRefinement(nn.Module):
 
     def forward(self, x):
         if runs_submodules(self, x):
-            return x + self.conv2(torch.relu(self.conv1(x)))
+            with hand_padded(x):
+                return x + self.conv2(torch.relu(self.conv1(x)))
         h = atrous_conv2d(x, self.conv1.weight, self.conv1.bias, padding=1, activation="relu", backend=self.backend)
         return atrous_conv2d(h, self.conv2.weight, self.conv2.bias, padding=1, residual=x, backend=self.backend)

@@ -78,7 +78,7 @@ class UnpoolConvBNReLU(nn.Module):
         own_modules = runs_submodules(self, values)  # hooks: the modules themselves are called
         if not folds_batch_norm(self) or own_modules:  # eager: BatchNorm in its own mode
             unpooled = self.unpool(values, indices, output_size)
-            y = self.bn(self.conv(unpooled) if own_modules else eager_conv(self.conv, unpooled))
+            y = self.bn(eager_conv(self.conv, unpooled, own_modules))
             if residual is not None:
                 y = y + residual
             return F.relu(y) if self.relu else y
