@@ -344,8 +344,9 @@ def _intel_avx512():
 # benchmarks/RESULTS.md): channels_last from 64 input channels at a saving of 0.9 (a 17x17 map at
 # rate 12); NCHW from 128 to 256 input channels on any map, from 64 on maps up to 33x33, and not
 # at 512 or more. And maps up to 33x33 at any saving: channels_last up to 512 input channels, NCHW
-# up to 256 and under 128 outputs. Which path ran shows in the bits: forced winograd's output or
-# forced conv's.
+# up to 256 and under 128 outputs. But channels_last 16, 32 or 48 outputs from more than 512 input
+# channels on maps larger than 17x17 go to oneDNN (which runs them at full vector width). Which path
+# ran shows in the bits: forced winograd's output or forced conv's.
 @pytest.mark.skipif(not _intel_avx512(), reason="the route measured on Intel AVX-512")
 @pytest.mark.parametrize("layout,C,O,H,d,path", [
     ("channels_last", 256, 21, 17, 12, "winograd"),
@@ -366,6 +367,13 @@ def _intel_avx512():
     ("channels_last", 1024, 32, 17, 6, "conv"),
     ("nchw", 64, 48, 17, 6, "winograd"),
     ("nchw", 256, 256, 17, 6, "conv"),
+    # oneDNN's full-width output counts from many input channels
+    ("channels_last", 1024, 32, 65, 24, "conv"),
+    ("channels_last", 2048, 16, 33, 18, "conv"),
+    ("channels_last", 2048, 48, 18, 4, "conv"),
+    ("channels_last", 2048, 21, 65, 12, "winograd"),
+    ("channels_last", 1024, 48, 17, 4, "winograd"),
+    ("channels_last", 512, 32, 33, 18, "winograd"),
 ])
 def test_auto_route_few_outputs(layout, C, O, H, d, path):
     gen = torch.Generator().manual_seed(C + O + H)

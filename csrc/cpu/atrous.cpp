@@ -525,6 +525,12 @@ constexpr double kWinogradMinSavingNchw = 1.2;
 // 1.10-1.44x (128 -> 32 at 129x129 rate 6 0.98x), at 64 input channels 1.18-2.13x up to 33x33
 // maps but 0.68-1.01x on larger ones, at 512 and 2048 0.75-1.28x: see winograd_few_outputs_nchw.
 constexpr double kWinogradMinSavingWideFma = 0.9;
+// Except where oneDNN runs few outputs at full vector width: channels_last layers with 16, 32 or 48
+// outputs from more than kWinogradSmallMapMaxInChannels input channels, on maps larger than this,
+// ran 0.52-1.17x oneDNN's speed (1024 and 2048 -> 16/32/48 at 33x33 and 65x65, rates 12..24, 36
+// geometries: 32 under 1.0x, also with a saving of 1.5 by count), while 21, 24 and 40 outputs, which
+// oneDNN runs partly empty, ran 0.96-1.35x and 17x17 maps 1.15-2.0x. Those go to oneDNN.
+constexpr int64_t kWinogradTinyMap = 17 * 17;
 // A small map: at most this many output pixels per image (the rules below).
 constexpr int64_t kWinogradSmallMap = 33 * 33;
 // NCHW layers with fewer than kWinogradPackedMinOutChannelsNchw outputs take the winograd path on
@@ -1299,6 +1305,10 @@ bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold, bool ba
     return false;
   }
   if (packed && !channels_last && g.O < kWinogradPackedMinOutChannelsNchw && !winograd_few_outputs_nchw(g)) {
+    return false;
+  }
+  if (packed && wide_fma() && channels_last && g.O < kWinogradFewOutputs && g.O % 16 == 0 &&
+      g.C > kWinogradSmallMapMaxInChannels && g.Ho * g.Wo > kWinogradTinyMap) {
     return false;
   }
   GRows grows;
