@@ -109,7 +109,7 @@ def check_name(owner, backend, implemented=BACKENDS):
 def select(op, backend, device, implemented=BACKENDS):
     """The backend an ``op`` call on ``device`` runs on; a clear error if ``backend`` can't."""
     if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{op}: backend must be 'auto' or one of {tuple(implemented)}, got {backend!r}")
     if backend == "auto":
         order = AUTO_ON_CUDA.get(op) if device.type == "cuda" else None
         for candidate in AUTO_ORDER.get(device.type, ()) if order is None else order:

@@ -1165,22 +1165,33 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
         if (stream) store_fence();
       });
       // P[pair] (+)= V[pair] U[pair][:, chunk]^T.
-      for (int64_t q = 0; q < nPairs; ++q) {
-        if (count[q] == 0) continue;
 #if FASTSEG_HAVE_AVX2_CLONE
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (packed) {
-            // Rows split between the threads where the block has them all (inline on one otherwise).
-            const int64_t tiles = (count[q] + kGemmRows - 1) / kGemmRows;
-            at::parallel_for(0, tiles, 1, [&](int64_t r0, int64_t r1) {
-              const int64_t m0 = r0 * kGemmRows, m1 = std::min(count[q], r1 * kGemmRows);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (packed) {
+          // Every pair's tiles of kGemmRows rows in one parallel region (inline where the block has
+          // its own thread), each thread a run of them: one fork and join per chunk rather than one
+          // per pair, which a busy core turns into a wait per pair, and each pair's weights read by
+          // one thread.
+          std::vector<int64_t> tile_first(nPairs + 1, 0);
+          for (int64_t q = 0; q < nPairs; ++q) {
+            tile_first[q + 1] = tile_first[q] + (count[q] + kGemmRows - 1) / kGemmRows;
+          }
+          at::parallel_for(0, tile_first[nPairs], 1, [&](int64_t r0, int64_t r1) {
+            for (int64_t q = 0; q < nPairs; ++q) {
+              const int64_t a = std::max(r0, tile_first[q]), b = std::min(r1, tile_first[q + 1]);
+              if (a >= b) continue;
+              const int64_t m0 = (a - tile_first[q]) * kGemmRows;
+              const int64_t m1 = std::min(count[q], (b - tile_first[q]) * kGemmRows);
               gemm_packed(m1 - m0, ldp, cn, v + (base[q] + m0) * cn, cn, u + q * ldp * C + c0 * kGemmPanel,
                           C * kGemmPanel, p + (base[q] + m0) * ldp, ldp, c0 > 0);
-            });
-            continue;
-          }
+            }
+          });
+          continue;
         }
+      }
 #endif
+      for (int64_t q = 0; q < nPairs; ++q) {
+        if (count[q] == 0) continue;
         const at::Tensor a = at::from_blob(v + base[q] * cn, {count[q], cn}, opts);
         const at::Tensor bt = at::from_blob(const_cast<scalar_t*>(u) + q * O * C + c0, {cn, O}, {1, C}, opts);
         at::Tensor out = at::from_blob(p + base[q] * O, {count[q], O}, opts);

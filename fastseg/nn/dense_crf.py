@@ -26,10 +26,13 @@ class DenseCRF(torch.nn.Module):
     mean-field iterates in backward instead of keeping them (see ``fastseg.dense_crf``).
 
     Example:
+        >>> images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+        >>> logits, target = torch.randn(2, 21, 32, 32), torch.randint(0, 21, (2, 32, 32))
         >>> crf = fastseg.nn.DenseCRF(iterations=10)
-        >>> q = crf(logits, images)
+        >>> crf(logits, images).shape
+        torch.Size([2, 21, 32, 32])
         >>> crf = fastseg.nn.DenseCRF(iterations=5, num_labels=21, learnable=True)
-        >>> loss = torch.nn.functional.nll_loss(torch.log(crf(model(x), images) + 1e-8), target)
+        >>> loss = torch.nn.functional.nll_loss(torch.log(crf(logits, images) + 1e-8), target)
     """
 
     def __init__(self, iterations=5, gaussian=dict(sxy=3, compat=3), bilateral=dict(sxy=80, srgb=13, compat=10),

@@ -101,8 +101,10 @@ def dense_crf(
     grad is an error (pass ``image.detach()``).
 
     Example:
-        >>> logits = model(images)                       # (B, 21, H, W)
-        >>> q = fastseg.dense_crf(logits, images_uint8)  # images (B, 3, H, W) uint8
+        >>> images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+        >>> model = fastseg.models.deeplab_v3(num_classes=21).eval()
+        >>> logits = model(images.float() / 255)["out"]    # (B, 21, H, W); fastseg.models return dicts
+        >>> q = fastseg.dense_crf(logits, images)           # marginals (B, 21, H, W)
         >>> labels = q.argmax(1)
     """
     check_tensor(OP, "scores", scores, ndims=(3, 4), dtypes=FLOAT_DTYPES)
