@@ -1140,7 +1140,7 @@ def test_backward_kernel_longer_than_map(C, k, kw, stride, dilation, groups, lay
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 @pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
 def test_layer_trains_with_kernel_longer_than_map(hooked):
-    # hooked: a hook on the convolution makes the layer call its own modules (HandPaddedConv2d).
+    # hooked: a hook on the convolution makes the layer call its own modules (under HandPadding).
     torch.manual_seed(0)
     layer = fastseg.nn.AtrousConvBNReLU(24, 21, kernel_size=(39, 1), padding=(19, 0)).train()
     ref = torch.nn.Sequential(copy.deepcopy(layer.conv), copy.deepcopy(layer.bn), torch.nn.ReLU()).double()
@@ -1156,13 +1156,33 @@ def test_hand_padding_mode():
     # Under HandPadding, F.conv2d pads by hand only where the kernel reaches past the map, with the
     # same result; a padding string, other functions and tensors that need no padding pass through.
     from fastseg.nn.atrous import HandPadding, hand_padded
+
+    def padded_by_hand(out, depth=4):  # a pad in the autograd graph just behind the convolution
+        todo = [out.grad_fn]
+        for _ in range(depth):
+            todo = [f for node in todo for f, _ in node.next_functions if f is not None]
+            if any(type(f).__name__.startswith("ConstantPadNd") for f in todo):
+                return True
+        return False
+
     torch.manual_seed(0)
-    x, w = torch.randn(2, 3, 5, 30, dtype=torch.float64), torch.randn(4, 3, 7, 1, dtype=torch.float64)
-    for args, kwargs in [((x, w, None, 1, (3, 0)), {}), ((x, w), dict(padding=(6, 0), dilation=(2, 1))),
-                         ((x, w), dict(padding="same")), ((x[0], w, None, 2, 3, 1, 1), {})]:
+    x = torch.randn(2, 3, 5, 30, dtype=torch.float64, requires_grad=True)
+    tall = torch.randn(2, 3, 9, 30, dtype=torch.float64, requires_grad=True)
+    w, even = torch.randn(4, 3, 7, 1, dtype=torch.float64), torch.randn(4, 3, 6, 2, dtype=torch.float64)
+    for args, kwargs, by_hand in [((x, w, None, 1, (3, 0)), {}, True),
+                                  ((x, w), dict(padding=(6, 0), dilation=(2, 1)), True),
+                                  ((x, w), dict(padding=[3], dilation=(1,)), True),  # F.conv2d spreads these
+                                  ((x, w), dict(padding="same"), True),
+                                  ((x, even), dict(padding="same", dilation=(1, 3)), True),  # the odd pixel at the end
+                                  ((tall, w), dict(padding="valid"), False),
+                                  ((tall, w, None, 1, (3, 0)), {}, False), ((tall, w), dict(padding="same"), False),
+                                  ((x[0], w, None, 2, 3, 1, 1), {}, True)]:
         with HandPadding():
             mine = F.conv2d(*args, **kwargs)
         torch.testing.assert_close(mine, F.conv2d(*args, **kwargs), rtol=1e-12, atol=1e-12)
+        assert padded_by_hand(mine) == by_hand, (kwargs, by_hand)
+    with HandPadding(), pytest.raises(RuntimeError, match="same"):
+        F.conv2d(x, w, padding="same", stride=2)  # refused as without the mode
     with HandPadding():
         assert torch.equal(torch.relu(x), x.clamp(min=0))
     assert isinstance(hand_padded(x), HandPadding)

@@ -255,13 +255,15 @@ def test_fused_conv_training_mode_is_exact():
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+@pytest.mark.parametrize("padding", [(19, 0), "same"])
 @pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
-def test_fused_conv_trains_with_kernel_longer_than_map(hooked):
+def test_fused_conv_trains_with_kernel_longer_than_map(hooked, padding):
     # A converted model put back in training mode, with a 39 x 1 kernel over a 20 x 64 map: the eager
     # path's convolution goes through the op there (nn.Conv2d's backward crashed the process), or
-    # with a hook on the convolution, through the module under HandPadding.
+    # with a hook on the convolution, through the module under HandPadding ('same' included, which
+    # convert leaves alone but the layer takes).
     torch.manual_seed(0)
-    conv, bn = nn.Conv2d(24, 21, (39, 1), padding=(19, 0), bias=False), nn.BatchNorm2d(21)
+    conv, bn = nn.Conv2d(24, 21, (39, 1), padding=padding, bias=False), nn.BatchNorm2d(21)
     ref = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).double()
     layer = convert_module.FusedConv2d(conv, bn, relu=True).train()
     calls = []

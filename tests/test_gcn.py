@@ -349,7 +349,7 @@ def test_backward_kernel_longer_than_map(case, backend):
 
 @pytest.mark.parametrize("hooked", ["conv_l1", "conv_r2", "global"])
 def test_hooked_layer_trains_with_kernel_longer_than_map(hooked):
-    # A hook makes GlobalConv2d call its own convolutions (HandPaddedConv2d), whose 39 x 1 kernels
+    # A hook makes GlobalConv2d call its own convolutions (under HandPadding), whose 39 x 1 kernels
     # reach past this 20 x 64 map: padded by hand, not by oneDNN (which crashed there).
     torch.manual_seed(0)
     layer = fastseg.nn.GlobalConv2d(24, 21, k=39).train()
@@ -368,6 +368,25 @@ def test_hooked_layer_trains_with_kernel_longer_than_map(hooked):
     finally:
         handle.remove()
     assert calls
+
+
+def test_autocast_layer_trains_with_kernel_longer_than_map():
+    # Under CPU autocast GlobalConv2d runs its own convolutions (autocast casts them), under
+    # HandPadding: bfloat16 training steps on the hooked test's shape, against float64.
+    torch.manual_seed(0)
+    layer = fastseg.nn.GlobalConv2d(24, 21, k=39).train()
+    convs = [copy.deepcopy(c).double() for c in (layer.conv_l1, layer.conv_l2, layer.conv_r1, layer.conv_r2)]
+    x = torch.randn(2, 24, 20, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    out.float().backward(grad.float())
+    expected = convs[1](convs[0](x.double())) + convs[3](convs[2](x.double()))
+    expected.backward(grad)
+    assert_relative_close(out.detach(), expected.detach(), torch.bfloat16)
+    for mine, theirs in zip(layer.parameters(), torch.nn.ModuleList(convs).parameters(), strict=True):
+        assert_relative_close(mine.grad, theirs.grad, torch.bfloat16)
 
 
 # (B, Cin, Cmid, Cout, H, W, k, dilation) whose dilation leaves taps that touch no pixel: none live

@@ -516,13 +516,15 @@ def test_backward_kernel_longer_than_map():
 @pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
 def test_layer_trains_with_kernel_longer_than_map(hooked):
     # The layer's training path (eager BatchNorm): its convolution goes through atrous_conv2d here,
-    # or with a hook on it, through the layer's own HandPaddedConv2d.
+    # or with a hook on it, through the layer's own nn.Conv2d under HandPadding.
     torch.manual_seed(0)
     layer = fastseg.nn.UnpoolConvBNReLU(24, 21, (39, 1), unpool=2, padding=(19, 0)).train()
     ref = torch.nn.Sequential(copy.deepcopy(layer.conv), copy.deepcopy(layer.bn), torch.nn.ReLU()).double()
+    calls = []
     if hooked:
-        layer.conv.register_forward_pre_hook(lambda *_: None)
+        layer.conv.register_forward_pre_hook(lambda *_: calls.append(1))
     values, indices = F.max_pool2d(torch.randn(2, 24, 20, 64), 2, return_indices=True)
     unpooled = F.max_unpool2d(values.double(), indices, 2, output_size=(20, 64))
     assert_trains_like_float64(layer, ref, lambda: layer(values, indices, output_size=(20, 64)),
                                lambda: ref(unpooled))
+    assert len(calls) == (3 if hooked else 0)

@@ -1133,6 +1133,11 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
     for (int64_t q = 0; q < nPairs; ++q) base[q + 1] = base[q] + count[q];
     for (size_t e = 0; e < slot.size(); ++e) slot[e] += base[pair_of[e]];
     const int64_t products = base[nPairs];
+    // Each pair's first tile of kGemmRows rows, counted over the pairs (the packed GEMMs' split).
+    std::vector<int64_t> tile_first(nPairs + 1, 0);
+    for (int64_t q = 0; q < nPairs; ++q) {
+      tile_first[q + 1] = tile_first[q] + (count[q] + kGemmRows - 1) / kGemmRows;
+    }
     scalar_t* v = workspace<scalar_t>(0, products * chunk);
     scalar_t* p = workspace<scalar_t>(1, products * ldp);
     const bool stream = products * chunk * int64_t(sizeof(scalar_t)) > kWinogradStreamBytes;
@@ -1172,10 +1177,6 @@ void winograd_conv(const at::Tensor& x_nhwc, const at::Tensor& weight, at::Tenso
           // its own thread), each thread a run of them: one fork and join per chunk rather than one
           // per pair, which a busy core turns into a wait per pair, and each pair's weights read by
           // one thread.
-          std::vector<int64_t> tile_first(nPairs + 1, 0);
-          for (int64_t q = 0; q < nPairs; ++q) {
-            tile_first[q + 1] = tile_first[q] + (count[q] + kGemmRows - 1) / kGemmRows;
-          }
           at::parallel_for(0, tile_first[nPairs], 1, [&](int64_t r0, int64_t r1) {
             for (int64_t q = 0; q < nPairs; ++q) {
               const int64_t a = std::max(r0, tile_first[q]), b = std::min(r1, tile_first[q + 1]);
@@ -1319,8 +1320,8 @@ bool winograd_pays(const ConvGeometry& g, bool channels_last, bool cold, bool ba
     return false;
   }
   if (packed && wide_fma() && channels_last && g.O < kWinogradFewOutputs && g.O % 16 == 0 &&
-      g.C > kWinogradSmallMapMaxInChannels && g.Ho * g.Wo > kWinogradTinyMap) {
-    return false;
+      g.C > kWinogradSmallMapMaxInChannels && (band || g.Ho * g.Wo > kWinogradTinyMap)) {
+    return false;  // a band is part of a larger map
   }
   GRows grows;
   const AxisPlan rows = plan_axis(g.H, g.Ho, g.pH, g.dH, grows);

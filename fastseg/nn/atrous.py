@@ -15,7 +15,6 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
 from .. import _backends
@@ -61,23 +60,45 @@ def fusable_residual(conv, x, residual):
 
 class HandPadding(TorchFunctionMode):
     """Within it, each F.conv2d on the CPU pads the map by hand where the kernel reaches past it
-    (``reference_atrous.conv2d``), for the layers' own nn.Conv2d modules: those run where hooks or
-    autocast need them, and keep their type (torch.ao.quantization, for one, maps modules by type)."""
+    (``reference_atrous.reaches_past``), for the layers' own nn.Conv2d modules: those run where hooks
+    or autocast need them, and keep their type (torch.ao.quantization, for one, maps modules by type)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.conv2d:
-            call = _conv2d_call(*args, **kwargs)
-            if call is not None:
-                return reference_atrous.conv2d(*call)
+            out = _conv2d_padded_by_hand(*args, **kwargs)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
 
-def _conv2d_call(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """F.conv2d's arguments with pairs for stride, padding and dilation; None for a padding string."""
-    if isinstance(padding, str):
+def _as_pair(value):
+    """An int, or a sequence of one or two ints (as F.conv2d takes them), as a pair."""
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    return value * 2 if len(value) == 1 else value
+
+
+def _conv2d_padded_by_hand(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv2d with the map zero-padded by F.pad and no padding argument, where the kernel reaches
+    past the map along a padded axis (on the CPU); None elsewhere. 'same' pads as F.conv2d does,
+    the odd pixel at the end."""
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor) or input.dim() not in (3, 4):
         return None
-    return input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups
+    kernel, dilation = tuple(weight.shape[-2:]), _as_pair(dilation)
+    if isinstance(padding, str):
+        if padding != "same" or _as_pair(stride) != (1, 1):  # 'valid': nothing to pad; F.conv2d refuses
+            return None                                         # 'same' with a stride
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        sides = [(t // 2, t - t // 2) for t in total]
+    else:
+        sides = [(p, p) for p in _as_pair(padding)]
+    if len(sides) != 2 or len(dilation) != 2 or not reference_atrous.reaches_past(
+            input, kernel, [max(side) for side in sides], dilation):
+        return None  # F.conv2d itself (and its error for a malformed argument)
+    (top, bottom), (left, right) = sides
+    return F.conv2d(F.pad(input, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
 
 
 def hand_padded(x):
