@@ -452,6 +452,25 @@ def test_winograd_weight_cache_sees_every_change():
 
 
 @pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
+def test_winograd_weight_cache_sees_changes_in_large_weights():
+    # Weights of 1 MiB or more are compared in parts, one per thread: a change through .data in the
+    # first, a middle or the last value must each be seen.
+    op = torch.ops.fastseg.atrous_conv2d
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 512, 10, 10, generator=gen)
+    w = torch.randn(64, 512, 3, 3, generator=gen) / 48  # 1.1 MiB
+
+    def check():
+        out = op(x, w, None, None, None, [1, 1], [2, 2], [2, 2], 1, False, "winograd")
+        assert_relative_close(out, F.conv2d(x.double(), w.double(), None, 1, 2, 2), torch.float32)
+
+    check()
+    for index in (0, w.numel() // 2 + 3, w.numel() - 1):
+        w.data.view(-1)[index] += 5.0
+        check()
+
+
+@pytest.mark.skipif(not fastseg._backends.EXTENSION_LOADED, reason="fastseg._C not loaded")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_winograd_never_hides_non_finite_input(bad):
     # Every output that F.conv2d makes non-finite is non-finite here too (Winograd may spread a

@@ -16,6 +16,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
 
 #include <cstring>
 #include <functional>
@@ -87,6 +90,23 @@ class DerivedWeightCache {
            e.weight.scalar_type() == weight.scalar_type();
   }
 
+  // memcmp, split between the threads for large weights: one thread compared 18 MiB in 1.7 ms, a
+  // tenth of a 2048 -> 256 layer's winograd call at 17x17 (Intel Xeon, 2026-11-29).
+  static bool same_bytes(const void* a, const void* b, int64_t n) {
+    if (n < kParallelCompareBytes || at::in_parallel_region()) {
+      return std::memcmp(a, b, size_t(n)) == 0;
+    }
+    std::atomic<bool> same{true};
+    at::parallel_for(0, n, kParallelCompareBytes / 2, [&](int64_t lo, int64_t hi) {
+      if (same.load(std::memory_order_relaxed) &&
+          std::memcmp(static_cast<const char*>(a) + lo, static_cast<const char*>(b) + lo, size_t(hi - lo)) != 0) {
+        same.store(false, std::memory_order_relaxed);
+      }
+    });
+    return same.load();
+  }
+  static constexpr int64_t kParallelCompareBytes = int64_t(1) << 20;
+
   static int64_t entry_bytes(const Entry& e) { return int64_t(e.weight.nbytes() + e.derived.nbytes()); }
 
   bool stale(const Entry& e) const {
@@ -102,7 +122,7 @@ class DerivedWeightCache {
       std::lock_guard<std::mutex> lock(mutex_);
       ++lookups_;
       for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-        if (same_kind(*it, op, key, w) && std::memcmp(it->weight.const_data_ptr(), w.const_data_ptr(), nbytes) == 0) {
+        if (same_kind(*it, op, key, w) && same_bytes(it->weight.const_data_ptr(), w.const_data_ptr(), nbytes)) {
           it->period = lookups_ - it->used;
           it->used = lookups_;
           entries_.splice(entries_.begin(), entries_, it);
