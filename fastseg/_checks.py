@@ -37,12 +37,15 @@ def check_same_device(op, **tensors):
 
 
 def to_pair(op, name, value, *, minimum):
-    """An int or a pair of ints, each >= minimum, as a tuple of two ints."""
+    """An int or a pair of ints (or one int in a sequence, as F.conv2d takes it), each >= minimum, as a
+    tuple of two ints."""
     items = (value, value) if isinstance(value, int) else value
     try:
         items = tuple(items)
     except TypeError:
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}") from None
+    if len(items) == 1:
+        items = items * 2
     if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     if min(items) < minimum:

@@ -1171,6 +1171,19 @@ def test_layer_trains_with_kernel_longer_than_map(hooked):
     assert len(calls) == (3 if hooked else 0)
 
 
+def test_one_element_sequences_as_conv2d_takes_them():
+    # F.conv2d and nn.Conv2d spread a one-element stride, padding or dilation over both axes.
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 4, 11, 13, dtype=torch.float64), torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    out = fastseg.atrous_conv2d(x, w, stride=[2], padding=(4,), dilation=[2], backend="reference")
+    torch.testing.assert_close(out, F.conv2d(x, w, None, [2], (4,), [2]))
+    layer = fastseg.nn.AtrousConvBNReLU(4, 3, 9, padding=[4])
+    ref = torch.nn.Sequential(copy.deepcopy(layer.conv), copy.deepcopy(layer.bn), torch.nn.ReLU())
+    for mode in ("train", "eval"):
+        getattr(layer, mode)(), getattr(ref, mode)()
+        torch.testing.assert_close(layer(x.float()), ref(x.float()), rtol=1e-4, atol=1e-5)
+
+
 def test_hand_padding_mode():
     # Under HandPadding, F.conv2d pads by hand only where the kernel reaches past the map, with the
     # same result; a padding string, other functions and tensors that need no padding pass through.
