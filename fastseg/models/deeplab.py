@@ -241,7 +241,8 @@ def deeplab_v1(num_classes=21, backbone="vgg16", output_stride=8, aux_loss=False
 
     Example:
         >>> model = fastseg.models.deeplab_v1(crf=dict(iterations=10)).eval()
-        >>> labels = model(x)["out"].argmax(1)
+        >>> x = torch.rand(1, 3, 64, 64)
+        >>> labels = model(x)["out"].argmax(1)  # (1, 64, 64)
     """
     num_classes = _check_common("deeplab_v1", num_classes, output_stride, aux_loss, (8,))
     check_choice("deeplab_v1", "backbone", backbone, ("vgg16",))

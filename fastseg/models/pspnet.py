@@ -80,6 +80,7 @@ def pspnet(num_classes=21, backbone="resnet50", output_stride=8, aux_loss=True, 
 
     Example:
         >>> model = fastseg.models.pspnet(num_classes=150, backbone="resnet101")
+        >>> x, y, ce = torch.randn(2, 3, 64, 64), torch.randint(0, 150, (2, 64, 64)), torch.nn.CrossEntropyLoss()
         >>> out = model(x); loss = ce(out["out"], y) + model.aux_weight * ce(out["aux"], y)
     """
     num_classes = check_num_classes("pspnet", num_classes)
