@@ -19,7 +19,6 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
-
 #include <cstring>
 #include <functional>
 #include <list>
